@@ -208,8 +208,10 @@ class CachedItemFunction(_Wrapper[P, T]):
         key: Callable[..., Mapping[str, Any]],
         policy: Policy,
         name: str | None,
+        consistent_reads: bool = False,
     ) -> None:
         super().__init__(fn, cache, name, table)
+        self.consistent_reads = consistent_reads
         if not table or not isinstance(table, str):
             raise ConfigError("table must be a non-empty string")
         if not callable(key):
@@ -271,6 +273,7 @@ class CachedItemFunction(_Wrapper[P, T]):
             load,
             None,
             entry,
+            self.consistent_reads,
         )
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
@@ -369,6 +372,7 @@ def cached_item(
     jitter: float | None = None,
     early_refresh: float | None = None,
     name: str | None = None,
+    consistent_reads: bool = False,
 ) -> Callable[[Callable[P, Awaitable[T]]], CachedItemFunction[P, T]]:
     """Cache a DynamoDB item accessor as one Redis hash per item.
 
@@ -387,6 +391,10 @@ def cached_item(
         soft_ttl, hard_ttl, negative_ttl, jitter, early_refresh: override the
             cache's ``Policy`` for fills made through this function.
         name: metrics name (default ``module.qualname``).
+        consistent_reads: say ``True`` when the function reads with
+            ``ConsistentRead=True``. Its fills then skip the fence that follows
+            an invalidation (which exists for eventually consistent reads that
+            may still return the item as it was before the write).
 
     Raises:
         ConfigError: invalid TTLs or arguments.
@@ -401,7 +409,7 @@ def cached_item(
     )
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedItemFunction[P, T]:
-        return CachedItemFunction(fn, cache, table, key, policy, name)
+        return CachedItemFunction(fn, cache, table, key, policy, name, consistent_reads)
 
     return decorate
 

@@ -284,6 +284,7 @@ class _Request:
     __slots__ = (
         "attrs",
         "cache",
+        "consistent",
         "entry",
         "fields",
         "identity",
@@ -305,8 +306,12 @@ class _Request:
         loader: Callable[[tuple[str, ...] | None], Awaitable[Any]],
         tags: Callable[[], Sequence[str]] | None,
         entry: str | None = None,
+        consistent: bool = False,
     ) -> None:
         self.cache = cache
+        # The loader reads strongly consistently: a fill under a lease taken
+        # after an invalidation cannot hold pre-write data, so no fence applies.
+        self.consistent = consistent
         self.metrics = metrics
         self.policy = policy
         self.identity = identity
@@ -1275,7 +1280,9 @@ class Cache:
             if merging:
                 assert merge_version is not None
                 async with self._slots.hold(self.call_timeout):
-                    outcome = await store.merge(req.entry, lease, req.fence, token, merge_version, fields)
+                    outcome = await store.merge(
+                        req.entry, lease, req.fence, token, merge_version, fields, not req.consistent
+                    )
             else:
                 now = self._now_ms()
                 if req.is_item and value is None:
@@ -1290,7 +1297,9 @@ class Cache:
                 fields[M_VERSION] = os.urandom(6).hex().encode()
                 fields[M_DELTA] = b"%d" % max(1, round(delta_ms))
                 async with self._slots.hold(self.call_timeout):
-                    outcome = await store.fill(req.entry, lease, req.fence, token, expire_ms, fields)
+                    outcome = await store.fill(
+                        req.entry, lease, req.fence, token, expire_ms, fields, not req.consistent
+                    )
         except (RedisError, OSError) as exc:
             counts["redis_errors"] += 1
             log.debug("swr_cache: fill failed: %r", exc)

@@ -75,27 +75,29 @@ local function hset_all(key, first)
 end
 """
 
-# KEYS: entry, lease, fence. ARGV: token, pexpire ms, field, value, ...
+# KEYS: entry, lease, fence. ARGV: token, pexpire ms, check fence (1/0), field, value, ...
 # 1 stored; 0 lease lost (invalidated or taken over); -1 fenced by a recent invalidation.
+# A load that read consistently after taking its lease may skip the fence: the
+# lease itself proves it began after any invalidation (which deletes leases).
 _FILL = _HSET_CHUNKED + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[2])
   return -1
 end
 redis.call('DEL', KEYS[1])
-hset_all(KEYS[1], 3)
+hset_all(KEYS[1], 4)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: entry, lease, fence. ARGV: token, expected version, field, value, ...
+# KEYS: entry, lease, fence. ARGV: token, expected version, check fence (1/0), field, value, ...
 # Adds fields to the hash it read, keeping its deadlines. 1 merged; 0 lease lost;
 # -1 fenced; -2 the entry changed or vanished since it was read.
 _MERGE = _HSET_CHUNKED + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[2])
   return -1
 end
@@ -103,7 +105,7 @@ if redis.call('HGET', KEYS[1], '\\255v') ~= ARGV[2] then
   redis.call('DEL', KEYS[2])
   return -2
 end
-hset_all(KEYS[1], 3)
+hset_all(KEYS[1], 4)
 redis.call('DEL', KEYS[2])
 return 1
 """
@@ -266,9 +268,10 @@ class Store:
         token: str,
         expire_ms: int,
         mapping: Mapping[bytes, bytes],
+        check_fence: bool = True,
     ) -> int:
         """Replace the entry with ``mapping`` if our lease is valid and no fence stands."""
-        args: list[Any] = [token, expire_ms]
+        args: list[Any] = [token, expire_ms, b"1" if check_fence else b"0"]
         for field, value in mapping.items():
             args.append(field)
             args.append(value)
@@ -282,9 +285,10 @@ class Store:
         token: str,
         version: bytes,
         mapping: Mapping[bytes, bytes],
+        check_fence: bool = True,
     ) -> int:
         """Add fields to the entry version we read, if our lease is valid and no fence stands."""
-        args: list[Any] = [token, version]
+        args: list[Any] = [token, version, b"1" if check_fence else b"0"]
         for field, value in mapping.items():
             args.append(field)
             args.append(value)

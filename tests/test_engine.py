@@ -163,6 +163,21 @@ async def test_fence_refuses_fills_just_after_invalidation(
     assert cache.stats()[get_user.name]["fills_rejected"] == 1
 
 
+async def test_consistent_reads_skip_the_fence(cache: Cache, origin: RecordingOrigin) -> None:
+    """A strongly consistent accessor's load after an invalidation is stored at once; an in-flight one is still refused."""
+    get_user = users(cache, origin, consistent_reads=True)
+    await cache.invalidate_item("Users", {"pk": "u1"})
+    assert (await get_user("u1"))["name"] == "Ada"
+    assert await get_user.peek("u1") is not None
+    origin.hold()
+    task = asyncio.create_task(get_user.refresh("u1"))
+    await origin.entered.wait()
+    await cache.invalidate_item("Users", {"pk": "u1"})  # the lease goes with it
+    origin.release()
+    await task
+    assert await get_user.peek("u1") is None
+
+
 async def test_cancelled_caller_does_not_cancel_the_load(
     cache: Cache, origin: RecordingOrigin
 ) -> None:
