@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._engine import Cache, _Request, normalize_attributes
@@ -137,9 +137,10 @@ class _Wrapper(Generic[P, T]):
     ) -> None:
         raise NotImplementedError
 
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        result: T = await self.cache._get(self._request(args, kwargs, False))
-        return result
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
+        # A plain function returning the engine's coroutine: one frame less on
+        # the hit path than an ``async def`` that awaits it.
+        return self.cache._get(self._request(args, kwargs, False))
 
     async def peek(self, *args: P.args, **kwargs: P.kwargs) -> tuple[T, str] | None:
         """The cached value and its state (``"fresh"`` or ``"stale"``) without loading, or ``None``."""
@@ -173,10 +174,9 @@ class _BoundWrapper(Generic[T]):
         self._wrapper = wrapper
         self._instance = instance
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> T:
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, T]:
         w = self._wrapper
-        result: T = await w.cache._get(w._request((self._instance, *args), kwargs, True))
-        return result
+        return w.cache._get(w._request((self._instance, *args), kwargs, True))
 
     async def peek(self, *args: Any, **kwargs: Any) -> tuple[T, str] | None:
         w = self._wrapper

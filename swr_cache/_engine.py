@@ -755,9 +755,10 @@ class Cache:
         """One round trip for the entry, shared by concurrent readers in this process.
 
         The first reader registers an empty list; a concurrent reader of the
-        same entry adds a future to it and is answered with the same reply
-        (each decodes its own objects from it). Raises ``_Bypass`` when Redis
-        cannot be used, ``_Corrupt`` for a key of the wrong type.
+        same entry adds a future to it and is answered with the same snapshot
+        (metadata is shared; each caller decodes its own values). Raises
+        ``_Bypass`` when Redis cannot be used, ``_Corrupt`` for a key of the
+        wrong type. This is the hit path: it is one frame on purpose.
         """
         fields = req.fields
         rkey: Any = req.entry if fields is None else (req.entry, fields)
@@ -767,28 +768,77 @@ class Cache:
             fut = asyncio.get_running_loop().create_future()
             followers.append(fut)
             got = await asyncio.shield(fut)
-            if got is _RETRY:
-                return self._snap(req, await self._redis_read(req, fields), fields)
+            if got is _RETRY:  # the leader was cancelled
+                return await self._read(req)
             if isinstance(got, BaseException):
                 raise got
             return got  # type: ignore[no-any-return]
         followers = reads[rkey] = []
+        metrics = req.metrics
+        slots = self._slots
+        breaker = self.breaker
+        failure: BaseException | None = None
+        if slots.free:
+            slots.free -= 1
+        elif not await slots.wait(self.call_timeout):
+            # Every slot stayed busy for as long as a call may take. A pool
+            # wait says nothing about Redis' health: not a breaker failure.
+            metrics.counts["pool_waits_timed_out"] += 1
+            failure = _Bypass()
+        if failure is None and not breaker.allow():
+            slots.release()
+            failure = _Bypass()
+        if failure is not None:
+            metrics.counts["bypasses"] += 1
+            del reads[rkey]
+            for f in followers:
+                f.set_result(failure)
+            raise failure
+        t0 = time.perf_counter()
         try:
-            snap = self._snap(req, await self._redis_read(req, fields), fields)
-        except (_Bypass, _Corrupt) as exc:
+            if fields is None:
+                raw: Any = await self.client.hgetall(req.entry)
+            else:
+                raw = await self.client.hmget(req.entry, fields)
+        except BaseException as exc:
+            slots.release()
             del reads[rkey]
+            mapped = self._read_failed(metrics, exc)
             for f in followers:
-                f.set_result(exc)
-            raise
-        except BaseException:
-            del reads[rkey]
-            for f in followers:
-                f.set_result(_RETRY)
-            raise
+                f.set_result(_RETRY if mapped is None else mapped)
+            if mapped is None:
+                breaker.abandon()  # cancelled (perhaps mid-probe): let another probe go
+                raise
+            raise mapped from exc
+        slots.release()
+        breaker.success()
+        metrics.redis_latency.observe(time.perf_counter() - t0)
+        if fields is None:
+            snap = _snap_from_hash(raw)
+        elif req.is_item:
+            snap = _snap_from_list(raw)
+        else:
+            snap = _snap_from_result(raw)
         del reads[rkey]
         for f in followers:
-            f.set_result(snap)  # metadata is shared; values are decoded per caller
+            f.set_result(snap)
         return snap
+
+    def _read_failed(self, metrics: Metrics, exc: BaseException) -> BaseException | None:
+        """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle)."""
+        if isinstance(exc, ResponseError):
+            self.breaker.success()  # the server answered: not a breaker failure
+            if is_wrongtype(exc):
+                metrics.counts["decode_errors"] += 1
+                return _Corrupt()
+            metrics.counts["redis_errors"] += 1
+            return _Bypass()
+        if isinstance(exc, (RedisError, OSError, TimeoutError)):
+            metrics.counts["redis_errors"] += 1
+            self.breaker.failure()
+            log.debug("swr_cache: Redis read failed: %r", exc)
+            return _Bypass()
+        return None
 
     @staticmethod
     def _snap(req: _Request, raw: Any, fields: tuple[bytes, ...] | None) -> _Snap | None:
@@ -797,51 +847,6 @@ class Cache:
         if not req.is_item:
             return _snap_from_result(raw)
         return _snap_from_list(raw)
-
-    async def _redis_read(self, req: _Request, fields: tuple[bytes, ...] | None) -> Any:
-        metrics = req.metrics
-        slots = self._slots
-        if slots.free:
-            slots.free -= 1
-        elif not await slots.wait(self.call_timeout):
-            # Every slot stayed busy for as long as a call may take. A pool
-            # wait says nothing about Redis' health: not a breaker failure.
-            metrics.counts["pool_waits_timed_out"] += 1
-            metrics.counts["bypasses"] += 1
-            raise _Bypass
-        breaker = self.breaker
-        if not breaker.allow():
-            slots.release()
-            metrics.counts["bypasses"] += 1
-            raise _Bypass
-        ok = False
-        t0 = time.perf_counter()
-        try:
-            if fields is None:
-                raw: Any = await self.client.hgetall(req.entry)
-            else:
-                raw = await self.client.hmget(req.entry, fields)
-            ok = True
-        except ResponseError as exc:
-            ok = True  # the server answered: not a breaker failure
-            if is_wrongtype(exc):
-                metrics.counts["decode_errors"] += 1
-                raise _Corrupt from exc
-            metrics.counts["redis_errors"] += 1
-            raise _Bypass from exc
-        except (RedisError, OSError, TimeoutError) as exc:
-            metrics.counts["redis_errors"] += 1
-            breaker.failure()
-            log.debug("swr_cache: Redis read failed: %r", exc)
-            raise _Bypass from exc
-        finally:
-            slots.release()
-            if ok:
-                breaker.success()
-                metrics.redis_latency.observe(time.perf_counter() - t0)
-            else:
-                breaker.abandon()  # cancelled mid-probe: let another probe go
-        return raw
 
     async def _get(self, req: _Request) -> Any:
         """Answer one call: from the cache when it can, else through a shared load."""

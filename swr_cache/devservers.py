@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import logging
 import os
 import random
 import re
@@ -742,14 +743,16 @@ class MotoServer:
     """moto's server (DynamoDB, DynamoDB Streams, ...) in a thread of this process.
 
     Listens on 127.0.0.1 on a port the kernel picks (no race). :meth:`start` also
-    calls :func:`set_dummy_aws_env`. State lives in this process and is shared by
+    calls :func:`set_dummy_aws_env`, and with ``quiet`` (the default) keeps werkzeug
+    from logging every request. State lives in this process and is shared by
     every client; :meth:`reset` wipes it.
     """
 
-    def __init__(self, *, port: int = 0, region: str = "us-east-1") -> None:
+    def __init__(self, *, port: int = 0, region: str = "us-east-1", quiet: bool = True) -> None:
         self.host = HOST
         self.port = port
         self.region = region
+        self.quiet = quiet
         self._server: Any = None
 
     def __repr__(self) -> str:
@@ -770,6 +773,12 @@ class MotoServer:
             # ThreadedMotoServer.start() would wait forever for a bind that failed.
             raise RuntimeError(f"port {self.host}:{self.port} is already in use")
         set_dummy_aws_env()
+        if self.quiet:
+            # werkzeug logs every request at INFO (and raises NOTSET to INFO on first
+            # use); a demo or test run would print one line per DynamoDB call.
+            werkzeug_logger = logging.getLogger("werkzeug")
+            if werkzeug_logger.level == logging.NOTSET:
+                werkzeug_logger.setLevel(logging.WARNING)
         from moto.server import ThreadedMotoServer
 
         server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)

