@@ -1,19 +1,25 @@
-"""Hit-path cost of ``@cached_item`` against the raw Redis floor, side by side.
+"""Hit-path cost of ``@cached_item`` against the raw Redis floor and the peers, side by side.
 
 The floor is what any cache must do at least: one ``redis.asyncio`` GET of the
-same ~1 KB item plus ``msgpack.unpackb``. Rounds are interleaved (floor, ours,
-floor, ours, ...) and medians reported, because this VM adds ~100 us whenever
-the process is woken on the other vCPU; run it under ``taskset -c 0`` too.
+same ~1 KB item plus one ``msgpack.unpackb`` (with the extension types that
+keep ``Decimal`` and ``set`` exact). The peers, where installed (``make bench``
+installs them), cache the same item on the same Redis through their decorators:
+aiocache with a msgpack serializer built on the same codec, and cashews with
+its defaults.
 
-    python benchmarks/hit_path.py [--redis-url URL] [--rounds 15] [--calls 2000]
+Rounds are interleaved (floor, swr_cache, peers, floor, ...) and medians
+reported. This VM adds ~100 us whenever a process is woken on the other vCPU,
+so the run is repeated with this process pinned to CPU 0 and the redis-server
+it started pinned to CPU 1 (``--no-pin`` skips that).
 
-With no URL it starts its own redis-server on a free port.
+    python benchmarks/hit_path.py [--redis-url URL] [--rounds 15] [--calls 2000] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -30,11 +36,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from swr_cache import Cache, _codec, cached_item
 from swr_cache.devservers import RedisServer
 
+KEY = "user#000123"
+Fn = Callable[[], Awaitable[Any]]
+
 
 def make_item() -> dict[str, Any]:
     """A ~1 KB user item of the usual DynamoDB shapes."""
     return {
-        "pk": "user#000123",
+        "pk": KEY,
         "name": "Ada Lovelace",
         "email": "ada@example.com",
         "age": Decimal("36"),
@@ -47,7 +56,7 @@ def make_item() -> dict[str, Any]:
     }
 
 
-async def timed_sequential(fn: Callable[[], Awaitable[Any]], calls: int) -> float:
+async def timed_sequential(fn: Fn, calls: int) -> float:
     """Microseconds per call, one call at a time."""
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -55,20 +64,71 @@ async def timed_sequential(fn: Callable[[], Awaitable[Any]], calls: int) -> floa
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-async def timed_concurrent(fn: Callable[[], Awaitable[Any]], calls: int, width: int) -> float:
-    """Calls per second with ``width`` concurrent callers."""
+async def timed_concurrent(fn: Fn, calls: int, width: int) -> float:
+    """Calls per second with ``width`` concurrent callers of the same key."""
+    rounds = max(1, calls // width)
     t0 = time.perf_counter()
-    for _ in range(calls // width):
+    for _ in range(rounds):
         await asyncio.gather(*(fn() for _ in range(width)))
-    return (calls // width) * width / (time.perf_counter() - t0)
+    return rounds * width / (time.perf_counter() - t0)
+
+
+async def peer_aiocache(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None:
+    try:
+        import aiocache
+        from aiocache.serializers import BaseSerializer
+    except ImportError:
+        return None
+
+    class CodecSerializer(BaseSerializer):  # type: ignore[misc]
+        DEFAULT_ENCODING = None
+
+        def dumps(self, value: Any) -> bytes:
+            return _codec.encode(value)
+
+        def loads(self, value: bytes | None) -> Any:
+            return None if value is None else _codec.decode(value)
+
+    host, port = url.split("//")[1].split("/")[0].split(":")
+
+    @aiocache.cached(
+        cache=aiocache.RedisCache, endpoint=host, port=int(port), serializer=CodecSerializer(),
+        ttl=3600, key_builder=lambda f, user_id: f"aiocache:{user_id}", namespace="",
+    )
+    async def get_user(user_id: str) -> dict[str, Any]:
+        return dict(item)
+
+    await get_user(KEY)
+
+    async def call() -> Any:
+        return await get_user(KEY)
+
+    return call, get_user.cache
+
+
+async def peer_cashews(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None:
+    try:
+        from cashews import Cache as CashewsCache
+    except ImportError:
+        return None
+    cache = CashewsCache()
+    cache.setup(url, client_side=False)
+
+    @cache(ttl="1h", key="cashews:{user_id}")
+    async def get_user(user_id: str) -> dict[str, Any]:
+        return dict(item)
+
+    await get_user(KEY)
+
+    async def call() -> Any:
+        return await get_user(KEY)
+
+    return call, cache
 
 
 async def run(url: str, rounds: int, calls: int) -> dict[str, Any]:
     client = aioredis.Redis.from_url(url, max_connections=200)
     item = make_item()
-    # The floor stores the same item as one msgpack blob. Decimal and set need
-    # msgpack extension types to round-trip exactly, so it unpacks with the
-    # same ext_hook; nothing else of swr_cache is on its path.
     await client.set("floor:item", _codec.encode(item))
     ext_hook = _codec._ext_hook
 
@@ -84,60 +144,86 @@ async def run(url: str, rounds: int, calls: int) -> dict[str, Any]:
         async def get_user(user_id: str) -> dict[str, Any] | None:
             return dict(item)
 
-        assert await get_user("user#000123") == item
+        assert await get_user(KEY) == item
 
         async def ours() -> Any:
-            return await get_user("user#000123")
+            return await get_user(KEY)
 
-        for fn in (floor, ours):  # warm up
+        contenders: dict[str, Fn] = {"floor": floor, "swr_cache": ours}
+        closers = []
+        for name, make in (("aiocache", peer_aiocache), ("cashews", peer_cashews)):
+            got = await make(url, item)
+            if got is not None:
+                contenders[name], closer = got
+                closers.append(closer)
+        for fn in contenders.values():  # warm up
             await timed_sequential(fn, 200)
-        seq: dict[str, list[float]] = {"floor": [], "swr_cache": []}
-        conc: dict[str, list[float]] = {"floor": [], "swr_cache": []}
-        for _ in range(rounds):
-            seq["floor"].append(await timed_sequential(floor, calls))
-            seq["swr_cache"].append(await timed_sequential(ours, calls))
-            conc["floor"].append(await timed_concurrent(floor, calls, 100))
-            conc["swr_cache"].append(await timed_concurrent(ours, calls, 100))
-        stats = cache.stats()[get_user.name]
+        seq: dict[str, list[float]] = {k: [] for k in contenders}
+        conc: dict[str, list[float]] = {k: [] for k in contenders}
+        for i in range(rounds):
+            print(f"  round {i + 1}/{rounds}", end="\r", file=sys.stderr, flush=True)
+            for name, fn in contenders.items():
+                seq[name].append(await timed_sequential(fn, calls))
+                conc[name].append(await timed_concurrent(fn, calls, 100))
+        print(file=sys.stderr)
+        loads = cache.stats()[get_user.name]["loads"]
+        for closer in closers:
+            close = getattr(closer, "close", None)
+            if close is not None:
+                await close()
     await client.aclose()
-    floor_us = statistics.median(seq["floor"])
-    ours_us = statistics.median(seq["swr_cache"])
-    floor_tp = statistics.median(conc["floor"])
-    ours_tp = statistics.median(conc["swr_cache"])
     return {
-        "floor_us": floor_us,
-        "ours_us": ours_us,
-        "seq_ratio": ours_us / floor_us,
-        "floor_tp": floor_tp,
-        "ours_tp": ours_tp,
-        "tp_ratio": ours_tp / floor_tp,
-        "origin_loads": stats["loads"],
+        "us_per_call": {k: statistics.median(v) for k, v in seq.items()},
+        "calls_per_s_100": {k: statistics.median(v) for k, v in conc.items()},
+        "origin_loads": loads,
     }
 
 
 def report(r: dict[str, Any], label: str) -> None:
+    seq, conc = r["us_per_call"], r["calls_per_s_100"]
     print(f"\n{label}")
-    print(f"{'':24} {'floor (GET+unpackb)':>20} {'swr_cache hit':>16} {'ratio':>8}")
-    print(f"{'sequential, us/call':24} {r['floor_us']:>20.1f} {r['ours_us']:>16.1f} {r['seq_ratio']:>7.2f}x")
-    print(f"{'100 concurrent, calls/s':24} {r['floor_tp']:>20.0f} {r['ours_tp']:>16.0f} {r['tp_ratio']:>7.2f}x")
-    print(f"origin loads during the run: {r['origin_loads']}")
+    print(f"{'':12} {'sequential us/call':>19} {'x floor':>8} {'100 same-key calls/s':>21} {'x floor':>8}")
+    for name in seq:
+        print(
+            f"{name:12} {seq[name]:>19.1f} {seq[name] / seq['floor']:>7.2f}x"
+            f" {conc[name]:>21.0f} {conc[name] / conc['floor']:>7.2f}x"
+        )
+    print(f"swr_cache origin loads during the run: {r['origin_loads']} (the warm-up fill)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis-url")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--no-pin", action="store_true", help="skip the pinned run")
+    parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
-    if args.redis_url:
-        r = asyncio.run(run(args.redis_url, args.rounds, args.calls))
-    else:
-        with RedisServer() as server:
-            r = asyncio.run(run(server.url, args.rounds, args.calls))
-    pinned = ""
-    if hasattr(os, "sched_getaffinity"):
-        pinned = f" (CPUs allowed: {sorted(os.sched_getaffinity(0))})"
-    report(r, f"@cached_item hit vs raw Redis floor, ~1 KB item, medians of {args.rounds} interleaved rounds{pinned}")
+    results: dict[str, Any] = {}
+    server = None if args.redis_url else RedisServer().start()
+    try:
+        url = args.redis_url or server.url  # type: ignore[union-attr]
+        modes = ["unpinned"] if args.no_pin or not hasattr(os, "sched_setaffinity") else ["unpinned", "pinned"]
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        for mode in modes:
+            if mode == "pinned":
+                if len(cpus) < 2:
+                    break
+                os.sched_setaffinity(0, {cpus[0]})
+                if server is not None and server.pid:
+                    os.sched_setaffinity(server.pid, {cpus[1]})
+            print(f"{mode} run: {args.rounds} interleaved rounds of {args.calls} calls", file=sys.stderr)
+            results[mode] = asyncio.run(run(url, args.rounds, args.calls))
+            where = (
+                f"this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}" if mode == "pinned" else "unpinned"
+            )
+            report(results[mode], f"@cached_item hit vs raw Redis floor and peers, ~1 KB item, medians ({where})")
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
 
 
 if __name__ == "__main__":

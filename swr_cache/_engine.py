@@ -765,9 +765,11 @@ class Cache:
         reads = self._reads
         followers = reads.get(rkey)
         if followers is not None:
+            # Each follower awaits a future of its own, so cancelling one
+            # follower touches nothing shared (no shield needed).
             fut = asyncio.get_running_loop().create_future()
             followers.append(fut)
-            got = await asyncio.shield(fut)
+            got = await fut
             if got is _RETRY:  # the leader was cancelled
                 return await self._read(req)
             if isinstance(got, BaseException):
@@ -792,7 +794,8 @@ class Cache:
             metrics.counts["bypasses"] += 1
             del reads[rkey]
             for f in followers:
-                f.set_result(failure)
+                if not f.done():
+                    f.set_result(failure)
             raise failure
         t0 = time.perf_counter()
         try:
@@ -805,7 +808,8 @@ class Cache:
             del reads[rkey]
             mapped = self._read_failed(metrics, exc)
             for f in followers:
-                f.set_result(_RETRY if mapped is None else mapped)
+                if not f.done():
+                    f.set_result(_RETRY if mapped is None else mapped)
             if mapped is None:
                 breaker.abandon()  # cancelled (perhaps mid-probe): let another probe go
                 raise
@@ -821,7 +825,8 @@ class Cache:
             snap = _snap_from_result(raw)
         del reads[rkey]
         for f in followers:
-            f.set_result(snap)
+            if not f.done():
+                f.set_result(snap)
         return snap
 
     def _read_failed(self, metrics: Metrics, exc: BaseException) -> BaseException | None:
