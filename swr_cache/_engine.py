@@ -436,6 +436,9 @@ class Cache:
         drain_timeout: seconds ``__aexit__`` waits for background work.
         clock_sync_interval: seconds between re-measurements of the offset
             to Redis server time.
+        tag_stamp_ttl: how long a purged tag remembers when it was purged
+            (one small key per purged tag). A tagged fill whose load took
+            longer than this is not stored, since it could not be checked.
         clock: wall clock in seconds; shared deadlines are in Redis server time,
             this clock plus a measured offset.
 
@@ -467,6 +470,7 @@ class Cache:
         max_refresh_backoff: float = 60.0,
         drain_timeout: float = 5.0,
         clock_sync_interval: float = 60.0,
+        tag_stamp_ttl: float = 120.0,
         clock: Callable[[], float] = time.time,
         _owns_client: bool = False,
     ) -> None:
@@ -496,6 +500,7 @@ class Cache:
         self.max_refresh_backoff = float(max_refresh_backoff)
         self.drain_timeout = float(drain_timeout)
         self.clock_sync_interval = float(clock_sync_interval)
+        self.tag_stamp_ms = max(1000, round(tag_stamp_ttl * 1000))
         # Invalidations wait longer for a slot than reads: they must not be dropped.
         self._invalidation_wait = max(10 * self.call_timeout, 5.0)
         self._clock = clock
@@ -731,7 +736,7 @@ class Cache:
         # Stamp first, members second: a fill either sees the stamp (newer
         # than its load's start) when it checks, or is already a member we delete.
         async with self._slots.hold(self._invalidation_wait):
-            await self._store.mark_purged(gen_keys, max(self.policy.hard_ms, 86_400_000))
+            await self._store.mark_purged(gen_keys, self.tag_stamp_ms)
             member_sets = await self._store.tag_members(member_keys)
         triples: list[tuple[str, str, str]] = []
         for members in member_sets:
@@ -1330,6 +1335,9 @@ class Cache:
                 await self._store.add_tag_members([ks.tag_members(t) for t in tags], req.entry, expire_ms)
                 stamps = await self._store.tag_generations([ks.tag_gen(t) for t in tags])
             raced = any(s is not None and float(s) >= start_ms for s in stamps)
+            # A purge stamp lives tag_stamp_ttl; a load older than that cannot
+            # prove no purge happened during it.
+            raced = raced or self._now_ms() - start_ms >= self.tag_stamp_ms
         except (RedisError, OSError, ValueError):
             pass
         if raced:
