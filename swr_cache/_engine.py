@@ -898,7 +898,7 @@ class Cache:
             counts["partial_misses"] += 1
         else:
             counts["misses"] += 1
-        result = await self._flight(req, background=False)
+        result = await self._flight(req)
         return result.take()
 
     def _judge(
@@ -964,12 +964,17 @@ class Cache:
 
     async def _bypass(self, req: _Request) -> Any:
         """Redis is unusable: answer from the origin, still coalesced in this process."""
-        result = await self._flight(req, background=False, bypass=True)
+        result = await self._flight(req, bypass=True)
         return result.take()
 
     # -- loads -----------------------------------------------------------------
 
-    async def _flight(self, req: _Request, *, background: bool, bypass: bool = False) -> _LoadResult:
+    async def _flight(self, req: _Request, *, bypass: bool = False) -> _LoadResult:
+        """Join this process's load of the entry (or start it in the cache's task group).
+
+        The load runs in its own task, so a caller that is cancelled leaves it
+        running for the others; each caller awaits it through a shield.
+        """
         fkey = (req.entry, req.attrs, bypass)
         fut = self._flights.get(fkey)
         if fut is None:
@@ -1042,6 +1047,8 @@ class Cache:
                     req, lambda: store.acquire_and_read(lease, token, self.lease_ms, req.entry, fields)
                 )
             except _Bypass:
+                if background:  # nothing to store the refresh in: keep serving stale
+                    return _LoadResult(None)
                 return _LoadResult(await self._call_loader(req, req.attrs))
             snap = None if raw is None else self._snap(req, raw, fields)
             verdict: tuple[str, Any] | _Plan | None = None
