@@ -439,6 +439,12 @@ class Cache:
         tag_stamp_ttl: how long a purged tag remembers when it was purged
             (one small key per purged tag). A tagged fill whose load took
             longer than this is not stored, since it could not be checked.
+        direct_reads: entry reads (the hit path) take a pooled connection and
+            send HGETALL/HMGET themselves, skipping redis-py's per-command
+            retry and observability wrappers (about 8 us a hit here). A read
+            that fails is a miss served by the origin anyway. ``False`` uses
+            the client's normal command path (e.g. to keep redis-py's
+            OpenTelemetry metrics for hits).
         clock: wall clock in seconds; shared deadlines are in Redis server time,
             this clock plus a measured offset.
 
@@ -471,6 +477,7 @@ class Cache:
         drain_timeout: float = 5.0,
         clock_sync_interval: float = 60.0,
         tag_stamp_ttl: float = 120.0,
+        direct_reads: bool = True,
         clock: Callable[[], float] = time.time,
         _owns_client: bool = False,
     ) -> None:
@@ -489,7 +496,7 @@ class Cache:
         self.client = client
         self.namespace = namespace
         self._keys = KeySpace(namespace)
-        self._store = Store(client)
+        self._store = Store(client, direct_reads)
         self._owns_client = _owns_client
         self.lease_ms = max(1, round(lease_ttl * 1000))
         self.lease_wait = lease_ttl if lease_wait is None else float(lease_wait)
@@ -804,10 +811,7 @@ class Cache:
             raise failure
         t0 = time.perf_counter()
         try:
-            if fields is None:
-                raw: Any = await self.client.hgetall(req.entry)
-            else:
-                raw = await self.client.hmget(req.entry, fields)
+            raw: Any = await self._store.read_entry(req.entry, fields)
         except BaseException as exc:
             slots.release()
             del reads[rkey]

@@ -191,22 +191,69 @@ def is_wrongtype(exc: BaseException) -> bool:
 class Store:
     """Entry-level operations over a ``redis.asyncio`` client (standalone or cluster)."""
 
-    __slots__ = ("client", "is_cluster")
+    __slots__ = ("_direct_pool", "client", "is_cluster")
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, direct_reads: bool = True) -> None:
         self.client = client
         self.is_cluster = hasattr(client, "get_nodes")
+        # Entry reads may take a pooled connection themselves: redis-py's
+        # per-command wrapper (retry closure, observability hooks, response
+        # callback) costs about as much again as parsing the reply. Only for a
+        # plain pooled client; a cluster or single-connection client keeps
+        # the normal command path.
+        pool = getattr(client, "connection_pool", None)
+        usable = (
+            direct_reads
+            and not self.is_cluster
+            and getattr(client, "connection", None) is None
+            and not getattr(client, "single_connection_client", False)
+            and pool is not None
+            and hasattr(pool, "get_connection")
+            and hasattr(pool, "release")
+        )
+        self._direct_pool = pool if usable else None
 
     # -- reads ---------------------------------------------------------------
 
+    async def read_entry(self, key: str, fields: Sequence[bytes] | None) -> Any:
+        """One entry: HGETALL as a dict (``fields is None``) or HMGET as a list.
+
+        A missing key is an empty dict / a list of ``None``. Raises redis-py's
+        errors (``ResponseError`` for WRONGTYPE, ``ConnectionError``,
+        ``TimeoutError``); a connection that failed mid-command is closed by
+        redis-py before it returns to the pool.
+        """
+        pool = self._direct_pool
+        if pool is None:
+            if fields is None:
+                return await self.client.hgetall(key)
+            return await self.client.hmget(key, fields)
+        try:
+            conn = await pool.get_connection()
+        except TypeError:  # redis-py < 5.3 wants a command name: use the normal path
+            self._direct_pool = None
+            return await self.read_entry(key, fields)
+        try:
+            if fields is None:
+                await conn.send_command("HGETALL", key)
+            else:
+                await conn.send_command("HMGET", key, *fields)
+            raw = await conn.read_response()
+        finally:
+            await pool.release(conn)
+        if fields is None and type(raw) is list:  # RESP2 gives pairs, RESP3 a map
+            it = iter(raw)
+            return dict(zip(it, it, strict=True))
+        return raw
+
     async def read_all(self, key: str) -> dict[bytes, bytes]:
         """HGETALL of one entry (a missing key is an empty dict)."""
-        reply: dict[bytes, bytes] = await self.client.hgetall(key)
+        reply: dict[bytes, bytes] = await self.read_entry(key, None)
         return reply
 
     async def read_fields(self, key: str, fields: Sequence[bytes]) -> list[bytes | None]:
         """HMGET of one entry's metadata and the given fields."""
-        reply: list[bytes | None] = await self.client.hmget(key, fields)
+        reply: list[bytes | None] = await self.read_entry(key, fields)
         return reply
 
     async def server_time_ms(self) -> float:
