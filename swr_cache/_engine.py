@@ -106,9 +106,29 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 class _Snap:
     """The metadata of one read entry and its raw attribute fields."""
 
-    __slots__ = ("absent", "data", "delta", "format", "hard", "none", "soft", "version", "whole")
+    __slots__ = (
+        "absent",
+        "blob",
+        "data",
+        "delta",
+        "format",
+        "hard",
+        "hard_ms",
+        "names",
+        "none",
+        "soft",
+        "soft_ms",
+        "version",
+        "whole",
+    )
 
     def __init__(self) -> None:
+        # Concurrent readers of one entry share one snapshot: what is derived
+        # from it once (names, the joined blob) is cached here for all of them.
+        self.blob: bytes | None = None
+        self.names: list[str] | None = None
+        self.soft_ms: float | None = None
+        self.hard_ms: float | None = None
         self.soft: bytes | None = None
         self.hard: bytes | None = None
         self.format: bytes | None = None
@@ -174,19 +194,26 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def _decode_hash(data: dict[bytes, bytes]) -> dict[str, Any]:
-    """Decode the attribute fields of an entry with one msgpack call.
+def _decode_whole(snap: _Snap) -> dict[str, Any]:
+    """Decode the attribute fields of a whole entry with one msgpack call.
 
     Each field holds one complete msgpack value, so an array header followed
     by the fields' bytes is one msgpack array: one C call instead of one
-    Python call per attribute. A count that does not match (a field that is
-    empty, truncated or holds two values) means corrupt data.
+    Python call per attribute. The names and the joined bytes are built once
+    per snapshot and shared by every concurrent reader of it; each reader
+    still gets objects of its own. A count that does not match (a field that
+    is empty, truncated or holds two values) means corrupt data.
     """
-    n = len(data)
-    decoded = _codec.decode(_array_header(n) + b"".join(data.values()))
-    if type(decoded) is not list or len(decoded) != n:
+    blob = snap.blob
+    names = snap.names
+    if blob is None or names is None:
+        data: dict[bytes, bytes] = snap.data
+        names = snap.names = list(map(bytes.decode, data))
+        blob = snap.blob = _array_header(len(names)) + b"".join(data.values())
+    decoded = _codec.decode(blob)
+    if type(decoded) is not list or len(decoded) != len(names):
         raise CodecError("attribute fields do not decode one value each")
-    return dict(zip(map(bytes.decode, data), decoded, strict=True))
+    return dict(zip(names, decoded, strict=True))
 
 
 class Fill:
@@ -891,7 +918,7 @@ class Cache:
                     if beta and snap.delta is not None:
                         # XFetch: refresh early, likelier as the soft deadline nears.
                         gap = -float(snap.delta) * beta * math.log(1.0 - random.random())
-                        if now + gap >= float(snap.soft or 0):
+                        if now + gap >= (snap.soft_ms or 0.0):
                             counts["early_refreshes"] += 1
                             self._schedule_refresh(req, snap.version)
                 else:
@@ -915,11 +942,14 @@ class Cache:
         it is unusable (past its hard deadline). Raises ``_Corrupt`` for
         undecodable data or another format version.
         """
-        try:
-            hard = float(snap.hard)  # type: ignore[arg-type]
-            soft = float(snap.soft)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise _Corrupt from None
+        hard = snap.hard_ms
+        soft = snap.soft_ms
+        if hard is None or soft is None:
+            try:
+                hard = snap.hard_ms = float(snap.hard)  # type: ignore[arg-type]
+                soft = snap.soft_ms = float(snap.soft)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise _Corrupt from None
         if now >= hard:
             return None
         if snap.format != _FORMAT:
@@ -935,7 +965,7 @@ class Cache:
             attrs = req.attrs
             if attrs is None:
                 if snap.whole is not None:
-                    return state, _decode_hash(snap.data)
+                    return state, _decode_whole(snap)
                 # A partial entry cannot answer a whole read: load the whole item.
                 return _Plan()
             decode = _codec.decode
