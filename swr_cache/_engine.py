@@ -509,6 +509,7 @@ class Cache:
         _owns_client: bool = False,
     ) -> None:
         _reject_decoding_client(client)
+        _warn_without_timeout(client)
         self.policy = Policy(
             soft_ttl=soft_ttl,
             hard_ttl=hard_ttl,
@@ -867,6 +868,11 @@ class Cache:
 
     def _read_failed(self, metrics: Metrics, exc: BaseException) -> BaseException | None:
         """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle)."""
+        if _is_pool_exhausted(exc):
+            # The client's pool is busy with other work: not Redis' health.
+            metrics.counts["pool_waits_timed_out"] += 1
+            metrics.counts["bypasses"] += 1
+            return _Bypass()
         if isinstance(exc, ResponseError):
             self.breaker.success()  # the server answered: not a breaker failure
             if is_wrongtype(exc):
@@ -1139,11 +1145,12 @@ class Cache:
             ok = True
             counts["redis_errors"] += 1
             raise _Bypass from exc
-        except _NoSlot as exc:
-            counts["pool_waits_timed_out"] += 1
-            counts["bypasses"] += 1
-            raise _Bypass from exc
         except (RedisError, OSError) as exc:
+            if isinstance(exc, _NoSlot) or _is_pool_exhausted(exc):
+                ok = True  # a local wait, not a sign of Redis' health
+                counts["pool_waits_timed_out"] += 1
+                counts["bypasses"] += 1
+                raise _Bypass from exc
             counts["redis_errors"] += 1
             self.breaker.failure()
             raise _Bypass from exc
@@ -1454,6 +1461,23 @@ class Cache:
         # Not shared with a flight already under way: that one may have read old data.
         result = await self._load(req, background=False)
         return result.take()
+
+
+def _is_pool_exhausted(exc: BaseException) -> bool:
+    """redis-py's plain pool raises when every connection is in use (by us or the app)."""
+    name = type(exc).__name__
+    return name == "MaxConnectionsError" or (
+        isinstance(exc, RedisError) and "Too many connections" in str(exc)
+    )
+
+
+def _warn_without_timeout(client: Any) -> None:
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if isinstance(kwargs, dict) and kwargs.get("socket_timeout") is None:
+        log.warning(
+            "swr_cache: the Redis client has no socket_timeout, so a stalled Redis stalls "
+            "reads instead of bypassing it; build it with socket_timeout=0.5 (Cache.from_url does)"
+        )
 
 
 def _pool_size(client: Any) -> int | None:

@@ -118,3 +118,33 @@ async def test_stalled_redis_times_out_and_bypasses(restartable_redis: Any, orig
             return not cache.breaker.is_open
 
         await until(healthy)
+
+
+async def test_pool_exhausted_by_the_app_bypasses_without_tripping_breaker(
+    redis_url: str, origin: RecordingOrigin
+) -> None:
+    """When the app holds every connection of a shared plain pool, reads go to the origin and the breaker stays closed."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url, max_connections=2, socket_timeout=0.5)
+    cache = Cache(client, namespace="px")
+    try:
+        async with cache:
+            get_user = users(cache, origin)
+            await get_user("u1")
+            held = [await client.connection_pool.get_connection() for _ in range(2)]
+            try:
+                for _ in range(10):
+                    assert (await get_user("u1"))["name"] == "Ada"
+                stats = cache.stats()[get_user.name]
+                assert stats["pool_waits_timed_out"] >= 10
+                assert stats["redis_errors"] == 0
+                assert not cache.breaker.is_open
+            finally:
+                for conn in held:
+                    await client.connection_pool.release(conn)
+            hits = cache.stats()[get_user.name]["hits"]
+            await get_user("u1")
+            assert cache.stats()[get_user.name]["hits"] == hits + 1
+    finally:
+        await client.aclose()
