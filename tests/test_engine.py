@@ -809,3 +809,43 @@ async def test_exit_releases_held_leases(redis_client: aioredis.Redis, origin: R
         await task
     assert not await redis_client.exists(c._keys.lease("Users|pk=S:u1"))
     origin.release()
+
+
+async def test_unusual_signatures_bind_like_inspect(cache: Cache) -> None:
+    """Keyword-only, positional-only, *args and **kwargs parameters bind as ``signature.bind`` would."""
+    seen: list[tuple[Any, ...]] = []
+
+    @cached(cache)
+    async def f(a: str, /, b: int = 1, *rest: int, c: str = "x", **extra: str) -> str:
+        seen.append((a, b, rest, c, extra))
+        return f"{a}{b}{rest}{c}{extra}"
+
+    first = await f("a")
+    assert await f("a", 1) == first
+    assert await f("a", b=1, c="x") == first
+    assert len(seen) == 1
+    await f("a", 1, 2, 3)
+    await f("a", 1, 2, 3, c="y", z="q")
+    assert await f("a", 1, 2, 3, z="q", c="y") == "a1(2, 3)y{'z': 'q'}"
+    assert len(seen) == 3
+
+    @cached_item(cache, table="K", key=lambda pk, *, region: {"pk": f"{region}#{pk}"})
+    async def g(pk: str, *, region: str, attributes: list[str] | None = None) -> dict[str, Any] | None:
+        return {"pk": pk, "region": region}
+
+    assert (await g("p", region="eu"))["region"] == "eu"
+    assert await g("p", region="eu", attributes=["region"]) == {"region": "eu"}
+    assert (await g("p", region="us"))["region"] == "us"
+
+
+async def test_default_key_refuses_unencodable_arguments(cache: Cache) -> None:
+    """Without ``key=``, an argument that has no stable encoding raises KeyEncodingError."""
+    from swr_cache import KeyEncodingError
+
+    @cached(cache)
+    async def f(x: object) -> int:
+        return 1
+
+    with pytest.raises(KeyEncodingError):
+        await f(object())
+    assert await f(("a", 1, None, True)) == 1
