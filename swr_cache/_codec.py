@@ -22,6 +22,9 @@ code  Python type         payload
                           and BS; boto3 is imported only to decode one)
 8     ``datetime`` with   ``<naive isoformat>|<offset in microseconds>``
       sub-second offset   (Python 3.11's fromisoformat misreads ``+00:00:00.000001``)
+9     any (compressed)    zlib of an :func:`encode` result, written by
+                          :func:`compress` above a size threshold; inflated
+                          to at most ``MAX_INFLATED`` bytes, never nested
 ====  ==================  ==================================================
 
 Lossy by design, as in JSON:
@@ -45,6 +48,7 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import uuid
+import zlib
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -52,7 +56,7 @@ import msgpack
 
 from swr_cache._errors import CodecError
 
-__all__ = ["FORMAT_VERSION", "decode", "encode"]
+__all__ = ["FORMAT_VERSION", "MAX_INFLATED", "compress", "decode", "encode"]
 
 FORMAT_VERSION: Final[int] = 1
 """Version of the value format; bump when an encoding changes incompatibly."""
@@ -65,6 +69,10 @@ _EXT_UUID: Final = 5
 _EXT_BIGINT: Final = 6
 _EXT_BINARY: Final = 7
 _EXT_DATETIME_SUBSECOND_OFFSET: Final = 8
+_EXT_ZLIB: Final = 9
+
+#: The most a compressed value may inflate to (bytes).
+MAX_INFLATED: Final = 64 << 20
 
 _ExtType = msgpack.ExtType
 _Decimal = decimal.Decimal
@@ -200,7 +208,35 @@ def _ext_hook(code: int, data: bytes) -> Any:
         naive, _, offset = data.decode("ascii").partition("|")
         tz = _dt.timezone(_dt.timedelta(microseconds=int(offset)))
         return _fromisoformat_datetime(naive).replace(tzinfo=tz)
+    if code == _EXT_ZLIB:
+        return _inflate(data)
     raise CodecError(f"unknown extension type {code}")
+
+
+def _inflate(data: bytes) -> Any:
+    """A compressed value: inflate at most ``MAX_INFLATED`` bytes (no zip bombs), then decode."""
+    inflater = zlib.decompressobj()
+    packed = inflater.decompress(data, MAX_INFLATED)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise CodecError("compressed value is truncated or inflates beyond the size limit")
+    inner = msgpack.unpackb(packed, raw=False, strict_map_key=False, timestamp=3, ext_hook=_ext_hook_plain)
+    return inner
+
+
+def _ext_hook_plain(code: int, data: bytes) -> Any:
+    # Inside a compressed value: every type but another compressed layer.
+    if code == _EXT_ZLIB:
+        raise CodecError("nested compression is not allowed")
+    return _ext_hook(code, data)
+
+
+def compress(packed: bytes, level: int = 6) -> bytes:
+    """Wrap an :func:`encode` result as a zlib-compressed value when that is smaller.
+
+    :func:`decode` inflates it transparently (to at most ``MAX_INFLATED`` bytes).
+    """
+    wrapped: bytes = msgpack.packb(_ExtType(_EXT_ZLIB, zlib.compress(packed, level)), use_bin_type=True)
+    return wrapped if len(wrapped) < len(packed) else packed
 
 
 def _check_keys(value: object) -> None:

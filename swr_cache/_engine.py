@@ -472,6 +472,10 @@ class Cache:
             that fails is a miss served by the origin anyway. ``False`` uses
             the client's normal command path (e.g. to keep redis-py's
             OpenTelemetry metrics for hits).
+        compress_threshold: values (attributes, results) whose encoding is
+            longer than this many bytes are stored zlib-compressed when that
+            is smaller; ``None`` (the default) never compresses. Reads inflate
+            transparently (at most 64 MiB per value).
         clock: wall clock in seconds; shared deadlines are in Redis server time,
             this clock plus a measured offset.
 
@@ -505,6 +509,7 @@ class Cache:
         clock_sync_interval: float = 60.0,
         tag_stamp_ttl: float = 120.0,
         direct_reads: bool = True,
+        compress_threshold: int | None = None,
         clock: Callable[[], float] = time.time,
         _owns_client: bool = False,
     ) -> None:
@@ -536,6 +541,9 @@ class Cache:
         self.drain_timeout = float(drain_timeout)
         self.clock_sync_interval = float(clock_sync_interval)
         self.tag_stamp_ms = max(1000, round(tag_stamp_ttl * 1000))
+        if compress_threshold is not None and compress_threshold < 1:
+            raise ConfigError("compress_threshold must be a positive number of bytes or None")
+        self.compress_threshold = compress_threshold
         # Invalidations wait longer for a slot than reads: they must not be dropped.
         self._invalidation_wait = max(10 * self.call_timeout, 5.0)
         self._clock = clock
@@ -1285,7 +1293,14 @@ class Cache:
     def _encode_fields(
         self, req: _Request, attrs: tuple[str, ...] | None, value: Any, merging: bool
     ) -> dict[bytes, bytes]:
-        encode = _codec.encode
+        threshold = self.compress_threshold
+        encode: Callable[[Any], bytes] = _codec.encode
+        if threshold is not None:
+
+            def encode(v: Any) -> bytes:
+                packed = _codec.encode(v)
+                return _codec.compress(packed) if len(packed) > threshold else packed
+
         fields: dict[bytes, bytes] = {}
         if not req.is_item:
             fields[M_RESULT] = encode(value)

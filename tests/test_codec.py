@@ -479,13 +479,37 @@ def test_every_truncation_raises_codec_error() -> None:
             decode(RICH[:end])
 
 
+def test_compressed_values_round_trip_and_refuse_bombs() -> None:
+    """``compress`` output decodes transparently; bad, nested or oversized payloads are CodecErrors."""
+    import zlib
+
+    import msgpack
+
+    from swr_cache._codec import MAX_INFLATED, compress
+
+    value = {"text": "abc" * 10_000, "n": Decimal("1.10"), "s": {1, 2}}
+    packed = encode(value)
+    small = compress(packed)
+    assert len(small) < len(packed)
+    assert decode(small) == value
+    assert compress(b"\x01") == b"\x01"  # not worth it: left as is
+    with pytest.raises(CodecError):
+        decode(raw_ext(9, b"not zlib"))
+    nested = msgpack.packb(msgpack.ExtType(9, zlib.compress(small)))
+    with pytest.raises(CodecError, match="nested"):
+        decode(nested)
+    bomb = msgpack.packb(msgpack.ExtType(9, zlib.compress(b"\x00" * (MAX_INFLATED + 10))))
+    with pytest.raises(CodecError, match="size limit"):
+        decode(bomb)
+
+
 def test_trailing_byte_raises_codec_error() -> None:
     """A valid value followed by extra bytes is refused."""
     with pytest.raises(CodecError):
         decode(RICH + b"\x00")
 
 
-@pytest.mark.parametrize("code", [0, 9, 42, 127, -2, -128])
+@pytest.mark.parametrize("code", [0, 10, 42, 127, -2, -128])
 def test_unknown_extension_raises_codec_error(code: int) -> None:
     """An extension code this module did not register is refused."""
     with pytest.raises(CodecError, match="extension"):

@@ -849,3 +849,29 @@ async def test_default_key_refuses_unencodable_arguments(cache: Cache) -> None:
     with pytest.raises(KeyEncodingError):
         await f(object())
     assert await f(("a", 1, None, True)) == 1
+
+
+async def test_compression_above_threshold_round_trips(redis_client: aioredis.Redis) -> None:
+    """Values over ``compress_threshold`` are stored compressed and read back exactly; a corrupt one is a counted miss."""
+    c = Cache(redis_client, namespace="z", compress_threshold=100)
+    async with c:
+        calls = 0
+
+        @cached_item(c, table="T", key=lambda k: {"pk": k})
+        async def get(k: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+            nonlocal calls
+            calls += 1
+            item = {"pk": k, "text": "abc" * 1000, "n": Decimal("1.5")}
+            return item if attributes is None else {a: item[a] for a in attributes if a in item}
+
+        first = await get("a")
+        assert await get("a") == first
+        assert await get("a", attributes=["text"]) == {"text": "abc" * 1000}
+        assert calls == 1
+        entry = c._keys.entry("T|pk=S:a")
+        stored = await redis_client.hget(entry, "text")
+        assert stored is not None and len(stored) < 200
+        await redis_client.hset(entry, "text", stored[:-5])  # truncated compressed bytes
+        assert (await get("a"))["text"] == "abc" * 1000
+        assert c.stats()[get.name]["decode_errors"] == 1
+        assert calls == 2
