@@ -46,6 +46,7 @@ from ._errors import CacheNotEnteredError, CodecError, ConfigError, Invalidation
 from ._keys import KeySpace, item_identity, item_tag
 from ._metrics import Metrics, MetricsRegistry
 from ._policy import Policy
+from ._signing import M_SIG, Signer
 from ._store import (
     ALL_META,
     M_ABSENT,
@@ -69,6 +70,7 @@ log = logging.getLogger("swr_cache")
 _FORMAT: Final = str(_codec.FORMAT_VERSION).encode()
 _ONE: Final = b"1"
 _RESULT_FIELDS: Final = (M_SOFT, M_HARD, M_FORMAT, M_DELTA, M_VERSION, M_RESULT)
+_SIGNED_RESULT_FIELDS: Final = (*_RESULT_FIELDS, M_SIG)
 _NO_ATTRS: Final[tuple[str, ...]] = ()
 # Our estimate of Redis time is off by at most half a round trip plus clock
 # drift between syncs; a purge this close before a load counts as during it.
@@ -348,8 +350,11 @@ class _Request:
         self.loader = loader
         self.tags = tags
         # What one read asks Redis for: None = HGETALL (a whole item).
-        if not is_item:
-            self.fields: tuple[bytes, ...] | None = _RESULT_FIELDS
+        if cache._signer is not None:
+            # A signature covers every field: signed entries are read whole.
+            self.fields: tuple[bytes, ...] | None = None if is_item else _SIGNED_RESULT_FIELDS
+        elif not is_item:
+            self.fields = _RESULT_FIELDS
         elif attrs is None:
             self.fields = None
         else:
@@ -476,6 +481,11 @@ class Cache:
             longer than this many bytes are stored zlib-compressed when that
             is smaller; ``None`` (the default) never compresses. Reads inflate
             transparently (at most 64 MiB per value).
+        signing_key: sign every entry written with HMAC-SHA256 and serve only
+            entries whose signature checks (others are a counted miss,
+            ``bad_signatures``), so a shared Redis cannot feed forged values.
+            ``str``/``bytes`` of at least 16 bytes, or a list for rotation
+            (the first signs, any verifies). See ``swr_cache._signing``.
         clock: wall clock in seconds; shared deadlines are in Redis server time,
             this clock plus a measured offset.
 
@@ -510,6 +520,7 @@ class Cache:
         tag_stamp_ttl: float = 120.0,
         direct_reads: bool = True,
         compress_threshold: int | None = None,
+        signing_key: bytes | str | Sequence[bytes | str] | None = None,
         clock: Callable[[], float] = time.time,
         _owns_client: bool = False,
     ) -> None:
@@ -530,6 +541,8 @@ class Cache:
         self.namespace = namespace
         self._keys = KeySpace(namespace)
         self._store = Store(client, direct_reads)
+        self._signer = None if signing_key is None else Signer(signing_key)
+        self._store.signer = self._signer
         self._owns_client = _owns_client
         self.lease_ms = max(1, round(lease_ttl * 1000))
         self.lease_wait = lease_ttl if lease_wait is None else float(lease_wait)
@@ -862,7 +875,9 @@ class Cache:
         slots.release()
         breaker.success()
         metrics.redis_latency.observe(time.perf_counter() - t0)
-        if fields is None:
+        if self._signer is not None:
+            snap = self._snap(req, raw, fields)
+        elif fields is None:
             snap = _snap_from_hash(raw)
         elif req.is_item:
             snap = _snap_from_list(raw)
@@ -895,8 +910,23 @@ class Cache:
             return _Bypass()
         return None
 
-    @staticmethod
-    def _snap(req: _Request, raw: Any, fields: tuple[bytes, ...] | None) -> _Snap | None:
+    def _snap(
+        self, req: _Request, raw: Any, fields: tuple[bytes, ...] | None, count: bool = True
+    ) -> _Snap | None:
+        signer = self._signer
+        if signer is not None:
+            ok = (
+                signer.check_hash(req.entry, raw)
+                if fields is None
+                else signer.check_fields(req.entry, fields, raw)
+            )
+            if not ok:
+                # Not written by a holder of our key: treat it as absent (reloaded, overwritten).
+                if count:
+                    req.metrics.counts["bad_signatures"] += 1
+                return None
+            if fields is not None:
+                raw = raw[:-1]
         if fields is None:
             return _snap_from_hash(raw)
         if not req.is_item:
@@ -986,7 +1016,10 @@ class Cache:
             out: dict[str, Any] = {}
             missing: list[str] = []
             absent: list[str] | None = None
-            for name, raw in zip(attrs, snap.data, strict=True):
+            data = snap.data
+            if type(data) is dict:  # a signed entry, read whole for a projection
+                data = [data.get(a.encode()) for a in attrs]
+            for name, raw in zip(attrs, data, strict=True):
                 if raw is not None:
                     out[name] = decode(raw)
                 elif snap.whole is None:
@@ -997,7 +1030,8 @@ class Cache:
             if not missing:
                 return state, out
             plan = _Plan()
-            if state == _FRESH and snap.version is not None:
+            if state == _FRESH and snap.version is not None and self._signer is None:
+                # (A merge would leave the signature covering only the old fields.)
                 plan.load_attrs = tuple(missing)
                 plan.merge_version = snap.version
                 plan.merged = out
@@ -1098,7 +1132,8 @@ class Cache:
                 if background:  # nothing to store the refresh in: keep serving stale
                     return _LoadResult(None)
                 return _LoadResult(await self._call_loader(req, req.attrs))
-            snap = None if raw is None else self._snap(req, raw, fields)
+            # (A bad signature seen again here was counted by the read that led here.)
+            snap = None if raw is None else self._snap(req, raw, fields, count=False)
             verdict: tuple[str, Any] | _Plan | None = None
             if snap is not None:
                 try:
@@ -1231,9 +1266,14 @@ class Cache:
             tags.extend(value.tags)
             value = value.value
         if store_it:
-            await self._fill(
-                req, token, attrs, value, merge_version, prior_absent, delta_ms, tags, start_ms, policy
-            )
+            # Shielded: a fill that lands must also join its tags' member sets and
+            # check their purge stamps, or a purge could miss it (a cancellation at
+            # shutdown between those steps left such entries). Each step is bounded
+            # by the call timeouts.
+            with anyio.CancelScope(shield=True):
+                await self._fill(
+                    req, token, attrs, value, merge_version, prior_absent, delta_ms, tags, start_ms, policy
+                )
         else:
             await self._release(lease, token)
         if req.is_item and req.attrs is not None and value is not None:
@@ -1501,6 +1541,10 @@ def _pool_size(client: Any) -> int | None:
     if isinstance(size, int) and size > 0:
         return size
     size = getattr(client, "max_connections", None)  # RedisCluster: per node
+    if size is None:
+        # redis.asyncio's RedisCluster keeps it only in the kwargs of its node pools.
+        kwargs = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", None)
+        size = kwargs.get("max_connections") if isinstance(kwargs, dict) else None
     return size if isinstance(size, int) and size > 0 else None
 
 

@@ -32,10 +32,30 @@ COUNTERS: Final = (
     "fills_skipped_too_large",
     "tag_races",
     "decode_errors",
+    "bad_signatures",
     "redis_errors",
     "bypasses",
     "pool_waits_timed_out",
     "invalidations",
+    # DynamoDB Streams (StreamInvalidator / StreamConsumer)
+    "stream_records_applied",
+    "stream_records_superseded",
+    "stream_records_malformed",
+    "stream_records_failed",
+    "stream_iterators_expired",
+    "stream_trimmed",
+    # DynamoTable
+    "throttles",
+    "unprocessed_retries",
+    "write_throughs",
+    "write_throughs_skipped",
+    # ASGI middleware (CacheMiddleware)
+    "http_passes",
+    "http_uncacheable",
+    "http_not_modified",
+    "http_purges",
+    "http_purge_errors",
+    "http_lock_timeouts",
 )
 
 #: Histogram bucket upper bounds, seconds.

@@ -20,6 +20,7 @@ Entry layout (one Redis hash per item or result)::
     \\xffv  entry version (random), so a merge only lands on the hash it read
     \\xffd  how long the load took, ms (for probabilistic early refresh)
     \\xffr  the value of a ``@cached`` result
+    \\xffg  HMAC of all other fields, only with a signing key (see ``_signing``)
     <name> one field per item attribute, msgpack-encoded
 
 Metadata field names start with byte 0xFF, which never occurs in UTF-8, so no
@@ -191,10 +192,13 @@ def is_wrongtype(exc: BaseException) -> bool:
 class Store:
     """Entry-level operations over a ``redis.asyncio`` client (standalone or cluster)."""
 
-    __slots__ = ("_direct_pool", "client", "is_cluster")
+    __slots__ = ("_direct_pool", "client", "is_cluster", "signer")
 
     def __init__(self, client: Any, direct_reads: bool = True) -> None:
         self.client = client
+        # A ``_signing.Signer`` when the cache has a signing key: every whole
+        # entry written below (fill, stream put, write-through) is signed.
+        self.signer: Any = None
         self.is_cluster = hasattr(client, "get_nodes")
         # Entry reads may take a pooled connection themselves: redis-py's
         # per-command wrapper (retry closure, observability hooks, response
@@ -318,6 +322,8 @@ class Store:
         check_fence: bool = True,
     ) -> int:
         """Replace the entry with ``mapping`` if our lease is valid and no fence stands."""
+        if self.signer is not None:
+            mapping = self.signer.signed(entry_key, mapping)
         args: list[Any] = [token, expire_ms, b"1" if check_fence else b"0"]
         for field, value in mapping.items():
             args.append(field)
@@ -398,31 +404,20 @@ class Store:
         if len(member_keys) == 1:
             await _add_member(self.client, (member_keys[0],), (entry_key, expire_ms))
             return
-        pipe = self.client.pipeline(transaction=False)
-        for key in member_keys:
-            pipe.evalsha(_add_member.sha, 1, key, entry_key, expire_ms)
-        results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in results):
-            for key in member_keys:
-                await _add_member(self.client, (key,), (entry_key, expire_ms))
-        else:
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+        calls = [((key,), (entry_key, expire_ms)) for key in member_keys]
+        for result in await _run_script_many(self.client, _add_member, calls):
+            if isinstance(result, BaseException):
+                raise result
 
     async def mark_purged(self, gen_keys: Sequence[str], expire_ms: int) -> None:
         """Stamp each tag with the Redis server time of this purge (kept ``expire_ms``)."""
         if len(gen_keys) == 1:
             await _mark_purged(self.client, (gen_keys[0],), (expire_ms,))
             return
-        pipe = self.client.pipeline(transaction=False)
-        for key in gen_keys:
-            pipe.evalsha(_mark_purged.sha, 1, key, expire_ms)
-        results = await pipe.execute(raise_on_error=False)
-        for key, result in zip(gen_keys, results, strict=True):
-            if isinstance(result, NoScriptError):
-                await _mark_purged(self.client, (key,), (expire_ms,))
-            elif isinstance(result, BaseException):
+        # NOSCRIPT (after a restart) is retried as one pipeline of EVALs, not a round trip per tag.
+        calls = [((key,), (expire_ms,)) for key in gen_keys]
+        for result in await _run_script_many(self.client, _mark_purged, calls):
+            if isinstance(result, BaseException):
                 raise result
 
     async def tag_members(self, member_keys: Sequence[str]) -> list[set[bytes]]:
@@ -432,3 +427,256 @@ class Store:
             pipe.smembers(key)
         reply: list[set[bytes]] = await pipe.execute()
         return reply
+
+    # -- DynamoDB Streams (Lua below) -------------------------------------------
+
+    async def stream_put_many(
+        self,
+        puts: Sequence[tuple[tuple[str, str, str, str], str, int, int, bytes, Mapping[bytes, bytes]]],
+    ) -> list[int | BaseException]:
+        """Apply refresh-mode records in one pipeline, each guarded by its sequence number.
+
+        Each put is ``((entry, lease, fence, seq_key), sequence, seq_ttl_ms,
+        expire_ms, op, fields)`` with ``op`` ``b"w"`` (write ``fields`` as the
+        entry) or ``b"d"`` (delete the entry). Replies are :class:`StreamPut`
+        codes, or the error of that one call. Raises when the pipeline itself
+        fails (connection lost, timeout).
+        """
+        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        for keys, sequence, seq_ttl_ms, expire_ms, op, fields in puts:
+            if self.signer is not None and op == b"w":
+                fields = self.signer.signed(keys[0], fields)
+            args: list[Any] = [sequence, seq_ttl_ms, expire_ms, op]
+            for field, value in fields.items():
+                args.append(field)
+                args.append(value)
+            calls.append((keys, args))
+        replies = await _run_script_many(self.client, _stream_put, calls)
+        return [r if isinstance(r, BaseException) else int(r) for r in replies]
+
+    async def claim_shard(self, lease_key: str, token: str, lease_ms: int) -> bool:
+        """Take a free shard lease or renew ours; ``False`` when another consumer holds it."""
+        return bool(await _claim(self.client, (lease_key,), (token, lease_ms)))
+
+    async def write_checkpoint(
+        self, checkpoint_key: str, lease_key: str, token: str, value: str, ttl_ms: int, lease_ms: int
+    ) -> bool:
+        """Store a shard's checkpoint if we still hold its lease (renewing it)."""
+        return bool(
+            await _checkpoint(
+                self.client, (checkpoint_key, lease_key), (token, value, ttl_ms, lease_ms)
+            )
+        )
+
+    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """GET of each key (checkpoints), in one pipeline."""
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        reply: list[bytes | None] = await pipe.execute()
+        return reply
+
+    # -- DynamoTable write-through (Lua at the end of this module) -------------------
+
+    async def write_through(
+        self,
+        entry_key: str,
+        lease_key: str,
+        version_field: bytes,
+        version: str,
+        expire_ms: int,
+        mapping: Mapping[bytes, bytes],
+    ) -> bool:
+        """Replace the entry with a just-written item if its version is newer than the cached one.
+
+        ``version`` is the new item's version as canonical digits (a
+        non-negative integer). Only an existing entry whose ``version_field``
+        holds a smaller integer is replaced; the lease goes with it, so a load
+        in flight cannot fill over the new item. ``False`` means nothing was
+        written: the caller invalidates instead.
+        """
+        if self.signer is not None:
+            mapping = self.signer.signed(entry_key, mapping)
+        args: list[Any] = [version_field, version, expire_ms]
+        for field, value in mapping.items():
+            args.append(field)
+            args.append(value)
+        return bool(await _write_through(self.client, (entry_key, lease_key), args))
+
+    async def fill_many(
+        self,
+        fills: Sequence[tuple[str, str, str, str, int, Mapping[bytes, bytes], bool]],
+    ) -> list[int | BaseException]:
+        """Many :meth:`fill` calls in one pipeline (grouped by node on a cluster).
+
+        Each fill is ``(entry, lease, fence, token, pexpire ms, fields,
+        check_fence)``. Replies are :class:`FillOutcome` codes, or the error
+        of that one call. Raises when the pipeline itself fails.
+        """
+        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        for entry_key, lease_key, fence_key, token, expire_ms, mapping, check_fence in fills:
+            if self.signer is not None:
+                mapping = self.signer.signed(entry_key, mapping)
+            args: list[Any] = [token, expire_ms, b"1" if check_fence else b"0"]
+            for field, value in mapping.items():
+                args.append(field)
+                args.append(value)
+            calls.append(((entry_key, lease_key, fence_key), args))
+        replies = await _run_script_many(self.client, _fill, calls)
+        return [r if isinstance(r, BaseException) else int(r) for r in replies]
+
+
+# -- DynamoDB Streams ------------------------------------------------------------
+
+# Stream sequence numbers are decimal strings of up to 40 digits: compared as
+# big integers (length, then digit by digit), never through Lua's doubles.
+_SEQ_NEWER = """
+local function seq_newer(a, b)
+  if #a ~= #b then return #a > #b end
+  for i = 1, #a do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return false
+end
+"""
+
+# KEYS: entry, lease, fence, sequence high-water. ARGV: sequence number,
+# high-water pexpire ms, entry pexpire ms, op ('w' write the fields, 'd'
+# delete the entry), field, value, ...
+# 0 the record is not newer than the high-water (nothing changed); 1 written;
+# 2 a fence stands (an invalidation just happened, and this record may predate
+# its write): the entry was deleted instead; 3 deleted (op 'd').
+# The lease goes in every applied case, so a load in flight cannot fill over
+# the record.
+_STREAM_PUT = _HSET_CHUNKED + _SEQ_NEWER + """
+local cur = redis.call('GET', KEYS[4])
+if cur and not seq_newer(ARGV[1], cur) then return 0 end
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[1])
+if ARGV[4] ~= 'w' then return 3 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+hset_all(KEYS[1], 5)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: shard lease. ARGV: token, pexpire ms. Takes a free lease or renews
+# our own; 1 held, 0 another consumer holds it.
+_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: shard checkpoint, shard lease (one slot: both are tagged by the stream).
+# ARGV: token, checkpoint value, checkpoint pexpire ms, lease pexpire ms.
+# Writes only while we hold the lease (so a consumer that lost its shard
+# cannot move the checkpoint), and renews the lease. 1 written, 0 lease lost.
+_CHECKPOINT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+_stream_put = Script(_STREAM_PUT)
+_claim = Script(_CLAIM)
+_checkpoint = Script(_CHECKPOINT)
+
+
+class StreamPut:
+    """Reply codes of :meth:`Store.stream_put_many`."""
+
+    SUPERSEDED: Final = 0
+    WRITTEN: Final = 1
+    FENCED: Final = 2
+    DELETED: Final = 3
+
+
+async def _run_script_many(
+    client: Any, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+) -> list[Any]:
+    """Run one script many times in one pipeline, in order; replies or exceptions.
+
+    A node that has not cached the script (first use, or after a restart)
+    answers NOSCRIPT to every call of it in the pipeline; those calls go again,
+    in their original order, in a second pipeline of EVALs, which also caches
+    the script. Per-key order is kept: every call for one key is on one node.
+    """
+    if not calls:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for keys, args in calls:
+        # Raw commands: redis-py's cluster pipeline blocks its evalsha() method
+        # but routes a raw EVALSHA by its first key like any keyed command.
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    results: list[Any] = await pipe.execute(raise_on_error=False)
+    again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if again:
+        pipe = client.pipeline(transaction=False)
+        for i in again:
+            keys, args = calls[i]
+            pipe.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        for i, result in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+            results[i] = result
+    return results
+
+
+# -- DynamoTable write-through ------------------------------------------------------
+
+# KEYS: entry, lease. ARGV: version attribute (field name), new version
+# (canonical digits), pexpire ms, field, value, ...
+# 1 replaced; 0 untouched: no entry, a negative or partial entry without the
+# version, a version that is not a plain non-negative integer, or one not
+# smaller than the new one. The cached version is a msgpack Decimal
+# (extension type 1 holding its text) and is compared as a big integer
+# (length, then digits), never through Lua's doubles.
+_WRITE_THROUGH = _HSET_CHUNKED + """
+local function cached_version(raw)
+  if not raw then return nil end
+  local b = string.byte(raw, 1)
+  local text
+  if b == nil then return nil end
+  if b <= 0x7f then
+    text = tostring(b)
+  else
+    local n, start
+    if b == 0xd4 then n, start = 1, 3
+    elseif b == 0xd5 then n, start = 2, 3
+    elseif b == 0xd6 then n, start = 4, 3
+    elseif b == 0xd7 then n, start = 8, 3
+    elseif b == 0xd8 then n, start = 16, 3
+    elseif b == 0xc7 then n, start = string.byte(raw, 2), 4
+    else return nil end
+    if n == nil or #raw ~= start + n - 1 then return nil end
+    if string.byte(raw, start - 1) ~= 1 then return nil end
+    text = string.sub(raw, start)
+  end
+  if not string.find(text, '^%d+$') then return nil end
+  text = string.gsub(text, '^0+', '')
+  if text == '' then text = '0' end
+  return text
+end
+local cur = cached_version(redis.call('HGET', KEYS[1], ARGV[1]))
+if not cur then return 0 end
+local new = ARGV[2]
+if #new < #cur or (#new == #cur and new <= cur) then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[1])
+hset_all(KEYS[1], 4)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+_write_through = Script(_WRITE_THROUGH)
