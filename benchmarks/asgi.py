@@ -1,0 +1,366 @@
+"""CacheMiddleware under uvicorn: cached hits against the uncached DynamoDB endpoint and a trivial one.
+
+Starts a redis-server, moto's DynamoDB server (its own process) and the
+example app (``examples/app.py``) under uvicorn in a subprocess, seeds
+``--users`` items, then drives it with a load client at a fixed concurrency, one
+endpoint at a time (a lean HTTP/1.1 keep-alive client over asyncio streams by
+default; ``--client httpx`` uses ``httpx.AsyncClient``, which costs more CPU
+per request than the server does on a hit):
+
+* ``trivial``: ``GET /ping``, a plain-text response marked ``no-store`` (it
+  passes through the middleware untouched): the cost of the HTTP stack alone.
+* ``uncached``: ``GET /raw/users/{id}``: a DynamoDB ``GetItem`` per request,
+  never cached.
+* ``cached``: ``GET /users/{id}``: the same item, served from Redis by the
+  middleware (every key warmed first; ``Cache-Status`` is checked, so a run
+  that missed is reported as such).
+
+Throughput is requests per second over the timed window; latency is per
+request as the client saw it (it includes the client's own overhead, and
+the client, server, Redis and moto share this machine's cores). Target:
+cached ≥ 5x uncached.
+
+    python benchmarks/asgi.py [--quick] [--seconds 5] [--concurrency 16] [--users 100]
+                              [--client raw|httpx] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+from _common import ROOT, MotoProcess, finish, median, percentile, say, start_redis, table
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class AppProcess:
+    """``examples/app.py`` under uvicorn in a subprocess."""
+
+    def __init__(self, redis_url: str, endpoint_url: str, users: int) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(
+            os.environ,
+            SWR_CACHE_REDIS_URL=redis_url,
+            SWR_CACHE_NAMESPACE=f"bench{os.getpid()}",
+            DYNAMODB_ENDPOINT_URL=endpoint_url,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_REGION="us-east-1",
+            AWS_DEFAULT_REGION="us-east-1",
+            APP_CREATE_TABLES="1",
+            APP_SEED_USERS=str(users),
+        )
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AppProcess:
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "examples.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-date-header",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=self.env,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/ping", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the example app did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+
+class RawConnection:
+    """A minimal HTTP/1.1 keep-alive client connection: GET, read status, headers and body.
+
+    httpx spends more CPU per request than uvicorn does serving a cached
+    response, so on a small machine it would measure itself. This client
+    sends real requests over TCP and parses real responses (Content-Length or
+    chunked), and nothing more.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: bytes
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.host = host
+
+    @classmethod
+    async def open(cls, base_url: str) -> RawConnection:
+        parsed = httpx.URL(base_url)
+        reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+        return cls(reader, writer, f"{parsed.host}:{parsed.port}".encode())
+
+    async def get(self, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+        self.writer.write(
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: swr-bench\r\n\r\n"
+            % (path.encode(), self.host)
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if b"content-length" in headers:
+            body = await self.reader.readexactly(int(headers[b"content-length"]))
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                parts.append(chunk[:-2])
+            body = b"".join(parts)
+        else:
+            body = b""
+        return status, headers, body
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def drive_raw(
+    base_url: str, paths: list[str], seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """Like :func:`drive`, over :class:`RawConnection` (one keep-alive connection per worker)."""
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    connections = [await RawConnection.open(base_url) for _ in range(concurrency)]
+    stop = time.perf_counter() + seconds
+
+    async def worker(seed: int, conn: RawConnection) -> None:
+        nonlocal errors
+        rng = random.Random(seed)
+        while time.perf_counter() < stop:
+            path = paths[rng.randrange(len(paths))]
+            t0 = time.perf_counter()
+            status, headers, _ = await conn.get(path)
+            latencies.append(time.perf_counter() - t0)
+            if status != 200:
+                errors += 1
+            kind = _status_kind(headers.get(b"cache-status", b"").decode())
+            statuses[kind] = statuses.get(kind, 0) + 1
+
+    began = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(i, c) for i, c in enumerate(connections)))
+    finally:
+        for conn in connections:
+            await conn.close()
+    elapsed = time.perf_counter() - began
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": median(latencies) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "errors": errors,
+        "cache_status": statuses,
+    }
+
+
+def _status_kind(cache_status: str) -> str:
+    """``hit`` or ``fwd=...`` from ``Cache-Status: swr-cache; hit; ttl=3``."""
+    parts = [p.strip() for p in cache_status.split(";")]
+    return parts[1] if len(parts) > 1 else "-"
+
+
+async def drive(
+    client: httpx.AsyncClient, paths: list[str], seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """``concurrency`` workers request random ``paths`` for ``seconds``; what they saw."""
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(seed: int) -> None:
+        nonlocal errors
+        rng = random.Random(seed)
+        while time.perf_counter() < stop:
+            path = paths[rng.randrange(len(paths))]
+            t0 = time.perf_counter()
+            try:
+                response = await client.get(path)
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            if response.status_code != 200:
+                errors += 1
+            kind = _status_kind(response.headers.get("cache-status", ""))
+            statuses[kind] = statuses.get(kind, 0) + 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": median(latencies) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "errors": errors,
+        "cache_status": statuses,
+    }
+
+
+async def run(
+    base_url: str, users: int, seconds: float, concurrency: int, client_kind: str
+) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30.0) as client:
+        ids = [f"u{i}" for i in range(users)]
+        scenarios = {
+            "trivial": ["/ping"],
+            "uncached": [f"/raw/users/{u}" for u in ids],
+            "cached": [f"/users/{u}" for u in ids],
+        }
+        say(f"warming {users} cached responses")
+        for path in scenarios["cached"]:
+            await client.get(path)
+        out: dict[str, Any] = {}
+        for name, paths in scenarios.items():
+            say(f"{name}: {seconds:.1f}s at concurrency {concurrency} ({client_kind} client)")
+            if client_kind == "raw":
+                await drive_raw(base_url, paths, min(1.0, seconds / 4), concurrency)  # warm-up
+                out[name] = await drive_raw(base_url, paths, seconds, concurrency)
+            else:
+                await drive(client, paths, min(1.0, seconds / 4), concurrency)  # warm-up
+                out[name] = await drive(client, paths, seconds, concurrency)
+            say(
+                f"  {out[name]['rps']:,.0f} req/s, p50 {out[name]['p50_ms']:.2f} ms, {out[name]['cache_status']}"
+            )
+        stats = (await client.get("/stats")).json()
+    out["server_stats"] = {k: v for k, v in stats.get("http", {}).items() if isinstance(v, int)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed window per endpoint")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="load client: a lean HTTP/1.1 keep-alive client (default) or httpx.AsyncClient",
+    )
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument("--quick", action="store_true", help="1.5 s per endpoint, 20 users")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.users = 1.5, 20
+
+    say("starting redis-server, moto and the example app under uvicorn")
+    redis_url, redis_server = start_redis(args.redis_url)
+    moto = MotoProcess().start()
+    app: AppProcess | None = None
+    try:
+        app = AppProcess(redis_url, moto.endpoint_url, args.users).start()
+        results = asyncio.run(
+            run(app.base_url, args.users, args.seconds, args.concurrency, args.client)
+        )
+    finally:
+        if app is not None:
+            app.stop()
+        moto.stop()
+        if redis_server is not None:
+            redis_server.stop()
+
+    trivial, uncached, cached = results["trivial"], results["uncached"], results["cached"]
+    hit_share = cached["cache_status"].get("hit", 0) / max(1, cached["requests"])
+    rows = [
+        [name, r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], r["errors"]]
+        for name, r in (
+            ("trivial /ping (no cache)", trivial),
+            ("uncached /raw/users (DynamoDB)", uncached),
+            ("cached /users (middleware hit)", cached),
+        )
+    ]
+    ratio = cached["rps"] / uncached["rps"] if uncached["rps"] else float("nan")
+    overhead_ms = cached["p50_ms"] - trivial["p50_ms"]
+    results["ratios"] = {
+        "cached_vs_uncached": ratio,
+        "cached_vs_trivial": cached["rps"] / trivial["rps"] if trivial["rps"] else float("nan"),
+        "hit_overhead_p50_ms": overhead_ms,
+        "hit_share": hit_share,
+    }
+    results["tables"] = [
+        table(
+            f"HTTP through uvicorn, concurrency {args.concurrency}, {args.seconds:.1f} s per endpoint",
+            ["endpoint", "req/s", "p50 ms", "p99 ms", "requests", "errors"],
+            rows,
+            [
+                f"cached / uncached throughput: {ratio:.1f}x (target >= 5x) {'MET' if ratio >= 5 else 'NOT MET'}",
+                f"cached / trivial throughput: {results['ratios']['cached_vs_trivial']:.2f}x; "
+                f"hit overhead over a trivial endpoint: {overhead_ms:+.2f} ms at p50",
+                f"share of cached requests answered as hits: {hit_share:.1%}",
+                f"one {args.client} client process drives the load; it, uvicorn (one worker, h11), "
+                "redis-server and moto share this machine's cores",
+            ],
+        )
+    ]
+    results["charts"] = [
+        {
+            "file": "asgi_rps.png",
+            "title": "Requests per second through uvicorn",
+            "kind": "barh",
+            "categories": [r[0] for r in rows],
+            "series": {"req/s": [r[1] for r in rows]},
+            "ylabel": "requests per second",
+        }
+    ]
+    finish(results, args.json)
+    return 0 if ratio >= 5 and hit_share > 0.99 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
