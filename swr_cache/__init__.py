@@ -18,18 +18,25 @@ from ._errors import (
 )
 from ._keys import item_tag
 from ._policy import Policy
+from .asgi import CacheMiddleware
+from .dynamodb import DynamoTable
+from .streams import StreamConsumer, StreamInvalidator
 
 __all__ = [
     "Cache",
+    "CacheMiddleware",
     "CacheNotEnteredError",
     "CachedFunction",
     "CachedItemFunction",
     "CodecError",
     "ConfigError",
+    "DynamoTable",
     "EntryState",
     "InvalidationError",
     "KeyEncodingError",
     "Policy",
+    "StreamConsumer",
+    "StreamInvalidator",
     "StreamRecordError",
     "SwrCacheError",
     "cached",
