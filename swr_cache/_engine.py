@@ -318,6 +318,7 @@ class _Request:
         "fields",
         "identity",
         "is_item",
+        "landed",
         "loader",
         "metrics",
         "policy",
@@ -348,6 +349,8 @@ class _Request:
         self.is_item = is_item
         self.attrs = attrs
         self.loader = loader
+        # Set once this request's load has stored its fill (see Cache._flight).
+        self.landed = False
         self.tags = tags
         # What one read asks Redis for: None = HGETALL (a whole item).
         if cache._signer is not None:
@@ -572,7 +575,7 @@ class Cache:
         self._tg: TaskGroup | None = None
         self._entered = False
         self._reads: dict[Any, list[asyncio.Future[Any]]] = {}
-        self._flights: dict[tuple[Any, ...], asyncio.Future[_LoadResult]] = {}
+        self._flights: dict[tuple[Any, ...], tuple[asyncio.Future[_LoadResult], _Request]] = {}
         self._refreshing: set[tuple[Any, ...]] = set()
         self._backoff: dict[str, tuple[float, float]] = {}
         self._held: dict[str, str] = {}  # lease key -> token, for release at shutdown
@@ -762,6 +765,7 @@ class Cache:
         try:
             async with self._slots.hold(self._invalidation_wait):
                 await self._store.invalidate(triples, self.fence_ms)
+            self._detach(t[0] for t in triples)
             if tags:
                 await self._purge(tags)
         except (RedisError, OSError) as exc:
@@ -803,12 +807,29 @@ class Cache:
         if triples:
             async with self._slots.hold(self._invalidation_wait):
                 await self._store.invalidate(triples, self.fence_ms)
+                self._detach(t[0] for t in triples)
                 pipe = self.client.pipeline(transaction=False)
                 for key, members in zip(member_keys, member_sets, strict=True):
                     if members:
                         pipe.srem(key, *members)
                 await pipe.execute()
             self._engine_metrics.counts["invalidations"] += len(triples)
+
+    def _detach(self, entries: Iterable[str]) -> None:
+        """Make later callers of just-invalidated entries start their own reads and loads.
+
+        A read or load begun before an invalidation may return what it saw
+        before it; a caller arriving after the invalidation completed must not
+        share it. (The detached work still finishes for those already waiting;
+        a detached load cannot store, its lease is gone.)
+        """
+        if not self._reads and not self._flights:
+            return
+        gone = set(entries)
+        for rkey in [k for k in self._reads if (k if type(k) is str else k[0]) in gone]:
+            del self._reads[rkey]
+        for fkey in [k for k in self._flights if k[0] in gone]:
+            del self._flights[fkey]
 
     # -- the read path -------------------------------------------------------
 
@@ -853,7 +874,8 @@ class Cache:
             failure = _Bypass()
         if failure is not None:
             metrics.counts["bypasses"] += 1
-            del reads[rkey]
+            if reads.get(rkey) is followers:
+                del reads[rkey]
             for f in followers:
                 if not f.done():
                     f.set_result(failure)
@@ -863,7 +885,8 @@ class Cache:
             raw: Any = await self._store.read_entry(req.entry, fields)
         except BaseException as exc:
             slots.release()
-            del reads[rkey]
+            if reads.get(rkey) is followers:
+                del reads[rkey]
             mapped = self._read_failed(metrics, exc)
             for f in followers:
                 if not f.done():
@@ -883,7 +906,8 @@ class Cache:
             snap = _snap_from_list(raw)
         else:
             snap = _snap_from_result(raw)
-        del reads[rkey]
+        if reads.get(rkey) is followers:
+            del reads[rkey]
         for f in followers:
             if not f.done():
                 f.set_result(snap)
@@ -1058,13 +1082,18 @@ class Cache:
         running for the others; each caller awaits it through a shield.
         """
         fkey = (req.entry, req.attrs, bypass)
-        fut = self._flights.get(fkey)
-        if fut is None:
+        flight = self._flights.get(fkey)
+        # A flight whose fill already landed, yet our read found no usable
+        # entry: the entry was invalidated since, so its value may predate a
+        # completed write. Start a new flight rather than join it.
+        if flight is None or flight[1].landed:
             tg = self._require_entered()
-            fut = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[_LoadResult] = asyncio.get_running_loop().create_future()
             fut.add_done_callback(_consume)
-            self._flights[fkey] = fut
+            self._flights[fkey] = (fut, req)
             tg.start_soon(self._run_flight, fkey, fut, req, bypass)
+        else:
+            fut = flight[0]
         return await asyncio.shield(fut)
 
     async def _run_flight(
@@ -1087,7 +1116,8 @@ class Cache:
             if not fut.done():
                 fut.set_result(result)
         finally:
-            if self._flights.get(fkey) is fut:
+            flight = self._flights.get(fkey)
+            if flight is not None and flight[0] is fut:
                 del self._flights[fkey]
             if not self._flights and not self._refreshing and self._idle is not None:
                 self._idle.set()
@@ -1265,17 +1295,26 @@ class Cache:
             policy = value.policy or policy
             tags.extend(value.tags)
             value = value.value
+        superseded = False
         if store_it:
             # Shielded: a fill that lands must also join its tags' member sets and
             # check their purge stamps, or a purge could miss it (a cancellation at
             # shutdown between those steps left such entries). Each step is bounded
             # by the call timeouts.
             with anyio.CancelScope(shield=True):
-                await self._fill(
+                superseded = await self._fill(
                     req, token, attrs, value, merge_version, prior_absent, delta_ms, tags, start_ms, policy
                 )
         else:
             await self._release(lease, token)
+        if superseded and not background:
+            # An invalidation ran while we loaded: a caller waiting now may have
+            # started after that write completed, so answer with a load that
+            # began after it (once; not stored, the next reader fills).
+            req.metrics.counts["reloads_after_invalidation"] += 1
+            attrs = req.attrs
+            merged = None
+            value = await self._call_loader(req, attrs)
         if req.is_item and req.attrs is not None and value is not None:
             out = {} if merged is None else dict(merged)
             for name in req.attrs:
@@ -1372,7 +1411,13 @@ class Cache:
         tags: list[str],
         start_ms: float,
         policy: Policy,
-    ) -> None:
+    ) -> bool:
+        """Store a loaded value under the lease; True if an invalidation superseded it.
+
+        Superseded means the lease was taken away (invalidations delete it) or
+        a tag was purged while the value loaded: the value may predate a write
+        that has completed since, so it is neither stored nor worth keeping.
+        """
         store = self._store
         lease = req.lease
         counts = req.metrics.counts
@@ -1387,12 +1432,12 @@ class Cache:
             log.warning("swr_cache: %s returned a value that cannot be cached: %s", req.metrics.name, exc)
             counts["fills_rejected"] += 1
             await self._release(lease, token)
-            return
+            return False
         size = sum(len(k) + len(v) for k, v in fields.items())
         if size > self.max_entry_bytes:
             counts["fills_skipped_too_large"] += 1
             await self._release(lease, token)
-            return
+            return False
         expire_ms = policy.hard_ms
         try:
             if merging:
@@ -1421,15 +1466,17 @@ class Cache:
         except (RedisError, OSError) as exc:
             counts["redis_errors"] += 1
             log.debug("swr_cache: fill failed: %r", exc)
-            return
+            return False
         if outcome != FillOutcome.STORED:
             counts["fills_rejected"] += 1
-            return
+            return outcome == FillOutcome.LEASE_LOST
         counts["fills"] += 1
+        req.landed = True
         if tags:
-            await self._check_tags(req, tags, start_ms, expire_ms)
+            return await self._check_tags(req, tags, start_ms, expire_ms)
+        return False
 
-    async def _check_tags(self, req: _Request, tags: list[str], start_ms: float, expire_ms: int) -> None:
+    async def _check_tags(self, req: _Request, tags: list[str], start_ms: float, expire_ms: int) -> bool:
         """Join the tags' member sets, then undo the fill if any tag was purged since the load began."""
         ks = self._keys
         raced = True
@@ -1451,6 +1498,7 @@ class Cache:
                     await self._store.delete(req.entry)
             except (RedisError, OSError) as exc:
                 log.warning("swr_cache: could not remove a fill that raced a tag purge: %r", exc)
+        return raced
 
     # -- background refresh --------------------------------------------------
 

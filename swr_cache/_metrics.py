@@ -29,6 +29,7 @@ COUNTERS: Final = (
     "lease_takeovers",
     "fills",
     "fills_rejected",
+    "reloads_after_invalidation",
     "fills_skipped_too_large",
     "tag_races",
     "decode_errors",

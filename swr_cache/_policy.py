@@ -51,6 +51,8 @@ class Policy:
     soft_ms: int = field(init=False, repr=False)
     hard_ms: int = field(init=False, repr=False)
     negative_ms: int = field(init=False, repr=False)
+    # negative_ttl was left to follow soft_ttl (kept so overrides follow it too).
+    negative_follows_soft: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         soft = _positive("soft_ttl", self.soft_ttl)
@@ -64,6 +66,7 @@ class Policy:
             raise ConfigError(f"early_refresh must be >= 0, got {self.early_refresh!r}")
         object.__setattr__(self, "soft_ttl", soft)
         object.__setattr__(self, "hard_ttl", hard)
+        object.__setattr__(self, "negative_follows_soft", self.negative_ttl is None)
         object.__setattr__(self, "negative_ttl", negative)
         object.__setattr__(self, "soft_ms", max(1, round(soft * 1000)))
         object.__setattr__(self, "hard_ms", max(1, round(hard * 1000)))
@@ -81,8 +84,11 @@ class Policy:
         """A copy with the given fields replaced (``None`` keeps the current one).
 
         When only ``soft_ttl`` is given and it exceeds the inherited hard TTL,
-        the hard TTL grows to match rather than raising.
+        the hard TTL grows to match rather than raising. A negative TTL that was
+        never set keeps following the soft TTL.
         """
+        if negative_ttl is None and not self.negative_follows_soft:
+            negative_ttl = self.negative_ttl
         soft = self.soft_ttl if soft_ttl is None else soft_ttl
         hard = self.hard_ttl if hard_ttl is None else hard_ttl
         if hard_ttl is None and soft_ttl is not None and soft_ttl > hard:
@@ -91,7 +97,7 @@ class Policy:
             self,
             soft_ttl=soft,
             hard_ttl=hard,
-            negative_ttl=self.negative_ttl if negative_ttl is None else negative_ttl,
+            negative_ttl=negative_ttl,
             jitter=self.jitter if jitter is None else jitter,
             early_refresh=self.early_refresh if early_refresh is None else early_refresh,
         )

@@ -1274,7 +1274,7 @@ class CachedTable:
                 raise
             delta_ms = (time.perf_counter() - t0) * 1000.0
             replace: list[tuple[_Request, Item | None]] = []
-            merges: list[Callable[[], Awaitable[None]]] = []
+            merges: list[Callable[[], Awaitable[object]]] = []
             for req, plan in mine:
                 value = found.get(req.identity)
                 if load_attrs is not None and plan is not None and plan.merge_version is not None:

@@ -1019,7 +1019,9 @@ async def test_read_after_write_never_joins_a_load_begun_before_it(
     dynamodb_client.meta.events.unregister("after-call.dynamodb.GetItem", hold)
     after = asyncio.create_task(view.get_item({"pk": "u1"}))
     gate.set()
-    assert (await before)["name"] == "Ada"  # type: ignore[index]
+    # Begun before the write, either answer is fair (its load cannot store, and
+    # reloads because the write's invalidation took its lease).
+    assert (await before)["name"] in ("Ada", "written")  # type: ignore[index]
     assert (await after)["name"] == "written"  # type: ignore[index]
 
 

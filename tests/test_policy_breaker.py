@@ -104,3 +104,11 @@ def test_histogram_quantiles_and_registry_snapshot() -> None:
     reg.get("f", "T").counts["hits"] += 2
     snap = reg.snapshot()
     assert snap["f"]["hits"] == 2 and snap["f"]["table"] == "T"
+
+
+def test_overrides_keep_negative_ttl_following_soft_unless_it_was_set() -> None:
+    """An unset negative TTL follows an overridden soft TTL; an explicit one stays."""
+    assert Policy(soft_ttl=30, hard_ttl=600).with_overrides(soft_ttl=5).negative_ms == 5000
+    explicit = Policy(soft_ttl=30, hard_ttl=600, negative_ttl=2)
+    assert explicit.with_overrides(soft_ttl=5).negative_ms == 2000
+    assert explicit.with_overrides(negative_ttl=7).negative_ms == 7000
