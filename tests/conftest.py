@@ -4,6 +4,15 @@ Servers are started once per session on free 127.0.0.1 ports (the cluster and
 moto only if a test asks for them) by :mod:`swr_cache.devservers`; state is wiped
 before each test (FLUSHALL, moto reset). Tests that kill, restart or pause Redis
 take ``restartable_redis``, a private server, and leave the shared one alone.
+
+Both backends: in a module (or on a test) marked ``on_cluster``, every test that
+takes ``redis_client`` (directly or through a fixture such as ``cache``) runs
+twice, ``[standalone]`` on the session redis-server and ``[cluster]`` on the
+session Redis Cluster; the ``[cluster]`` runs carry the ``cluster`` mark, so
+``-m "not cluster"`` skips them. Tests that need the standalone server's URL or
+process (``redis_url``, ``redis_server``, ``restartable_redis``, ``sync_redis``)
+run standalone only; any other test opts out with
+``@pytest.mark.standalone_only(reason="...")``.
 """
 
 from __future__ import annotations
@@ -45,13 +54,74 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+async def standalone_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A ``redis.asyncio.Redis`` on the flushed session server (bytes replies)."""
     client = aioredis.Redis.from_url(redis_url)
     try:
         yield client
     finally:
         await client.aclose()
+
+
+STANDALONE = "standalone"
+CLUSTER = "cluster"
+# A test that takes one of these talks to the standalone server itself (its URL,
+# its process, a second client on it), so it cannot also run on the cluster.
+_STANDALONE_FIXTURES = frozenset(
+    {"redis_url", "redis_server", "restartable_redis", "sync_redis", "standalone_client"}
+)
+
+
+@pytest.fixture
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """``"standalone"`` or ``"cluster"``: which server ``redis_client`` is on (see module doc)."""
+    return str(getattr(request, "param", STANDALONE))
+
+
+@pytest.fixture
+def redis_client(redis_backend: str, request: pytest.FixtureRequest) -> Any:
+    """A flushed client: ``redis.asyncio.Redis`` on the session server, or, in a
+    test's ``[cluster]`` run, ``redis.asyncio.cluster.RedisCluster`` on the session cluster.
+    """
+    # Looked up by name so a standalone run never starts the cluster, nor a
+    # cluster run flush the standalone server.
+    if redis_backend == CLUSTER:
+        return request.getfixturevalue("cluster_client")
+    return request.getfixturevalue("standalone_client")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "on_cluster: tests taking redis_client also run on the Redis Cluster ([cluster] ids)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "standalone_only(reason): an on_cluster test that runs on the standalone server only",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Give ``on_cluster`` tests that use ``redis_client`` a ``[cluster]`` run too."""
+    if "redis_backend" not in metafunc.fixturenames:
+        return
+    definition = metafunc.definition
+    if definition.get_closest_marker("on_cluster") is None:
+        return
+    opt_out = definition.get_closest_marker("standalone_only")
+    if opt_out is not None:
+        if not (opt_out.kwargs.get("reason") or opt_out.args):
+            raise pytest.UsageError(
+                f"{definition.nodeid}: standalone_only needs a reason=\"...\""
+            )
+        return
+    if _STANDALONE_FIXTURES & set(metafunc.fixturenames):
+        return
+    metafunc.parametrize(
+        "redis_backend",
+        [pytest.param(STANDALONE), pytest.param(CLUSTER, marks=pytest.mark.cluster)],
+        indirect=True,
+    )
 
 
 @pytest.fixture

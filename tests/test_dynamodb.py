@@ -33,7 +33,7 @@ from swr_cache.devservers import RedisServer
 from swr_cache.dynamodb import CachedTable, table_tag
 from swr_cache.testing import CacheHost, FakeClock
 
-pytestmark = [pytest.mark.redis, pytest.mark.dynamodb]
+pytestmark = [pytest.mark.redis, pytest.mark.dynamodb, pytest.mark.on_cluster]
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -848,9 +848,9 @@ async def test_write_through_lua_compares_big_integers(
     big = "1" + "0" * 30
 
     async def attempt(cached: bytes, new: str) -> bool:
-        await redis_client.delete("e")
-        await redis_client.hset("e", b"version", cached)
-        return await store.write_through("e", "l", b"version", new, 10_000, {b"version": b"x"})
+        await redis_client.delete("{w}e")
+        await redis_client.hset("{w}e", b"version", cached)
+        return await store.write_through("{w}e", "{w}l", b"version", new, 10_000, {b"version": b"x"})
 
     assert not await attempt(_codec.encode(Decimal(big)), "9" * 30)
     assert await attempt(_codec.encode(Decimal(big)), "1" + "0" * 29 + "1")
@@ -859,9 +859,9 @@ async def test_write_through_lua_compares_big_integers(
     assert await attempt(_codec.encode(7), "8")  # a plain msgpack int
     assert not await attempt(_codec.encode(Decimal("1E+1")), "11")  # not plain digits: refuse
     assert not await attempt(_codec.encode("9"), "10")  # a string is no version
-    await redis_client.set("l", b"token")
+    await redis_client.set("{w}l", b"token")
     assert await attempt(_codec.encode(Decimal(12345)), "12346")
-    assert await redis_client.exists("l") == 0  # the lease went with it
+    assert await redis_client.exists("{w}l") == 0  # the lease went with it
 
 
 def test_write_through_needs_a_version_attribute(

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from swr_cache import Cache, CacheNotEnteredError, ConfigError, cached, cached_item, item_tag
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from swr_cache import Cache, ConfigError, StreamConsumer, StreamInvalidator, cac
 from swr_cache.streams import StreamRecord, StreamReport
 from swr_cache.testing import CacheHost
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 ARN = "arn:aws:dynamodb:us-east-1:123456789012:table/Items/stream/2024-01-01T00:00:00.000"
 

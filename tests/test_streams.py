@@ -30,7 +30,7 @@ from swr_cache.devservers import RedisServer, free_port
 from swr_cache.streams import StreamRecord, parse_record, table_from_arn
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 ARN = (
     "arn:aws:dynamodb:us-west-2:account-id:table/ExampleTableWithStream/stream/"
