@@ -52,8 +52,10 @@ test: venv
 demo: venv
 	$(BIN)/python -m swr_cache demo
 
+# Writes benchmarks/RESULTS.md, benchmarks/results/*.png and the README's table;
+# `make bench BENCH_ARGS=--quick` is a short first look (fewer rounds; README untouched).
 bench: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 # Re-resolve every dependency from scratch and pin the result (run after editing
 # the dependencies in pyproject.toml, then commit constraints.txt).

@@ -181,14 +181,29 @@ class MotoProcess:
         self._proc = None
 
 
-def fmt(value: Any, digits: int = 1) -> str:
+def fmt(value: Any, digits: int | None = None) -> str:
+    """A table cell: ints with separators, floats with as many decimals as their size needs.
+
+    ``digits=None`` picks by magnitude (1,234 / 56.7 / 0.89), so a column of
+    request rates does not show meaningless tenths and a ratio keeps two places.
+    """
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
-        if math.isnan(value):
+        if math.isnan(value) or math.isinf(value):
             return "-"
+        if digits is None:
+            digits = 0 if abs(value) >= 1000 else 1 if abs(value) >= 10 else 2
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def median_count(values: Sequence[int]) -> int:
+    """The median of counts as a count that was observed (the lower middle value)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else 0
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()) -> dict[str, Any]:

@@ -356,7 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             "categories": [r[0] for r in rows],
             "series": {"req/s": [r[1] for r in rows]},
             "ylabel": "requests per second",
-        }
+        },
+        {
+            "file": "asgi_latency.png",
+            "title": f"Latency per request as the client saw it (concurrency {args.concurrency})",
+            "kind": "barh",
+            "categories": [r[0] for r in rows],
+            "series": {"p50": [r[2] for r in rows], "p99": [r[3] for r in rows]},
+            "ylabel": "milliseconds (log scale)",
+            "log": True,
+        },
     ]
     finish(results, args.json)
     return 0 if ratio >= 5 and hit_share > 0.99 else 1

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import random
 import statistics
@@ -43,7 +42,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import finish, say, table
 
 from swr_cache import Cache, DynamoTable
 from swr_cache.devservers import MotoServer, RedisServer, set_dummy_aws_env
@@ -257,9 +258,13 @@ async def workload(
     cursor = iter(range(ops))
     t0 = time.perf_counter()
 
+    step = max(1, ops // 5)
+
     async def client_loop() -> None:
         nonlocal reads, stale, writes
         for i in cursor:
+            if i and i % step == 0:
+                say(f"  {mode}: {i:,}/{ops:,} operations")
             rank = ranks[i]
             if is_write[i]:
                 async with locks[rank]:  # one writer per key at a time: versions land in order
@@ -308,38 +313,32 @@ async def run(args: argparse.Namespace, endpoint_url: str, redis_url: str) -> di
             "dynamodb", endpoint_url=endpoint_url, region_name="us-east-1", config=config
         ) as client:
             await create_table(client)
+            say(f"seeding {args.seeded:,} items")
             seconds = await seed(client, range(args.seeded))
             out["seed"] = {"items": args.seeded, "seconds": seconds}
-            print(
-                f"seeded {args.seeded:,} items in {seconds:.1f} s ({args.seeded / seconds:,.0f} items/s)"
-            )
+            say(f"  seeded in {seconds:.1f} s ({args.seeded / seconds:,.0f} items/s)")
             await redis_client.flushdb()
             cache = Cache(redis_client, namespace="bench-ddb", early_refresh=0)
             async with cache:
+                say(f"latency: {args.rounds} interleaved rounds, uncached vs cached")
                 out["latency"] = await latency(
                     client, cache, args.rounds, args.calls, args.batch_calls
                 )
-                print()
-                print("operation                 uncached us   cached us    ratio")
-                for row in out["latency"]:
-                    print(
-                        f"{row['operation']:<24} {row['uncached_us']:>12,.0f} {row['cached_us']:>11,.0f}"
-                        f" {row['ratio']:>8.1f}x"
-                    )
             cum = zipf_cum_weights(args.keyspace, args.zipf)
             versions: dict[int, int] = defaultdict(int)
             out["workload"] = []
             await redis_client.flushdb()
             cache = Cache(redis_client, namespace="bench-ddb-zipf", early_refresh=0)
             async with cache:
+                say(f"warming the cache over {args.keyspace:,} keys")
                 out["warm"] = warm = await warm_all(client, cache, args.keyspace)
-                print()
-                print(
-                    f"warm(): {warm['keys']:,} keys, {warm['loaded']:,} loaded with "
-                    f"{warm['batch_get_calls']:,} BatchGetItem calls in {warm['seconds']:.1f} s"
+                say(
+                    f"  {warm['loaded']:,} loaded with {warm['batch_get_calls']:,} BatchGetItem calls"
+                    f" in {warm['seconds']:.1f} s"
                 )
                 # Both modes run on the warmed entries, one after the other.
                 for mode in ("invalidate", "write-through"):
+                    say(f"workload ({mode}): {args.ops:,} operations, {args.concurrency} clients")
                     out["workload"].append(
                         await workload(
                             client,
@@ -354,28 +353,84 @@ async def run(args: argparse.Namespace, endpoint_url: str, redis_url: str) -> di
                             versions=versions,
                         )
                     )
-            print()
-            print(
-                f"Zipf({args.zipf}) over {args.keyspace:,} keys ({args.seeded:,} seeded, the rest absent), "
-                f"{args.ops:,} ops, {args.write_fraction:.0%} writes, {args.concurrency} clients"
-            )
-            print(
-                "mode            reads  writes  DynamoDB reads  reads saved  stale after write   ops/s"
-            )
-            for row in out["workload"]:
-                print(
-                    f"{row['mode']:<14} {row['reads']:>6,} {row['writes']:>7,} {row['dynamodb_reads']:>15,}"
-                    f" {row['reads_saved']:>11.2%} {row['stale_reads_after_completed_writes']:>18}"
-                    f" {row['ops_per_s']:>7,.0f}"
-                )
-            print("target: >= 95% of reads saved, 0 stale reads after a completed write")
     finally:
         await redis_client.aclose()
     return out
 
 
+def render(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """The tables and charts of a run (``run_all.py`` draws the charts)."""
+    lat = results["latency"]
+    work = results["workload"]
+    warm = results["warm"]
+    results["tables"] = [
+        table(
+            f"DynamoTable against moto over HTTP: uncached vs cached hit (medians of {args.rounds} interleaved rounds)",
+            ["operation", "uncached us", "cached us", "uncached / cached"],
+            [[r["operation"], r["uncached_us"], r["cached_us"], r["ratio"]] for r in lat],
+            notes=[
+                "moto on loopback answers faster than DynamoDB over a network, so these ratios"
+                " understate what a hit saves in production",
+            ],
+        ),
+        table(
+            f"Zipf({args.zipf}) over {args.keyspace:,} keys ({args.seeded:,} seeded, the rest absent),"
+            f" {args.ops:,} operations, {args.write_fraction:.0%} writes, {args.concurrency} clients",
+            ["mode", "reads", "writes", "DynamoDB reads", "reads saved %", "stale reads after a write", "ops/s"],
+            [
+                [
+                    r["mode"],
+                    r["reads"],
+                    r["writes"],
+                    r["dynamodb_reads"],
+                    100.0 * r["reads_saved"],
+                    r["stale_reads_after_completed_writes"],
+                    r["ops_per_s"],
+                ]
+                for r in work
+            ],
+            notes=[
+                f"warmed first with warm(): {warm['loaded']:,} of {warm['keys']:,} keys loaded by"
+                f" {warm['batch_get_calls']:,} BatchGetItem calls in {warm['seconds']:.1f} s",
+                "TTLs outlast the run: every DynamoDB read counted follows a write",
+                "stale read: began after a write to its key had returned, and got an older version",
+                "target: >= 95% of reads saved, 0 stale reads after a completed write",
+            ],
+        ),
+    ]
+    results["charts"] = [
+        {
+            "file": "dynamodb_latency.png",
+            "title": "DynamoTable: uncached call vs cached hit (moto over HTTP)",
+            "kind": "bar",
+            "categories": [r["operation"] for r in lat],
+            "series": {
+                "uncached (DynamoDB)": [r["uncached_us"] for r in lat],
+                "cached hit (Redis)": [r["cached_us"] for r in lat],
+            },
+            "ylabel": "microseconds per call (log scale)",
+            "log": True,
+        },
+        {
+            "file": "dynamodb_reads.png",
+            "title": (
+                f"Zipf workload, {args.write_fraction:.0%} writes: reads served vs reads that reached DynamoDB"
+                f" (stale reads after a write: {sum(r['stale_reads_after_completed_writes'] for r in work)})"
+            ),
+            "kind": "bar",
+            "categories": [r["mode"] for r in work],
+            "series": {
+                "reads served": [r["reads"] for r in work],
+                "DynamoDB reads": [r["dynamodb_reads"] for r in work],
+            },
+            "ylabel": "reads",
+            "log": False,
+        },
+    ]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--endpoint-url", help="DynamoDB endpoint (default: start moto's server)")
     parser.add_argument(
         "--redis-url", help="Redis URL (default: start a redis-server); its db is flushed"
@@ -425,9 +480,8 @@ def main() -> None:
         if redis_url is None:
             redis_url = stack.enter_context(RedisServer()).url
         results = asyncio.run(run(args, endpoint_url, redis_url))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+    render(results, args)
+    finish(results, args.json)
 
 
 if __name__ == "__main__":

@@ -7,61 +7,59 @@ installs them), cache the same item on the same Redis through their decorators:
 aiocache with a msgpack serializer built on the same codec, and cashews with
 its defaults.
 
-Rounds are interleaved (floor, swr_cache, peers, floor, ...) and medians
-reported. This VM adds ~100 us whenever a process is woken on the other vCPU,
-so the run is repeated with this process pinned to CPU 0 and the redis-server
-it started pinned to CPU 1 (``--no-pin`` skips that).
+Rounds are interleaved (floor, swr_cache, peers, floor, ...). Sequential
+calls are timed one by one: the table gives the median over rounds of each
+round's mean, and p50/p99 of every call pooled. The concurrent column is 100
+callers of the same key at once (``asyncio.gather``), median calls per second
+over rounds. A process woken on the other CPU of a small VM pays for the
+wake-up on every round trip, so the run is repeated with this process pinned
+to the first CPU and the redis-server it started pinned to the second
+(``--no-pin`` skips that).
 
-    python benchmarks/hit_path.py [--redis-url URL] [--rounds 15] [--calls 2000] [--json FILE]
+    python benchmarks/hit_path.py [--quick] [--redis-url URL] [--rounds 15] [--calls 2000] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from decimal import Decimal
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import msgpack
 import redis.asyncio as aioredis
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _common import aiocache_kwargs, finish, make_item, percentile, say, start_redis, table
 
 from swr_cache import Cache, _codec, cached_item
-from swr_cache.devservers import RedisServer
 
 KEY = "user#000123"
+WIDTH = 100
 Fn = Callable[[], Awaitable[Any]]
 
-
-def make_item() -> dict[str, Any]:
-    """A ~1 KB user item of the usual DynamoDB shapes."""
-    return {
-        "pk": KEY,
-        "name": "Ada Lovelace",
-        "email": "ada@example.com",
-        "age": Decimal("36"),
-        "balance": Decimal("1024.50"),
-        "active": True,
-        "roles": {"admin", "editor", "viewer"},
-        "address": {"street": "12 St James's Square", "city": "London", "zip": "SW1Y 4JH"},
-        "bio": "x" * 600,
-        "tags": ["math", "poetry", "engines"],
-    }
+CONFIG = {
+    "floor": "redis.asyncio GET of the msgpack blob + msgpack.unpackb with the codec's ext hook",
+    "swr_cache": "@cached_item (a hash per item: one HGETALL), soft_ttl 3600 s",
+    "aiocache": "aiocache.cached(RedisCache, ttl=3600), a msgpack serializer on the same codec",
+    "cashews": "cashews @cache(ttl='1h') defaults (protected=True), pickle (its default)",
+}
 
 
-async def timed_sequential(fn: Fn, calls: int) -> float:
-    """Microseconds per call, one call at a time."""
-    t0 = time.perf_counter()
+async def timed_sequential(fn: Fn, calls: int, sink: list[float] | None = None) -> float:
+    """Microseconds per call, one call at a time; each call's time goes to ``sink``."""
+    clock = time.perf_counter
+    t0 = clock()
     for _ in range(calls):
+        t = clock()
         await fn()
-    return (time.perf_counter() - t0) / calls * 1e6
+        if sink is not None:
+            sink.append((clock() - t) * 1e6)
+    return (clock() - t0) / calls * 1e6
 
 
 async def timed_concurrent(fn: Fn, calls: int, width: int) -> float:
@@ -75,26 +73,11 @@ async def timed_concurrent(fn: Fn, calls: int, width: int) -> float:
 
 async def peer_aiocache(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None:
     try:
-        import aiocache
-        from aiocache.serializers import BaseSerializer
+        import aiocache  # type: ignore[import-untyped]
     except ImportError:
         return None
 
-    class CodecSerializer(BaseSerializer):  # type: ignore[misc]
-        DEFAULT_ENCODING = None
-
-        def dumps(self, value: Any) -> bytes:
-            return _codec.encode(value)
-
-        def loads(self, value: bytes | None) -> Any:
-            return None if value is None else _codec.decode(value)
-
-    host, port = url.split("//")[1].split("/")[0].split(":")
-
-    @aiocache.cached(
-        cache=aiocache.RedisCache, endpoint=host, port=int(port), serializer=CodecSerializer(),
-        ttl=3600, key_builder=lambda f, user_id: f"aiocache:{user_id}", namespace="",
-    )
+    @aiocache.cached(ttl=3600, key_builder=lambda f, user_id: f"aiocache:{user_id}", **aiocache_kwargs(url))  # type: ignore[untyped-decorator]
     async def get_user(user_id: str) -> dict[str, Any]:
         return dict(item)
 
@@ -126,9 +109,9 @@ async def peer_cashews(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None:
     return call, cache
 
 
-async def run(url: str, rounds: int, calls: int) -> dict[str, Any]:
-    client = aioredis.Redis.from_url(url, max_connections=200)
-    item = make_item()
+async def run(url: str, rounds: int, calls: int, mode: str) -> dict[str, Any]:
+    client = aioredis.Redis.from_url(url, max_connections=200, socket_timeout=0.5)
+    item = make_item(KEY)
     await client.set("floor:item", _codec.encode(item))
     ext_hook = _codec._ext_hook
 
@@ -144,7 +127,8 @@ async def run(url: str, rounds: int, calls: int) -> dict[str, Any]:
         async def get_user(user_id: str) -> dict[str, Any] | None:
             return dict(item)
 
-        assert await get_user(KEY) == item
+        if await get_user(KEY) != item:
+            raise RuntimeError("swr_cache returned another item")
 
         async def ours() -> Any:
             return await get_user(KEY)
@@ -153,19 +137,23 @@ async def run(url: str, rounds: int, calls: int) -> dict[str, Any]:
         closers = []
         for name, make in (("aiocache", peer_aiocache), ("cashews", peer_cashews)):
             got = await make(url, item)
-            if got is not None:
-                contenders[name], closer = got
-                closers.append(closer)
-        for fn in contenders.values():  # warm up
-            await timed_sequential(fn, 200)
-        seq: dict[str, list[float]] = {k: [] for k in contenders}
+            if got is None:
+                say(f"  {name} is not installed: skipped")
+                continue
+            contenders[name], closer = got
+            closers.append(closer)
+        for name, fn in contenders.items():
+            if await fn() != item:
+                raise RuntimeError(f"{name} returned another item")
+            await timed_sequential(fn, 200)  # warm up
+        means: dict[str, list[float]] = {k: [] for k in contenders}
+        each: dict[str, list[float]] = {k: [] for k in contenders}
         conc: dict[str, list[float]] = {k: [] for k in contenders}
         for i in range(rounds):
-            print(f"  round {i + 1}/{rounds}", end="\r", file=sys.stderr, flush=True)
+            say(f"  {mode}: round {i + 1}/{rounds}")
             for name, fn in contenders.items():
-                seq[name].append(await timed_sequential(fn, calls))
-                conc[name].append(await timed_concurrent(fn, calls, 100))
-        print(file=sys.stderr)
+                means[name].append(await timed_sequential(fn, calls, each[name]))
+                conc[name].append(await timed_concurrent(fn, calls, WIDTH))
         loads = cache.stats()[get_user.name]["loads"]
         for closer in closers:
             close = getattr(closer, "close", None)
@@ -173,22 +161,79 @@ async def run(url: str, rounds: int, calls: int) -> dict[str, Any]:
                 await close()
     await client.aclose()
     return {
-        "us_per_call": {k: statistics.median(v) for k, v in seq.items()},
+        "us_per_call": {k: statistics.median(v) for k, v in means.items()},
+        "p50_us": {k: percentile(v, 50) for k, v in each.items()},
+        "p90_us": {k: percentile(v, 90) for k, v in each.items()},
+        "p99_us": {k: percentile(v, 99) for k, v in each.items()},
         "calls_per_s_100": {k: statistics.median(v) for k, v in conc.items()},
         "origin_loads": loads,
     }
 
 
-def report(r: dict[str, Any], label: str) -> None:
-    seq, conc = r["us_per_call"], r["calls_per_s_100"]
-    print(f"\n{label}")
-    print(f"{'':12} {'sequential us/call':>19} {'x floor':>8} {'100 same-key calls/s':>21} {'x floor':>8}")
-    for name in seq:
-        print(
-            f"{name:12} {seq[name]:>19.1f} {seq[name] / seq['floor']:>7.2f}x"
-            f" {conc[name]:>21.0f} {conc[name] / conc['floor']:>7.2f}x"
+def render(results: dict[str, Any], modes: dict[str, str], args: argparse.Namespace) -> None:
+    tables = []
+    names: list[str] = []
+    for mode, where in modes.items():
+        r = results[mode]
+        seq, conc = r["us_per_call"], r["calls_per_s_100"]
+        names = list(seq)
+        rows = [
+            [
+                name,
+                seq[name],
+                seq[name] / seq["floor"],
+                r["p50_us"][name],
+                r["p99_us"][name],
+                conc[name],
+                conc[name] / conc["floor"],
+            ]
+            for name in names
+        ]
+        notes = [f"{where}; {args.rounds} rounds of {args.calls} calls per contender"]
+        if mode == next(iter(modes)):
+            notes += [f"{k}: {v}" for k, v in CONFIG.items() if k in seq]
+            notes.append(
+                f"{WIDTH} same-key callers: swr_cache shares one Redis read among concurrent hits of a key"
+                " (each caller decodes its own copy); cashews' protected=True shares one call (every caller"
+                " gets the same object); the floor and aiocache send one GET per caller"
+            )
+        notes.append(f"swr_cache origin loads during the run: {r['origin_loads']} (the warm-up fill)")
+        tables.append(
+            table(
+                f"Hit path, ~1 KB item ({mode})",
+                ["contender", "us/call", "x floor", "p50 us", "p99 us", f"{WIDTH} same-key calls/s", "x floor"],
+                rows,
+                notes=notes,
+            )
         )
-    print(f"swr_cache origin loads during the run: {r['origin_loads']} (the warm-up fill)")
+    results["tables"] = tables
+    percentiles: dict[str, list[float]] = {}
+    rates: dict[str, list[float]] = {}
+    for mode in modes:
+        r = results[mode]
+        for q in ("p50", "p99"):
+            percentiles[f"{q} ({mode})"] = [r[f"{q}_us"][n] for n in names]
+        rates[mode] = [r["calls_per_s_100"][n] for n in names]
+    results["charts"] = [
+        {
+            "file": "hit_path.png",
+            "title": "Hit path: latency of one cached ~1 KB item, per call (lower is better)",
+            "kind": "bar",
+            "categories": names,
+            "series": percentiles,
+            "ylabel": "microseconds per call (log scale)",
+            "log": True,
+        },
+        {
+            "file": "hit_path_concurrent.png",
+            "title": f"Hit path: {WIDTH} concurrent callers of one key, calls per second (higher is better)",
+            "kind": "bar",
+            "categories": names,
+            "series": rates,
+            "ylabel": "calls per second",
+            "log": False,
+        },
+    ]
 
 
 def main() -> None:
@@ -197,33 +242,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--no-pin", action="store_true", help="skip the pinned run")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 500 calls, no pinned run")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
-    results: dict[str, Any] = {}
-    server = None if args.redis_url else RedisServer().start()
+    if args.quick:
+        args.rounds, args.calls, args.no_pin = min(args.rounds, 3), min(args.calls, 500), True
+    url, server = start_redis(args.redis_url)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    modes = {"unpinned": "unpinned: the scheduler places both processes"}
+    if not args.no_pin and len(cpus) >= 2 and server is not None and server.pid:
+        modes["pinned"] = f"pinned: this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}"
+    results: dict[str, Any] = {
+        "benchmark": "hit_path",
+        "config": {"rounds": args.rounds, "calls": args.calls, "width": WIDTH, "contenders": CONFIG},
+    }
+    say(f"hit path: {args.rounds} interleaved rounds of {args.calls} calls, modes: {', '.join(modes)}")
     try:
-        url = args.redis_url or server.url  # type: ignore[union-attr]
-        modes = ["unpinned"] if args.no_pin or not hasattr(os, "sched_setaffinity") else ["unpinned", "pinned"]
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         for mode in modes:
             if mode == "pinned":
-                if len(cpus) < 2:
-                    break
                 os.sched_setaffinity(0, {cpus[0]})
-                if server is not None and server.pid:
-                    os.sched_setaffinity(server.pid, {cpus[1]})
-            print(f"{mode} run: {args.rounds} interleaved rounds of {args.calls} calls", file=sys.stderr)
-            results[mode] = asyncio.run(run(url, args.rounds, args.calls))
-            where = (
-                f"this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}" if mode == "pinned" else "unpinned"
-            )
-            report(results[mode], f"@cached_item hit vs raw Redis floor and peers, ~1 KB item, medians ({where})")
+                os.sched_setaffinity(server.pid, {cpus[1]})
+            results[mode] = asyncio.run(run(url, args.rounds, args.calls, mode))
     finally:
         if server is not None:
             server.stop()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+    render(results, modes, args)
+    finish(results, args.json)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from _common import (
     finish,
     make_item,
     median,
+    median_count,
     percentile,
     say,
     start_redis,
@@ -257,21 +258,16 @@ def merge_kinds(parts: Iterable[dict[str, int]]) -> dict[str, int]:
     return out
 
 
-def _count(value: float) -> float | int:
-    """A median of counts: an int when it is one (two middle values may give .5)."""
-    return int(value) if float(value).is_integer() else value
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     calls = [r["origin_calls"] for r in runs]
     return {
-        "origin_calls_median": _count(median(calls)),
+        "origin_calls_median": median_count(calls),
         "origin_calls_min": min(calls),
         "origin_calls_max": max(calls),
         "p50_ms": median([percentile(r["latencies_ms"], 50) for r in runs]),
         "p99_ms": median([percentile(r["latencies_ms"], 99) for r in runs]),
         "max_ms": median([max(r["latencies_ms"], default=float("nan")) for r in runs]),
-        "redis_commands_median": _count(median([r["redis_commands"] for r in runs])),
+        "redis_commands_median": median_count([r["redis_commands"] for r in runs]),
         "errors": sum(r["errors"] for r in runs),
         "error_kinds": merge_kinds(r["error_kinds"] for r in runs),
         "rounds": len(runs),
@@ -351,7 +347,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
                 notes.append(f"errors of {name}: {kinds}")
         tables.append(
             table(
-                f"Cold stampede, {label}, origin {args.origin_ms:.0f} ms (medians of {args.rounds} rounds)",
+                f"Cold stampede, {label}, origin {args.origin_ms:.0f} ms (medians of {args.rounds} rounds;"
+                " counts: the lower median, a value some round had)",
                 ["library", "origin calls", "range", "p50 ms", "p99 ms", "max ms", "Redis cmds", "errors"],
                 rows,
                 notes=notes,

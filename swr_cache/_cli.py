@@ -555,7 +555,29 @@ def _demo(argv: Sequence[str]) -> int:
     return demo(list(argv))
 
 
+def _aws_errors() -> tuple[type[BaseException], ...]:
+    """botocore's error roots, when botocore is installed (the ``dynamodb`` extra)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return (BotoCoreError, ClientError)
+
+
 def _consume_stream(argv: Sequence[str]) -> int:
+    """Run the stream consumer; what goes wrong outside its argparse is one line and exit 1."""
+    failures: tuple[type[BaseException], ...] = (RedisError, OSError, SwrCacheError, *_aws_errors())
+    try:
+        return _consume_stream_unguarded(argv)
+    except ConfigError as exc:
+        print(f"{PROG} consume-stream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except failures as exc:
+        print(f"{PROG} consume-stream: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _consume_stream_unguarded(argv: Sequence[str]) -> int:
     try:
         from ._cli_stream import main as consume
     except ImportError:

@@ -31,6 +31,29 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+class _Progress:
+    """One status line per second: rewritten in place on a terminal, a new line otherwise."""
+
+    def __init__(self) -> None:
+        self.live = sys.stdout.isatty()
+        self.width = 0
+
+    def show(self, line: str) -> None:
+        if self.live:
+            pad = max(0, self.width - len(line))
+            sys.stdout.write("\r" + line + " " * pad)
+            sys.stdout.flush()
+            self.width = len(line)
+        else:
+            _say(line)
+
+    def done(self) -> None:
+        if self.live and self.width:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        self.width = 0
+
+
 async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, seconds: float) -> dict[str, Any]:
     from aiobotocore.session import get_session
     from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
@@ -42,16 +65,23 @@ async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, se
         "dynamodb", endpoint_url=endpoint_url, region_name="us-east-1",
         aws_access_key_id="demo", aws_secret_access_key="demo",
     ) as ddb:
-        _say(f"creating table {TABLE} and seeding {keys} items")
+        t0 = time.monotonic()
+        _say(f"creating table {TABLE} and seeding {keys} items (PutItem, 16 at a time) ...")
         await ddb.create_table(
             TableName=TABLE,
             KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
             BillingMode="PAY_PER_REQUEST",
         )
-        for i in range(keys):
+        seeding = asyncio.Semaphore(16)
+
+        async def put(i: int) -> None:
             item = {"pk": f"user#{i}", "name": f"User {i}", "visits": Decimal(0), "roles": {"reader"}}
-            await ddb.put_item(TableName=TABLE, Item={k: serializer.serialize(v) for k, v in item.items()})
+            async with seeding:
+                await ddb.put_item(TableName=TABLE, Item={k: serializer.serialize(v) for k, v in item.items()})
+
+        await asyncio.gather(*(put(i) for i in range(keys)))
+        _say(f"  seeded in {time.monotonic() - t0:.1f} s")
 
         cache = Cache.from_url(redis_url, namespace="demo", soft_ttl=1.0, hard_ttl=30.0)
         async with cache:
@@ -108,16 +138,33 @@ async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, se
                     written[user] = visits
                     await asyncio.sleep(0.02)
 
-            async def progress() -> None:
-                while time.monotonic() < stop:
-                    await asyncio.sleep(1.0)
-                    left = max(0.0, stop - time.monotonic())
-                    _say(f"  ... {reads} reads, {origin_calls} DynamoDB calls, {left:.0f}s left")
+            line = _Progress()
 
-            _say(f"running {readers} concurrent readers and 1 writer for {seconds:.0f}s")
+            async def progress() -> None:
+                last_reads, last_at = 0, time.monotonic()
+                while time.monotonic() < stop:
+                    await asyncio.sleep(min(1.0, max(0.05, stop - time.monotonic())))
+                    now = time.monotonic()
+                    s = cache.stats()[get_user.name]
+                    served = s["hits"] + s["stale_hits"] + s["negative_hits"]
+                    share = served / reads if reads else 0.0
+                    rate = (reads - last_reads) / (now - last_at) if now > last_at else 0.0
+                    last_reads, last_at = reads, now
+                    line.show(
+                        f"  {now - began:4.1f}/{seconds:.0f} s  {reads:>7,} reads ({rate:,.0f}/s)"
+                        f"  from cache {share:.1%}  stale hits {s['stale_hits']:,}"
+                        f"  DynamoDB calls {origin_calls:,}  writes {sum(written.values()):,}"
+                    )
+                line.done()
+
+            _say(
+                f"running {readers} concurrent readers (Zipf over {keys} keys, 20% projections)"
+                f" and 1 writer (update, then invalidate) for {seconds:.0f} s; soft TTL 1 s, hard TTL 30 s"
+            )
             began = time.monotonic()
             await asyncio.gather(*(reader(i) for i in range(readers)), writer(), progress())
             elapsed = time.monotonic() - began
+            _say("load finished; waiting for background refreshes and closing the cache")
             stats = cache.stats()[get_user.name]
     latencies.sort()
     return {
@@ -219,21 +266,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         redis_url = args.redis_url
         if redis_url is None:
-            _say("starting redis-server on a free loopback port")
+            t0 = time.monotonic()
             redis_server = RedisServer()
+            _say(f"starting redis-server ({redis_server.binary}) on a free loopback port ...")
             redis_server.start()
             redis_url = redis_server.url
+            _say(f"  ready at {redis_url} in {time.monotonic() - t0:.1f} s")
+        else:
+            _say(f"using Redis at {redis_url}")
         endpoint = args.endpoint_url
         if endpoint is None:
-            _say("starting moto's DynamoDB server on a free loopback port")
+            t0 = time.monotonic()
+            _say("starting moto's DynamoDB server in a process of its own ...")
             moto_server = _MotoProcess()
             moto_server.start()
             endpoint = moto_server.endpoint_url
-        _say(f"redis: {redis_url}  dynamodb: {endpoint}")
+            _say(f"  ready at {endpoint} in {time.monotonic() - t0:.1f} s")
+        else:
+            _say(f"using DynamoDB at {endpoint}")
         result = asyncio.run(
             _run(redis_url, endpoint, keys=args.keys, readers=args.readers, seconds=args.seconds)
         )
     finally:
+        if moto_server is not None or redis_server is not None:
+            _say("stopping the servers it started")
         if moto_server is not None:
             moto_server.stop()
         if redis_server is not None:

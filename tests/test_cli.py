@@ -336,3 +336,19 @@ def test_module_and_console_script_run_the_cli(redis_url: str) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+
+
+async def test_consume_stream_failure_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """consume-stream against a DynamoDB endpoint nobody serves says so in one line and exits 1."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    code, _, err = await cli(
+        capsys, "consume-stream", "--table", "Users", "--endpoint-url", endpoint,
+        "--region", "us-east-1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--once",
+    )
+    assert code == 1
+    assert "swr-cache consume-stream: EndpointConnectionError" in err and "Traceback" not in err
