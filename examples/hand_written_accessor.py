@@ -15,17 +15,14 @@ table if it is missing, and exits non-zero if the cache misbehaves.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
 from typing import Any
 
+from _setup import TABLE, count_calls, ensure_table, main
 from aiobotocore.session import get_session
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
 from swr_cache import Cache, cached_item
 
-TABLE = "Users"
 serializer = TypeSerializer()
 
 
@@ -39,26 +36,7 @@ class _Deserializer(TypeDeserializer):  # type: ignore[misc]
 deserializer = _Deserializer()
 
 
-async def ensure_table(dynamodb: Any) -> None:
-    """Create the table if it does not exist yet."""
-    try:
-        await dynamodb.describe_table(TableName=TABLE)
-    except dynamodb.exceptions.ResourceNotFoundException:
-        await dynamodb.create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        await dynamodb.get_waiter("table_exists").wait(TableName=TABLE)
-
-
 async def run(endpoint_url: str, redis_url: str, region: str) -> int:
-    calls = {"GetItem": 0}
-
-    def count(model: Any, **_: Any) -> None:
-        calls[model.name] = calls.get(model.name, 0) + 1
-
     session = get_session()
     async with (
         session.create_client(
@@ -73,7 +51,7 @@ async def run(endpoint_url: str, redis_url: str, region: str) -> int:
         )
         # A rerun starts clean.
         await cache.invalidate_items([(TABLE, {"pk": "u1"}), (TABLE, {"pk": "nobody"})])
-        dynamodb.meta.events.register("before-call.dynamodb", count)
+        calls = count_calls(dynamodb)
 
         # key= maps the function's arguments (without `attributes`) to the primary key.
         # The same table and key give the same Redis entry DynamoTable and the stream
@@ -135,16 +113,5 @@ async def run(endpoint_url: str, redis_url: str, region: str) -> int:
         return 0 if ok else 1
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--endpoint-url", required=True, help="DynamoDB endpoint (moto, DynamoDB Local)"
-    )
-    parser.add_argument("--redis-url", required=True, help="redis://host:port/db")
-    parser.add_argument("--region", default="us-east-1")
-    args = parser.parse_args()
-    sys.exit(asyncio.run(run(args.endpoint_url, args.redis_url, args.region)))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, run)

@@ -146,6 +146,18 @@ def parse_cache_control(values: Iterable[bytes]) -> dict[str, str | None]:
     return out
 
 
+def saturated(digits: str | bytes, cap: int = _MAX_DELTA) -> int:
+    """The value of a run of ASCII digits, at most ``cap``.
+
+    A header may hold thousands of digits: ``int()`` refuses more than 4300
+    (and is slow well before), so a long run is ``cap`` without converting it.
+    """
+    significant = digits.lstrip("0") if isinstance(digits, str) else digits.lstrip(b"0")
+    if len(significant) > len(str(cap)):
+        return cap
+    return min(int(significant), cap) if significant else 0
+
+
 def seconds(directives: Mapping[str, str | None], name: str) -> int | None:
     """A delta-seconds argument: ``None`` when absent, ``-1`` when invalid, else saturated."""
     if name not in directives:
@@ -153,7 +165,7 @@ def seconds(directives: Mapping[str, str | None], name: str) -> int | None:
     arg = directives[name]
     if arg is None or not arg.isdigit() or not arg.isascii():
         return -1
-    return min(int(arg), _MAX_DELTA)
+    return saturated(arg)
 
 
 def field_names(arg: str | None) -> frozenset[bytes]:
@@ -471,7 +483,7 @@ def judge_response(
     age_lines = _joined(headers, b"age")
     age_value = 0
     if age_lines and age_lines[0].strip().isdigit():
-        age_value = min(int(age_lines[0].strip()), _MAX_DELTA)
+        age_value = saturated(age_lines[0].strip())
     apparent = max(0.0, response_time - date) if date is not None else 0.0
     corrected = age_value + max(0.0, response_time - request_time)
     j.initial_age = max(apparent, corrected)

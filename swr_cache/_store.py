@@ -184,6 +184,13 @@ _add_member = Script(_ADD_MEMBER)
 _mark_purged = Script(_MARK_PURGED)
 
 
+def _with_fields(args: list[Any], fields: Mapping[bytes, bytes]) -> list[Any]:
+    """A script's leading arguments, then ``field, value, ...`` (what ``hset_all`` reads)."""
+    for item in fields.items():
+        args.extend(item)
+    return args
+
+
 def is_wrongtype(exc: BaseException) -> bool:
     """True for Redis' WRONGTYPE reply: a key of ours holds another type."""
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
@@ -324,10 +331,7 @@ class Store:
         """Replace the entry with ``mapping`` if our lease is valid and no fence stands."""
         if self.signer is not None:
             mapping = self.signer.signed(entry_key, mapping)
-        args: list[Any] = [token, expire_ms, b"1" if check_fence else b"0"]
-        for field, value in mapping.items():
-            args.append(field)
-            args.append(value)
+        args = _with_fields([token, expire_ms, b"1" if check_fence else b"0"], mapping)
         return int(await _fill(self.client, (entry_key, lease_key, fence_key), args))
 
     async def merge(
@@ -341,10 +345,7 @@ class Store:
         check_fence: bool = True,
     ) -> int:
         """Add fields to the entry version we read, if our lease is valid and no fence stands."""
-        args: list[Any] = [token, version, b"1" if check_fence else b"0"]
-        for field, value in mapping.items():
-            args.append(field)
-            args.append(value)
+        args = _with_fields([token, version, b"1" if check_fence else b"0"], mapping)
         return int(await _merge(self.client, (entry_key, lease_key, fence_key), args))
 
     async def delete(self, *keys: str) -> None:
@@ -387,38 +388,18 @@ class Store:
 
     async def tag_generations(self, gen_keys: Sequence[str]) -> list[bytes | None]:
         """When each tag was last purged, ms of server time (``None``: never, or long ago)."""
-        if not gen_keys:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for key in gen_keys:
-            pipe.get(key)
-        reply: list[bytes | None] = await pipe.execute()
-        return reply
+        return await self.read_many(gen_keys)
 
     async def add_tag_members(
         self, member_keys: Sequence[str], entry_key: str, expire_ms: int
     ) -> None:
         """Record ``entry_key`` in each tag's member set."""
-        if not member_keys:
-            return
-        if len(member_keys) == 1:
-            await _add_member(self.client, (member_keys[0],), (entry_key, expire_ms))
-            return
         calls = [((key,), (entry_key, expire_ms)) for key in member_keys]
-        for result in await _run_script_many(self.client, _add_member, calls):
-            if isinstance(result, BaseException):
-                raise result
+        await _run_each(self.client, _add_member, calls)
 
     async def mark_purged(self, gen_keys: Sequence[str], expire_ms: int) -> None:
         """Stamp each tag with the Redis server time of this purge (kept ``expire_ms``)."""
-        if len(gen_keys) == 1:
-            await _mark_purged(self.client, (gen_keys[0],), (expire_ms,))
-            return
-        # NOSCRIPT (after a restart) is retried as one pipeline of EVALs, not a round trip per tag.
-        calls = [((key,), (expire_ms,)) for key in gen_keys]
-        for result in await _run_script_many(self.client, _mark_purged, calls):
-            if isinstance(result, BaseException):
-                raise result
+        await _run_each(self.client, _mark_purged, [((key,), (expire_ms,)) for key in gen_keys])
 
     async def tag_members(self, member_keys: Sequence[str]) -> list[set[bytes]]:
         """SMEMBERS of each member set."""
@@ -446,11 +427,7 @@ class Store:
         for keys, sequence, seq_ttl_ms, expire_ms, op, fields in puts:
             if self.signer is not None and op == b"w":
                 fields = self.signer.signed(keys[0], fields)
-            args: list[Any] = [sequence, seq_ttl_ms, expire_ms, op]
-            for field, value in fields.items():
-                args.append(field)
-                args.append(value)
-            calls.append((keys, args))
+            calls.append((keys, _with_fields([sequence, seq_ttl_ms, expire_ms, op], fields)))
         replies = await _run_script_many(self.client, _stream_put, calls)
         return [r if isinstance(r, BaseException) else int(r) for r in replies]
 
@@ -469,7 +446,7 @@ class Store:
         )
 
     async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """GET of each key (checkpoints), in one pipeline."""
+        """GET of each key (checkpoints, tag purge stamps), in one pipeline."""
         if not keys:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -499,10 +476,7 @@ class Store:
         """
         if self.signer is not None:
             mapping = self.signer.signed(entry_key, mapping)
-        args: list[Any] = [version_field, version, expire_ms]
-        for field, value in mapping.items():
-            args.append(field)
-            args.append(value)
+        args = _with_fields([version_field, version, expire_ms], mapping)
         return bool(await _write_through(self.client, (entry_key, lease_key), args))
 
     async def fill_many(
@@ -519,10 +493,7 @@ class Store:
         for entry_key, lease_key, fence_key, token, expire_ms, mapping, check_fence in fills:
             if self.signer is not None:
                 mapping = self.signer.signed(entry_key, mapping)
-            args: list[Any] = [token, expire_ms, b"1" if check_fence else b"0"]
-            for field, value in mapping.items():
-                args.append(field)
-                args.append(value)
+            args = _with_fields([token, expire_ms, b"1" if check_fence else b"0"], mapping)
             calls.append(((entry_key, lease_key, fence_key), args))
         replies = await _run_script_many(self.client, _fill, calls)
         return [r if isinstance(r, BaseException) else int(r) for r in replies]
@@ -602,6 +573,23 @@ class StreamPut:
     WRITTEN: Final = 1
     FENCED: Final = 2
     DELETED: Final = 3
+
+
+async def _run_each(
+    client: Any, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+) -> None:
+    """Run one script per call, raising the first error: one call alone, more in one pipeline.
+
+    (NOSCRIPT after a restart is then retried as one pipeline of EVALs, not a
+    round trip per call.)
+    """
+    if len(calls) == 1:
+        ((keys, args),) = calls
+        await script(client, keys, args)
+        return
+    for result in await _run_script_many(client, script, calls):
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def _run_script_many(

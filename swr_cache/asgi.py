@@ -128,6 +128,8 @@ _NOT_MODIFIED_FIELDS: Final = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
 )
 _CHUNK: Final = 64 * 1024
+# A Content-Length beyond any body this cache would keep (it saturates here).
+_MAX_CONTENT_LENGTH: Final = 1 << 62
 _MEMO_LIMIT: Final = 10_000
 
 # Phases of a request's load, as its loader sees them.
@@ -397,7 +399,10 @@ class CacheMiddleware:
         for raw_name, raw_value in response_headers:
             if bytes(raw_name).lower() not in (b"location", b"content-location"):
                 continue
-            other = urlsplit(urljoin(url, bytes(raw_value).decode("latin-1").strip()))
+            try:
+                other = urlsplit(urljoin(url, bytes(raw_value).decode("latin-1").strip()))
+            except ValueError:
+                continue  # not a URL (an unclosed IPv6 bracket): it names nothing of ours
             # Another origin's URIs are never purged from here (a DoS guard).
             if (
                 other.scheme != scheme
@@ -1174,19 +1179,7 @@ class _Recorder:
             if status == 304 and self.validated:
                 self._decide(self._freshen(headers, tag_lines))
                 return
-        j = _http.judge_response(
-            status,
-            headers,
-            request_time=self.request_time,
-            response_time=self.response_time,
-            has_cookie=self.has_cookie,
-            has_auth=self.has_auth,
-            default_ttl=mw.policy.soft_ttl,
-            grace=mw.grace,
-            grace_explicit=mw.grace_for_explicit,
-            max_ttl=mw.max_ttl,
-            max_stale=mw.max_stale,
-        )
+        j = self._judge(status, headers, self.has_cookie, self.has_auth)
         self.judgement = j
         names: tuple[str, ...] | None = None
         if j.store:
@@ -1295,12 +1288,30 @@ class _Recorder:
         }
         return ("entry", entry, j, self.tags)
 
+    def _judge(
+        self, status: int, headers: list[tuple[bytes, bytes]], has_cookie: bool, has_auth: bool
+    ) -> _http.Judgement:
+        """The middleware's verdict on a response to this fetch (its TTLs and caps)."""
+        mw = self.fetch.mw
+        return _http.judge_response(
+            status,
+            headers,
+            request_time=self.request_time,
+            response_time=self.response_time,
+            has_cookie=has_cookie,
+            has_auth=has_auth,
+            default_ttl=mw.policy.soft_ttl,
+            grace=mw.grace,
+            grace_explicit=mw.grace_for_explicit,
+            max_ttl=mw.max_ttl,
+            max_stale=mw.max_stale,
+        )
+
     def _freshen(
         self, headers: list[tuple[bytes, bytes]], tag_lines: list[bytes]
     ) -> tuple[Any, ...]:
         """A 304 to a refresh's validators: the stored body with the new headers (D.38)."""
         fetch = self.fetch
-        mw = fetch.mw
         stored = fetch.stored
         assert type(stored) is dict
         # The 304 is the newest answer: without a Date of its own, the stored
@@ -1310,19 +1321,7 @@ class _Recorder:
         merged = [(k, v) for k, v in stored["h"] if k.lower() not in replaced]
         merged.extend((k, v) for k, v in headers if k.lower() in replaced)
         tags = _http.content_tags(tag_lines) if tag_lines else list(stored.get("tg") or ())
-        j = _http.judge_response(
-            200,
-            merged,
-            request_time=self.request_time,
-            response_time=self.response_time,
-            has_cookie=False,
-            has_auth=False,
-            default_ttl=mw.policy.soft_ttl,
-            grace=mw.grace,
-            grace_explicit=mw.grace_for_explicit,
-            max_ttl=mw.max_ttl,
-            max_stale=mw.max_stale,
-        )
+        j = self._judge(200, merged, False, False)
         if not j.store or j.vary != fetch.key.names:
             return ("pass", j.reason or "vary changed", j.intrinsic, None)
         if not any(name.lower() == b"date" for name, _ in merged):
@@ -1346,7 +1345,7 @@ def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
     for name, value in headers:
         if name.lower() == b"content-length":
             text = value.strip()
-            return int(text) if text.isdigit() else None
+            return _http.saturated(text, _MAX_CONTENT_LENGTH) if text.isdigit() else None
     return None
 
 

@@ -26,7 +26,9 @@ eventually consistent read is assumed to lag.
 
 Writes that bypass the view (another service, the console, a Lambda) stay
 invisible until the entry's TTL runs out, unless something invalidates it:
-feed the table's stream to :class:`swr_cache.StreamInvalidator`.
+feed the table's stream to :class:`swr_cache.StreamInvalidator`, which purges
+what the view's own writes purge (:func:`change_tags`), cached queries and
+scans included.
 
 boto3 and aiobotocore are imported only when a table is first used, so
 ``import swr_cache`` works without them. Install ``swr-cache[dynamodb]``: it
@@ -45,6 +47,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -71,7 +74,15 @@ from ._metrics import Metrics
 from ._policy import Policy
 from ._store import M_DELTA, M_FORMAT, M_HARD, M_SOFT, M_VERSION, FillOutcome, is_wrongtype
 
-__all__ = ["THROTTLE_CODES", "CachedTable", "DynamoTable", "is_throttle", "table_tag"]
+__all__ = [
+    "THROTTLE_CODES",
+    "CachedTable",
+    "DynamoTable",
+    "change_tags",
+    "is_throttle",
+    "item_tags",
+    "table_tag",
+]
 
 Item = dict[str, Any]
 Key = Mapping[str, Any]
@@ -138,7 +149,7 @@ def _from_dynamo(values: Mapping[str, Any]) -> Item:
 
 
 def table_tag(table: str) -> str:
-    """The tag every write to ``table`` through a cached view purges.
+    """The tag every change to an item of ``table`` purges (see :func:`change_tags`).
 
     Cached scans, and queries of an index whose partition key is not a key
     attribute of the table, are stored with it: no narrower tag is known to
@@ -153,17 +164,63 @@ def table_tag(table: str) -> str:
     return "table:" + escape(table)
 
 
+def item_tags(table: str, key: Mapping[str, Any]) -> tuple[str, ...]:
+    """``item_tag`` of an item's full key and of every non-empty subset of its attributes.
+
+    Query results are tagged with their partition (a subset of the key), so a
+    change to any item of the partition must reach them. Full key first.
+
+    Raises:
+        KeyEncodingError: As for :func:`swr_cache.item_tag`.
+    """
+    names = sorted(key)
+    return tuple(
+        item_tag(table, {n: key[n] for n in subset})
+        for size in range(len(names), 0, -1)
+        for subset in itertools.combinations(names, size)
+    )
+
+
+def change_tags(table: str, key: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every tag a change to one item purges: its :func:`item_tags`, then :func:`table_tag`.
+
+    What a write through a cached view purges beside the item's entry and
+    lease, and what :class:`swr_cache.StreamInvalidator` purges for a stream
+    record of the item, so cached queries and scans stay true either way.
+
+    Args:
+        table: The table name.
+        key: The item's full primary key.
+
+    Returns:
+        The tags, without repeats.
+
+    Raises:
+        KeyEncodingError: As for :func:`swr_cache.item_tag`.
+    """
+    return (*item_tags(table, key), table_tag(table))
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ``ClientError`` (``None`` for other errors).
+
+    Read from ``exc.response``, so botocore need not be imported.
+    """
+    response = getattr(exc, "response", None)
+    error = response.get("Error") if isinstance(response, Mapping) else None
+    code = error.get("Code") if isinstance(error, Mapping) else None
+    return code if isinstance(code, str) else None
+
+
 def _error_info(exc: BaseException) -> tuple[str | None, int, int]:
     """(error code, HTTP status, retry attempts) of a botocore ``ClientError``."""
     response = getattr(exc, "response", None)
     if not isinstance(response, Mapping):
         return None, 0, 0
-    error = response.get("Error") or {}
     meta = response.get("ResponseMetadata") or {}
-    code = error.get("Code") if isinstance(error, Mapping) else None
     status = meta.get("HTTPStatusCode", 0) if isinstance(meta, Mapping) else 0
     retries = meta.get("RetryAttempts", 0) if isinstance(meta, Mapping) else 0
-    return code, int(status or 0), int(retries or 0)
+    return _error_code(exc), int(status or 0), int(retries or 0)
 
 
 def is_throttle(exc: BaseException) -> bool:
@@ -254,6 +311,34 @@ def _version_text(value: Any) -> str | None:
     return text if text.isdigit() else None
 
 
+async def _while_renewing(
+    work: Callable[[], Awaitable[T]], renew: Callable[[], Awaitable[None]]
+) -> T:
+    """Run ``work`` while ``renew`` (a loop keeping leases alive) runs beside it.
+
+    ``renew`` is cancelled as soon as ``work`` ends; if ``renew`` returns
+    first, ``work`` runs on alone. ``work``'s result is returned, and its
+    exception raised unwrapped (a task group would wrap it in a group).
+    """
+    outcome: list[Any] = []
+
+    async def run(scope: anyio.CancelScope) -> None:
+        try:
+            outcome.append(await work())
+        except Exception as exc:
+            outcome.append(_Failed(exc))
+        finally:
+            scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, tg.cancel_scope)
+        await renew()
+    got = outcome[0]
+    if isinstance(got, _Failed):
+        raise got.exc
+    return got  # type: ignore[no-any-return]
+
+
 async def _first_error_gather(
     thunks: Sequence[Callable[[], Awaitable[T]]], limit: int | None = None
 ) -> list[T]:
@@ -282,8 +367,70 @@ async def _first_error_gather(
     return results
 
 
+def _has_requests(unprocessed: Any) -> bool:
+    """Whether an ``UnprocessedKeys`` entry (keys and options) or ``UnprocessedItems`` entry
+    (a list of requests) holds anything."""
+    return bool(unprocessed.get("Keys") if isinstance(unprocessed, Mapping) else unprocessed)
+
+
 def _chunks(seq: Sequence[T], size: int) -> list[Sequence[T]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+def _attribute_list(attributes: Sequence[str] | None) -> Sequence[str] | None:
+    if isinstance(attributes, str):
+        raise TypeError("attributes must be a list of attribute names, not a string")
+    return attributes
+
+
+def _one_each(
+    idents: Sequence[str], found: Mapping[str, Item], wanted: set[str] | None
+) -> list[Item | None]:
+    """One answer per requested identity, in order: its item (only ``wanted``), or ``None``.
+
+    A key asked for twice gets an object of its own each time.
+    """
+    out: list[Item | None] = []
+    given: set[str] = set()
+    for ident in idents:
+        item = found.get(ident)
+        if item is not None:
+            if wanted is not None:
+                item = {k: v for k, v in item.items() if k in wanted}
+            if ident in given:
+                item = copy.deepcopy(item)
+        given.add(ident)
+        out.append(item)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Search:
+    """What Query and Scan share: an index, a filter with its placeholders, a projection."""
+
+    index_name: str | None
+    filter_expression: str | None
+    expression_names: Mapping[str, str] | None
+    expression_values: Mapping[str, Any] | None
+    attributes: Sequence[str] | None
+
+    def described(
+        self, table: str, query: Mapping[str, Any], limit: int | None
+    ) -> dict[str, Any]:
+        """Everything that shapes a result, for its cache key (``query``: a Query's
+        partition, sort and direction). The order is part of the key: keep it."""
+        out: dict[str, Any] = {"table": table, "index": self.index_name}
+        if query:
+            out["partition"] = query["partition"]
+            out["sort"] = query["sort"]
+        out["filter"] = self.filter_expression
+        out["names"] = dict(self.expression_names or {})
+        out["values"] = _keyable(dict(self.expression_values or {}))
+        out["attributes"] = None if self.attributes is None else list(self.attributes)
+        if query:
+            out["forward"] = query["forward"]
+        out["limit"] = limit
+        return out
 
 
 class DynamoTable:
@@ -446,35 +593,27 @@ class DynamoTable:
             extra["ExpressionAttributeNames"] = expr_names
         out: dict[str, Item] = {}
 
+        def collect(reply: Mapping[str, Any]) -> None:
+            for raw in reply.get("Responses", {}).get(self.name, ()):
+                item = _from_dynamo(raw)
+                out[item_identity(self.name, self._key_of(item, names))] = item
+
+        async def one_by_one(request: Mapping[str, Any]) -> None:
+            # A throttled GetItem raises its own error.
+            rest = [_from_dynamo(k) for k in request["Keys"]]
+            got = await _first_error_gather(
+                [partial(self._get, k, attrs, consistent, counts) for k in rest],
+                _CHUNKS_IN_FLIGHT,
+            )
+            for k, one in zip(rest, got, strict=True):
+                if one is not None:
+                    out[item_identity(self.name, k)] = {**k, **one}
+
         async def chunk(part: Sequence[dict[str, Any]]) -> None:
-            pending: dict[str, Any] = {self.name: {"Keys": [_to_dynamo(k) for k in part], **extra}}
-            attempt = 0
-            while pending:
-                reply = await self._call("batch_get_item", {"RequestItems": pending}, counts)
-                for raw in reply.get("Responses", {}).get(self.name, ()):
-                    item = _from_dynamo(raw)
-                    out[item_identity(self.name, self._key_of(item, names))] = item
-                pending = {
-                    t: r for t, r in (reply.get("UnprocessedKeys") or {}).items() if r.get("Keys")
-                }
-                if not pending:
-                    return
-                if attempt >= self.unprocessed_retries:
-                    # Still unprocessed: read the rest one by one (a throttled
-                    # GetItem raises its own error).
-                    rest = [_from_dynamo(k) for k in pending[self.name]["Keys"]]
-                    got = await _first_error_gather(
-                        [partial(self._get, k, attrs, consistent, counts) for k in rest],
-                        _CHUNKS_IN_FLIGHT,
-                    )
-                    for k, one in zip(rest, got, strict=True):
-                        if one is not None:
-                            out[item_identity(self.name, k)] = {**k, **one}
-                    return
-                if counts is not None:
-                    counts["unprocessed_retries"] += 1
-                await self._backoff(attempt)
-                attempt += 1
+            request = {"Keys": [_to_dynamo(k) for k in part], **extra}
+            await self._batch_call(
+                "batch_get_item", request, "UnprocessedKeys", counts, one_by_one, collect
+            )
 
         await _first_error_gather(
             [partial(chunk, part) for part in _chunks(keys, _BATCH_GET_MAX)],
@@ -482,67 +621,94 @@ class DynamoTable:
         )
         return out
 
-    async def _batch_write(
-        self, requests: Sequence[dict[str, Any]], counts: dict[str, int] | None
+    async def _batch_call(
+        self,
+        op: str,
+        request: Any,
+        unprocessed: str,
+        counts: dict[str, int] | None,
+        one_by_one: Callable[[Any], Awaitable[None]],
+        on_reply: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
-        """One BatchWriteItem of at most 25 requests, retrying ``UnprocessedItems``."""
-        pending: dict[str, Any] = {self.name: list(requests)}
+        """One batch call for this table, retrying what DynamoDB leaves ``unprocessed``.
+
+        Retries back off exponentially with full jitter; after
+        ``unprocessed_retries`` rounds, ``one_by_one`` takes the rest (the
+        table's leftover request) with single-item calls.
+        """
+        pending: dict[str, Any] = {self.name: request}
         attempt = 0
-        while pending:
-            reply = await self._call("batch_write_item", {"RequestItems": pending}, counts)
-            pending = {t: r for t, r in (reply.get("UnprocessedItems") or {}).items() if r}
+        while True:
+            reply = await self._call(op, {"RequestItems": pending}, counts)
+            if on_reply is not None:
+                on_reply(reply)
+            pending = {
+                t: r for t, r in (reply.get(unprocessed) or {}).items() if _has_requests(r)
+            }
             if not pending:
                 return
             if attempt >= self.unprocessed_retries:
-                for request in pending[self.name]:
-                    if "PutRequest" in request:
-                        params = {"TableName": self.name, "Item": request["PutRequest"]["Item"]}
-                        await self._call("put_item", params, counts)
-                    else:
-                        params = {"TableName": self.name, "Key": request["DeleteRequest"]["Key"]}
-                        await self._call("delete_item", params, counts)
+                await one_by_one(pending[self.name])
                 return
             if counts is not None:
                 counts["unprocessed_retries"] += 1
             await self._backoff(attempt)
             attempt += 1
 
+    async def _batch_write(
+        self, requests: Sequence[dict[str, Any]], counts: dict[str, int] | None
+    ) -> None:
+        """One BatchWriteItem of at most 25 requests, retrying ``UnprocessedItems``."""
+
+        async def one_by_one(rest: Sequence[Mapping[str, Any]]) -> None:
+            for request in rest:
+                if "PutRequest" in request:
+                    params = {"TableName": self.name, "Item": request["PutRequest"]["Item"]}
+                    await self._call("put_item", params, counts)
+                else:
+                    params = {"TableName": self.name, "Key": request["DeleteRequest"]["Key"]}
+                    await self._call("delete_item", params, counts)
+
+        await self._batch_call(
+            "batch_write_item", list(requests), "UnprocessedItems", counts, one_by_one
+        )
+
     def _search_params(
-        self,
-        *,
-        index_name: str | None,
-        filter_expression: str | None,
-        expression_names: Mapping[str, str] | None,
-        expression_values: Mapping[str, Any] | None,
-        attributes: Sequence[str] | None,
-        consistent: bool,
+        self, search: _Search, consistent: bool
     ) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
-        _check_placeholders(expression_names, expression_values)
+        """Query and Scan parameters, and the placeholders they use so far."""
+        _check_placeholders(search.expression_names, search.expression_values)
         params: dict[str, Any] = {"TableName": self.name}
-        names: dict[str, str] = dict(expression_names or {})
-        values: dict[str, Any] = dict(expression_values or {})
-        if index_name is not None:
-            params["IndexName"] = index_name
-        if filter_expression is not None:
-            params["FilterExpression"] = filter_expression
+        names: dict[str, str] = dict(search.expression_names or {})
+        values: dict[str, Any] = dict(search.expression_values or {})
+        if search.index_name is not None:
+            params["IndexName"] = search.index_name
+        if search.filter_expression is not None:
+            params["FilterExpression"] = search.filter_expression
+        attributes = _attribute_list(search.attributes)
         if attributes is not None:
-            if isinstance(attributes, str):
-                raise TypeError("attributes must be a list of attribute names, not a string")
             params["ProjectionExpression"] = _projection(attributes, names)
         if consistent:
             params["ConsistentRead"] = True
         return params, names, values
+
+    def _scan_params(self, search: _Search, consistent: bool) -> dict[str, Any]:
+        params, names, values = self._search_params(search, consistent)
+        params["ExpressionAttributeNames"] = names
+        params["ExpressionAttributeValues"] = _to_dynamo(values)
+        return params
 
     def _query_params(
         self,
         partition: Key,
         sort: Sequence[Any] | None,
         scan_forward: bool,
-        **common: Any,
+        search: _Search,
+        consistent: bool,
     ) -> dict[str, Any]:
         if not isinstance(partition, Mapping) or len(partition) != 1:
             raise ConfigError("partition must be {partition_key_name: value}")
-        params, names, values = self._search_params(**common)
+        params, names, values = self._search_params(search, consistent)
         ((pk_name, pk_value),) = partition.items()
         names[f"#{_RESERVED_PREFIX}k0"] = pk_name
         values[f":{_RESERVED_PREFIX}k0"] = pk_value
@@ -621,8 +787,7 @@ class DynamoTable:
             botocore.exceptions.ClientError: DynamoDB's error, unchanged.
         """
         names = await self.key_names()
-        if isinstance(attributes, str):
-            raise TypeError("attributes must be a list of attribute names, not a string")
+        attributes = _attribute_list(attributes)
         return await self._get(self._check_key(key, names), attributes, consistent_read, None)
 
     async def batch_get_item(
@@ -637,25 +802,12 @@ class DynamoTable:
             One entry per key, in the keys' order: the item, or ``None``.
         """
         names = await self.key_names()
-        if isinstance(attributes, str):
-            raise TypeError("attributes must be a list of attribute names, not a string")
+        attributes = _attribute_list(attributes)
         clean = [self._check_key(k, names) for k in keys]
         idents = [item_identity(self.name, k) for k in clean]
         unique = list({i: k for i, k in zip(idents, clean, strict=True)}.values())
         found = await self._batch_get(unique, attributes, consistent_read, None)
-        wanted = None if attributes is None else _top_names(attributes)
-        out: list[Item | None] = []
-        given: set[str] = set()
-        for ident in idents:
-            item = found.get(ident)
-            if item is not None:
-                if wanted is not None:
-                    item = {k: v for k, v in item.items() if k in wanted}
-                if ident in given:
-                    item = copy.deepcopy(item)  # a repeated key gets an object of its own
-            given.add(ident)
-            out.append(item)
-        return out
+        return _one_each(idents, found, None if attributes is None else _top_names(attributes))
 
     async def query(
         self,
@@ -688,17 +840,10 @@ class DynamoTable:
         Returns:
             The items, in sort order.
         """
-        params = self._query_params(
-            partition,
-            sort,
-            scan_forward,
-            index_name=index_name,
-            filter_expression=filter_expression,
-            expression_names=expression_names,
-            expression_values=expression_values,
-            attributes=attributes,
-            consistent=consistent_read,
+        search = _Search(
+            index_name, filter_expression, expression_names, expression_values, attributes
         )
+        params = self._query_params(partition, sort, scan_forward, search, consistent_read)
         return await self._pages("query", params, limit, None)
 
     async def scan(
@@ -713,17 +858,10 @@ class DynamoTable:
         consistent_read: bool = False,
     ) -> list[Item]:
         """Scan the table (or an index), uncached, following pages; arguments as for :meth:`query`."""
-        params, names, values = self._search_params(
-            index_name=index_name,
-            filter_expression=filter_expression,
-            expression_names=expression_names,
-            expression_values=expression_values,
-            attributes=attributes,
-            consistent=consistent_read,
+        search = _Search(
+            index_name, filter_expression, expression_names, expression_values, attributes
         )
-        params["ExpressionAttributeNames"] = names
-        params["ExpressionAttributeValues"] = _to_dynamo(values)
-        return await self._pages("scan", params, limit, None)
+        return await self._pages("scan", self._scan_params(search, consistent_read), limit, None)
 
     # -- the cached view -----------------------------------------------------------
 
@@ -1017,15 +1155,7 @@ class CachedTable:
             misses = self._judge_many(todo, snaps, results)
             if misses:
                 loaded = await self._load_misses(misses, keymap, results)
-        out: list[Item | None] = []
-        given: set[str] = set()
-        for ident in idents:
-            value = results.get(ident)
-            if ident in given:
-                value = copy.deepcopy(value)  # every caller gets its own object
-            given.add(ident)
-            out.append(value)
-        return out, loaded
+        return _one_each(idents, results, None), loaded
 
     def _judge_many(
         self, reqs: Sequence[_Request], snaps: Sequence[Any], results: dict[str, Any]
@@ -1248,24 +1378,12 @@ class CachedTable:
             load_attrs = None if union is None else tuple(sorted(union))
             start_ms = cache._now_ms() - _PURGE_MARGIN_MS
             t0 = time.perf_counter()
-            outcome: list[Any] = []
-
-            async def load(scope: anyio.CancelScope) -> None:
-                try:
-                    keys = [keymap[req.identity] for req, _ in mine]
-                    outcome.append(await self._timed_batch_get(keys, load_attrs, len(mine)))
-                except Exception as exc:  # carried out of the task group unwrapped
-                    outcome.append(_Failed(exc))
-                finally:
-                    scope.cancel()
-
+            keys = [keymap[req.identity] for req, _ in mine]
             try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(load, tg.cancel_scope)
-                    await self._renew(held)
-                if isinstance(outcome[0], _Failed):
-                    raise outcome[0].exc
-                found: dict[str, Item] = outcome[0]
+                found = await _while_renewing(
+                    partial(self._timed_batch_get, keys, load_attrs, len(mine)),
+                    partial(self._renew, held),
+                )
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await _first_error_gather(
@@ -1328,26 +1446,14 @@ class CachedTable:
         calls: list[tuple[str, str, str, str, int, Mapping[bytes, bytes], bool]] = []
         release: list[_Request] = []
         for req, value in fills:
-            token = tokens[req.identity]
             try:
-                fields = cache._encode_fields(req, attrs, value, False)
-            except CodecError:
-                counts["fills_rejected"] += 1
+                fields, expire_ms = _whole_entry(cache, req, attrs, value, now, delta_ms)
+            except (CodecError, _EntryTooLarge) as exc:
+                too_large = isinstance(exc, _EntryTooLarge)
+                counts["fills_skipped_too_large" if too_large else "fills_rejected"] += 1
                 release.append(req)
                 continue
-            if sum(len(k) + len(v) for k, v in fields.items()) > cache.max_entry_bytes:
-                counts["fills_skipped_too_large"] += 1
-                release.append(req)
-                continue
-            policy = req.policy
-            expire_ms = policy.hard_ms
-            if value is None:
-                soft_ms = expire_ms = policy.negative_ms
-            else:
-                soft_ms = policy.soft_ms
-                if policy.jitter:
-                    soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
-            _stamp(fields, now, soft_ms, expire_ms, delta_ms)
+            token = tokens[req.identity]
             calls.append(
                 (req.entry, req.lease, req.fence, token, expire_ms, fields, not req.consistent)
             )
@@ -1418,31 +1524,17 @@ class CachedTable:
         consistent = (
             self.consistent_fills and self.table._consistent_ok(index_name) and pk_name == names[0]
         )
-        params = self.table._query_params(
-            partition,
-            sort,
-            scan_forward,
-            index_name=index_name,
-            filter_expression=filter_expression,
-            expression_names=expression_names,
-            expression_values=expression_values,
-            attributes=attributes,
-            consistent=consistent,
+        search = _Search(
+            index_name, filter_expression, expression_names, expression_values, attributes
         )
-        described = {
-            "table": self.table.name,
-            "index": index_name,
+        params = self.table._query_params(partition, sort, scan_forward, search, consistent)
+        query = {
             "partition": _keyable(partition),
             "sort": None if sort is None else _keyable(list(sort)),
-            "filter": filter_expression,
-            "names": dict(expression_names or {}),
-            "values": _keyable(dict(expression_values or {})),
-            "attributes": None if attributes is None else list(attributes),
             "forward": scan_forward,
-            "limit": limit,
         }
         return await self._cached_search(
-            "query", params, limit, described, tag, consistent, self._query_metrics
+            "query", params, limit, search, query, tag, consistent, self._query_metrics
         )
 
     async def scan(
@@ -1457,28 +1549,13 @@ class CachedTable:
     ) -> list[Item]:
         """A cached Scan, tagged with :func:`table_tag` (any write through a view purges it)."""
         consistent = self.consistent_fills and self.table._consistent_ok(index_name)
-        params, names, values = self.table._search_params(
-            index_name=index_name,
-            filter_expression=filter_expression,
-            expression_names=expression_names,
-            expression_values=expression_values,
-            attributes=attributes,
-            consistent=consistent,
+        search = _Search(
+            index_name, filter_expression, expression_names, expression_values, attributes
         )
-        params["ExpressionAttributeNames"] = names
-        params["ExpressionAttributeValues"] = _to_dynamo(values)
-        described = {
-            "table": self.table.name,
-            "index": index_name,
-            "filter": filter_expression,
-            "names": dict(expression_names or {}),
-            "values": _keyable(dict(expression_values or {})),
-            "attributes": None if attributes is None else list(attributes),
-            "limit": limit,
-        }
+        params = self.table._scan_params(search, consistent)
         tag = table_tag(self.table.name)
         return await self._cached_search(
-            "scan", params, limit, described, tag, consistent, self._scan_metrics
+            "scan", params, limit, search, {}, tag, consistent, self._scan_metrics
         )
 
     async def _cached_search(
@@ -1486,13 +1563,16 @@ class CachedTable:
         op: str,
         params: dict[str, Any],
         limit: int | None,
-        described: dict[str, Any],
+        search: _Search,
+        query: dict[str, Any],
         tag: str,
         consistent: bool,
         metrics: Metrics,
     ) -> list[Item]:
+        """A Query or Scan result, stored under every argument that shapes it."""
         table = self.table
         counts = metrics.counts
+        described = search.described(table.name, query, limit)
         identity = result_identity(f"dynamodb.{op}", encode_args(described))
 
         async def load(_attrs: tuple[str, ...] | None) -> list[Item]:
@@ -1509,31 +1589,24 @@ class CachedTable:
 
     # -- writes --------------------------------------------------------------------
 
-    def _tags(self, table: str, key: Mapping[str, Any]) -> list[str]:
-        """The item's tag, its partition's (and every other key subset's), and the table's."""
-        names = sorted(key)
-        tags = [
-            item_tag(table, {n: key[n] for n in combo})
-            for size in range(1, len(names) + 1)
-            for combo in itertools.combinations(names, size)
-        ]
-        tags.append(table_tag(table))
-        return tags
-
     async def _invalidate(self, keys: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         identities: list[str] = []
         tags: dict[str, None] = {}
         for table, key in keys:
             identities.append(item_identity(table, key))
-            tags.update(dict.fromkeys(self._tags(table, key)))
+            tags.update(dict.fromkeys(change_tags(table, key)))
         if not identities:
             return
+        cache = self.cache
         # Shielded: a caller cancelled after its write must still not leave the old item cached.
         with anyio.CancelScope(shield=True):
             try:
-                await self.cache.invalidate_identities(list(dict.fromkeys(identities)), list(tags))
-            finally:
-                _detach_flights(self.cache, identities)
+                await cache.invalidate_identities(list(dict.fromkeys(identities)), list(tags))
+            except BaseException:
+                # The write happened (or may have): even when Redis could not be
+                # told, no later caller may join a load that began before it.
+                cache._detach(cache._keys.entry(i) for i in identities)
+                raise
         self.metrics.counts["invalidations"] += len(identities)
 
     async def invalidate(self, key: Key) -> None:
@@ -1560,7 +1633,7 @@ class CachedTable:
         if new_item is not None and await self._write_through(key, new_item):
             self.metrics.counts["write_throughs"] += 1
             with anyio.CancelScope(shield=True):
-                await self.cache.purge_tags(self._tags(self.table.name, key))
+                await self.cache.purge_tags(change_tags(self.table.name, key))
             return
         if new_item is not None:
             self.metrics.counts["write_throughs_skipped"] += 1
@@ -1574,16 +1647,9 @@ class CachedTable:
         cache = self.cache
         req = self._request(key, None, True)
         try:
-            fields = cache._encode_fields(req, None, item, False)
-        except CodecError:
+            fields, expire_ms = _whole_entry(cache, req, None, item, cache._now_ms(), 1.0)
+        except (CodecError, _EntryTooLarge):
             return False
-        if sum(len(k) + len(v) for k, v in fields.items()) > cache.max_entry_bytes:
-            return False
-        policy = self.policy
-        soft_ms = policy.soft_ms
-        if policy.jitter:
-            soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
-        _stamp(fields, cache._now_ms(), soft_ms, policy.hard_ms, 1.0)
         stored = False
         try:
             with anyio.CancelScope(shield=True):
@@ -1593,7 +1659,7 @@ class CachedTable:
                         req.lease,
                         self.version_attribute.encode(),
                         version,
-                        policy.hard_ms,
+                        expire_ms,
                         fields,
                     )
         except (RedisError, OSError):
@@ -1835,30 +1901,47 @@ class CachedTable:
         return other
 
 
-def _detach_flights(cache: Cache, identities: Iterable[str]) -> None:
-    """Let no later caller join a load of these items that began before their invalidation.
+class _EntryTooLarge(Exception):
+    """An entry over the cache's ``max_entry_bytes``: not stored."""
 
-    Such a load may have read the item as it was before the write; its fill
-    is refused (its lease is gone), but a caller arriving after the write
-    returned must not be handed its value either. The load runs on for the
-    callers it already has; new callers start a load of their own. (The
-    engine drops a flight from this map only if it is still the same one.)
+
+def _whole_entry(
+    cache: Cache,
+    req: _Request,
+    attrs: tuple[str, ...] | None,
+    value: Item | None,
+    now: float,
+    delta_ms: float | None,
+) -> tuple[dict[bytes, bytes], int]:
+    """The fields of an entry that replaces ``req``'s with ``value``, and its pexpire (ms).
+
+    The same fields and deadlines ``Cache._fill`` writes: the attributes
+    (``attrs`` of them, or all), the soft deadline less the policy's jitter
+    and the hard one (the negative TTL for ``None``), the format, a fresh
+    version and, when known, how long the load took (``delta_ms``). Filled
+    from batches, write-throughs and stream records.
+
+    Raises:
+        CodecError: ``value`` cannot be encoded.
+        _EntryTooLarge: the entry would exceed ``cache.max_entry_bytes``.
     """
-    entries = {cache._keys.entry(i) for i in identities}
-    flights = cache._flights
-    for fkey in [k for k in flights if k[0] in entries]:
-        del flights[fkey]
-
-
-def _stamp(
-    fields: dict[bytes, bytes], now: float, soft_ms: int, hard_ms: int, delta_ms: float
-) -> None:
-    """The metadata a fill writes beside the attributes (as ``Cache._fill`` does)."""
+    fields = cache._encode_fields(req, attrs, value, False)
+    if sum(len(k) + len(v) for k, v in fields.items()) > cache.max_entry_bytes:
+        raise _EntryTooLarge(req.identity)
+    policy = req.policy
+    if value is None:
+        soft_ms = expire_ms = policy.negative_ms
+    else:
+        soft_ms, expire_ms = policy.soft_ms, policy.hard_ms
+        if policy.jitter:
+            soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
     fields[M_SOFT] = b"%d" % (now + soft_ms)
-    fields[M_HARD] = b"%d" % (now + hard_ms)
+    fields[M_HARD] = b"%d" % (now + expire_ms)
     fields[M_FORMAT] = _FORMAT
     fields[M_VERSION] = os.urandom(6).hex().encode()
-    fields[M_DELTA] = b"%d" % max(1, round(delta_ms))
+    if delta_ms is not None:
+        fields[M_DELTA] = b"%d" % max(1, round(delta_ms))
+    return fields, expire_ms
 
 
 def _needs(req: _Request, plan: _Plan | None) -> tuple[str, ...] | None:

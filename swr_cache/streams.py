@@ -7,8 +7,10 @@ Two ways in, one way of applying records:
   DynamoDB event), or as ``dynamodbstreams.get_records`` returns them, maps
   each to the cache key the readers use, and invalidates (or, in ``refresh``
   mode, rewrites) the item's entry, its lease and everything tagged with the
-  item or its partition. Its :meth:`~StreamInvalidator.lambda_handler` is a
-  plain synchronous Lambda handler that reports failures per record.
+  item, its partition or its table (what a write through ``DynamoTable``'s
+  cached view purges, so cached queries and scans follow the stream). Its
+  :meth:`~StreamInvalidator.lambda_handler` is a plain synchronous Lambda
+  handler that reports failures per record.
 * :class:`StreamConsumer` reads a table's stream itself through aiobotocore's
   ``dynamodbstreams`` client, for deployments without Lambda: shards in lineage
   order, checkpoints per shard in Redis (written only once records are
@@ -42,11 +44,10 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
+from functools import partial
 from typing import Any, Final, Literal
 
 import anyio
@@ -54,7 +55,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import _codec
 from ._engine import Cache, _Request
 from ._errors import (
     CodecError,
@@ -63,10 +63,18 @@ from ._errors import (
     KeyEncodingError,
     StreamRecordError,
 )
-from ._keys import from_typed, item_identity, item_tag
+from ._keys import from_typed, item_identity
 from ._metrics import Metrics
 from ._policy import Policy
-from ._store import M_FORMAT, M_HARD, M_SOFT, M_VERSION, StreamPut
+from ._store import StreamPut
+from .dynamodb import (
+    _EntryTooLarge,
+    _error_code,
+    _while_renewing,
+    _whole_entry,
+    item_tags,
+    table_tag,
+)
 
 __all__ = [
     "StreamConsumer",
@@ -85,7 +93,6 @@ _EVENT_NAMES: Final = frozenset({"INSERT", "MODIFY", "REMOVE"})
 # arn:<partition>:dynamodb:<region>:<account>:table/<name>/stream/<label>
 _TABLE_ARN: Final = re.compile(r"arn:[^:]+:dynamodb:[^:]*:[^:]*:table/([^/]+)/stream/[^/]+")
 _DIGITS: Final = re.compile(r"[0-9]+")
-_FORMAT: Final = str(_codec.FORMAT_VERSION).encode()
 _WRITE: Final = b"w"
 _DELETE: Final = b"d"
 # A shard read to its end (closed) keeps this as its checkpoint: its children may start.
@@ -168,17 +175,6 @@ def _canonical_sequence(text: str | None) -> str | None:
     return text.lstrip("0") or "0"
 
 
-def _key_tags(table: str, key: Mapping[str, object]) -> tuple[str, ...]:
-    # Query results may be tagged with a partition (a subset of the key):
-    # purge the tag of every non-empty subset, the full key included.
-    names = sorted(key)
-    tags = []
-    for size in range(len(names), 0, -1):
-        for subset in combinations(names, size):
-            tags.append(item_tag(table, {n: key[n] for n in subset}))
-    return tuple(tags)
-
-
 def parse_record(raw: object, *, table: str | None = None, position: int = 0) -> StreamRecord:
     """Map one raw stream record to the cache.
 
@@ -229,7 +225,9 @@ def _parse_kinesis(kinesis: object, position: int) -> StreamRecord:
         raise StreamRecordError("a Kinesis record without base64 data")
     try:
         inner = json.loads(base64.b64decode(data, validate=True))
-    except (binascii.Error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+    except (binascii.Error, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; JSON nested
+        # deeper than the interpreter's recursion limit is malformed too.
         raise StreamRecordError(f"Kinesis data is not base64 JSON: {exc}") from None
     if not isinstance(inner, Mapping):
         raise StreamRecordError("Kinesis data must hold a JSON object")
@@ -253,7 +251,7 @@ def _parse_change(
     if not table:
         raise StreamRecordError("the record names no table (no eventSourceARN or tableName)")
     event_name = raw.get("eventName")
-    if event_name not in _EVENT_NAMES:
+    if not isinstance(event_name, str) or event_name not in _EVENT_NAMES:
         raise StreamRecordError(f"unknown eventName {_short(event_name)}")
     dynamodb = raw.get("dynamodb")
     if not isinstance(dynamodb, Mapping):
@@ -271,7 +269,7 @@ def _parse_change(
             raise StreamRecordError(f"key attribute {name!r}: {exc}") from None
     try:
         identity = item_identity(table, key)
-        tags = _key_tags(table, key)
+        tags = item_tags(table, key)
     except KeyEncodingError as exc:
         raise StreamRecordError(str(exc)) from None
     image = dynamodb.get("NewImage")
@@ -288,6 +286,20 @@ def _parse_change(
     )
 
 
+def _purged_tags(records: Iterable[StreamRecord]) -> list[str]:
+    """The tags applying ``records`` purges, without repeats.
+
+    For each item, what a write through ``DynamoTable``'s cached view purges
+    (:func:`swr_cache.dynamodb.change_tags`): its item tags, parsed with the
+    record, and its table's tag, which cached scans and index queries carry.
+    """
+    tags: dict[str, None] = {}
+    for record in records:
+        tags.update(dict.fromkeys(record.tags))
+        tags[table_tag(record.table)] = None
+    return list(tags)
+
+
 def _event_records(event: object) -> Sequence[Any]:
     records = event.get("Records") if isinstance(event, Mapping) else None
     if not isinstance(records, list):
@@ -298,7 +310,9 @@ def _event_records(event: object) -> Sequence[Any]:
 def _describe(raw: object) -> str:
     """A short name for a record in log lines (its event id or sequence number)."""
     if isinstance(raw, Mapping):
-        for value in (raw.get("eventID"), (raw.get("dynamodb") or {}).get("SequenceNumber")):
+        dynamodb = raw.get("dynamodb")
+        sequence = dynamodb.get("SequenceNumber") if isinstance(dynamodb, Mapping) else None
+        for value in (raw.get("eventID"), sequence):
             if isinstance(value, str):
                 return value
     return "?"
@@ -438,9 +452,10 @@ class StreamInvalidator:
     Args:
         cache: The cache the readers use.
         mode: ``"invalidate"`` (default) deletes each record's entry and lease
-            and purges its item tags; ``"refresh"`` writes ``NewImage`` as the
-            entry instead (REMOVE: a not-found entry), guarded by the record's
-            sequence number, and purges the tags too.
+            and purges its item tags and its table's tag (``change_tags``);
+            ``"refresh"`` writes ``NewImage`` as the entry instead (REMOVE: a
+            not-found entry), guarded by the record's sequence number, and
+            purges the tags too.
         policy: TTLs of refreshed entries (default: the cache's), or a
             mapping of table name to policy (tables not in it use the cache's).
         sequence_ttl: Seconds a refreshed item remembers the newest sequence
@@ -570,7 +585,7 @@ class StreamInvalidator:
 
     async def _apply_chunk(self, chunk: Sequence[StreamRecord]) -> int:
         cache = self.cache
-        tags = list(dict.fromkeys(t for r in chunk for t in r.tags))
+        tags = _purged_tags(chunk)
         if self.mode == "invalidate":
             identities = list(dict.fromkeys(r.identity for r in chunk))
             await cache.invalidate_identities(identities, tags)
@@ -629,25 +644,14 @@ class StreamInvalidator:
                 return _DELETE, {}, 1, seq_ms
         req = _Request(cache, self.metrics, policy, record.identity, True, None, _no_loader, None)
         try:
-            fields = cache._encode_fields(req, None, value, False)
+            # What an engine fill writes; no load time, so no early refresh.
+            fields, expire_ms = _whole_entry(cache, req, None, value, cache._now_ms(), None)
         except CodecError as exc:
             log.warning("swr_cache: NewImage of %s cannot be cached (%s); invalidating", record.identity, exc)
             return _DELETE, {}, 1, seq_ms
-        if sum(len(k) + len(v) for k, v in fields.items()) > cache.max_entry_bytes:
+        except _EntryTooLarge:
             self.metrics.counts["fills_skipped_too_large"] += 1
             return _DELETE, {}, 1, seq_ms
-        # The same deadlines and metadata an engine fill writes.
-        now = cache._now_ms()
-        if value is None:
-            soft_ms = expire_ms = policy.negative_ms
-        else:
-            soft_ms, expire_ms = policy.soft_ms, policy.hard_ms
-            if policy.jitter:
-                soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
-        fields[M_SOFT] = b"%d" % (now + soft_ms)
-        fields[M_HARD] = b"%d" % (now + expire_ms)
-        fields[M_FORMAT] = _FORMAT
-        fields[M_VERSION] = os.urandom(6).hex().encode()
         return _WRITE, fields, expire_ms, seq_ms
 
     # -- Lambda ----------------------------------------------------------------
@@ -723,17 +727,6 @@ class StreamInvalidator:
 
 # ---------------------------------------------------------------------------
 # The consumer
-
-
-def _error_code(exc: BaseException) -> str | None:
-    """botocore's error code (``ExpiredIteratorException``...) without importing botocore."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, Mapping):
-        error = response.get("Error")
-        if isinstance(error, Mapping):
-            code = error.get("Code")
-            return code if isinstance(code, str) else None
-    return None
 
 
 class _LeaseLost(Exception):
@@ -1050,23 +1043,10 @@ class StreamConsumer:
 
     async def _apply_renewing(self, shard_id: str, records: list[Any]) -> StreamReport:
         """Apply a batch while a sibling task keeps the shard's lease alive."""
-        outcome: list[StreamReport | Exception] = []
-
-        async def apply(scope: anyio.CancelScope) -> None:
-            try:
-                outcome.append(await self.invalidator.handle_records(records, table=self.table))
-            except Exception as exc:  # carried out unwrapped (a task group would wrap it)
-                outcome.append(exc)
-            finally:
-                scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(apply, tg.cancel_scope)
-            await self._renew_forever(shard_id)
-        result = outcome[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return await _while_renewing(
+            partial(self.invalidator.handle_records, records, table=self.table),
+            partial(self._renew_forever, shard_id),
+        )
 
     async def release_shard(self, shard_id: str) -> None:
         """Give up the lease of one shard."""

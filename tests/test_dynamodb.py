@@ -847,6 +847,7 @@ async def test_write_through_lua_compares_big_integers(
     store = cache._store
     big = "1" + "0" * 30
 
+    # One hash tag: on a cluster, both of a script's keys must be in one slot.
     async def attempt(cached: bytes, new: str) -> bool:
         await redis_client.delete("{w}e")
         await redis_client.hset("{w}e", b"version", cached)
@@ -1041,3 +1042,63 @@ async def test_signed_cache_batches_and_write_through(
         stats = cache.stats()[view.name]
         assert stats["bad_signatures"] == 0 and stats["write_throughs"] == 1
         assert calls["BatchGetItem"] == 1 and calls["GetItem"] == 0
+
+
+@pytest.mark.parametrize("mode", ["invalidate", "refresh"])
+async def test_stream_record_keeps_cached_scans_and_index_queries_true(
+    orders: CachedTable, dynamodb_client: Any, calls: Calls, qclock: FakeClock, mode: Any
+) -> None:
+    """A write that bypasses the view reaches its cached scans and global-index queries through the stream."""
+    from boto3.dynamodb.types import TypeSerializer
+
+    from swr_cache import StreamInvalidator
+
+    assert len(await orders.query({"status": "paid"}, index_name="by_status")) == 4
+    assert sum(o["status"] == "paid" for o in await orders.scan()) == 4
+    other_partition = await orders.query({"customer_id": "c1"})
+    changed = {"customer_id": "c2", "order_id": Decimal(1), "total": Decimal(10), "status": "paid"}
+    await raw_put(dynamodb_client, "Orders", changed)  # another writer: the view never sees it
+    assert len(await orders.query({"status": "paid"}, index_name="by_status")) == 4  # stale
+
+    serialize = TypeSerializer().serialize
+    stream_record = {
+        "eventName": "MODIFY",
+        "eventSourceARN": "arn:aws:dynamodb:us-east-1:123456789012:table/Orders/stream/2024-01-01",
+        "dynamodb": {
+            "Keys": {"customer_id": {"S": "c2"}, "order_id": {"N": "1"}},
+            "NewImage": {name: serialize(value) for name, value in changed.items()},
+            "SequenceNumber": "1000",
+        },
+    }
+    report = await StreamInvalidator(orders.cache, mode=mode).handle({"Records": [stream_record]})
+    assert report.applied == 1 and not report.failed
+    settle(qclock)
+    assert len(await orders.query({"status": "paid"}, index_name="by_status")) == 5
+    assert sum(o["status"] == "paid" for o in await orders.scan()) == 5
+    assert await orders.query({"customer_id": "c1"}) == other_partition  # not its partition
+    assert calls["Query"] == 3 and calls["Scan"] == 2
+
+
+async def test_unprocessed_items_fall_back_to_single_writes(
+    dynamodb_client: Any, users: DynamoTable, cache: Cache, calls: Calls
+) -> None:
+    """Writes still unprocessed after the retries go one by one (PutItem, DeleteItem), then invalidate."""
+    view = DynamoTable(dynamodb_client, "Users", unprocessed_retries=1, backoff_base=0.001).cached(
+        cache
+    )
+    assert await view.get_item({"pk": "u2"}) is not None
+
+    def never(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["UnprocessedItems"] = {
+            "Users": [
+                {"PutRequest": {"Item": {"pk": {"S": "u9"}, "n": {"N": "9"}}}},
+                {"DeleteRequest": {"Key": {"pk": {"S": "u2"}}}},
+            ]
+        }
+
+    dynamodb_client.meta.events.register("after-call.dynamodb.BatchWriteItem", never)
+    await view.batch_write_item(puts=[{"pk": "u9", "n": Decimal(9)}], deletes=[{"pk": "u2"}])
+    assert calls["BatchWriteItem"] == 2 and calls["PutItem"] == 1 and calls["DeleteItem"] == 1
+    assert view.cache.stats()[view.name]["unprocessed_retries"] == 1
+    assert await view.get_item({"pk": "u9"}) == {"pk": "u9", "n": Decimal(9)}
+    assert await view.get_item({"pk": "u2"}) is None

@@ -777,3 +777,63 @@ def test_lambda_handler_rejects_non_stream_events(redis_url: str) -> None:
             inv.lambda_handler({"hello": "world"}, None)
     finally:
         inv.close()
+
+
+# --- what a record purges: as much as a write through DynamoTable's view ---------------
+
+
+@pytest.mark.parametrize("mode", ["invalidate", "refresh"])
+async def test_record_purges_results_tagged_with_its_table(cache: Cache, mode: Any) -> None:
+    """A record purges its table's tag (cached scans, global index queries), not other tables'."""
+    from swr_cache.dynamodb import table_tag
+
+    calls = {"mine": 0, "other": 0}
+
+    @cached(cache, key="scan", tags=lambda: [table_tag(TABLE)])
+    async def whole_table() -> list[str]:
+        calls["mine"] += 1
+        return ["every item"]
+
+    @cached(cache, key="other", tags=lambda: [table_tag("Other")])
+    async def other_table() -> list[str]:
+        calls["other"] += 1
+        return ["every item"]
+
+    await whole_table()
+    await other_table()
+    report = await StreamInvalidator(cache, mode=mode).handle({"Records": [sample(1)]})
+    assert report.applied == 1
+    assert await whole_table.peek() is None
+    assert await other_table.peek() == (["every item"], "fresh")
+    assert calls == {"mine": 1, "other": 1}
+
+
+async def test_record_purges_what_a_cached_view_write_purges(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For one item, a record (either mode) and a write through the cached view purge the same tags."""
+    from swr_cache import DynamoTable
+    from swr_cache.dynamodb import change_tags
+
+    seen: list[tuple[list[str], list[str]]] = []
+    real = cache.invalidate_identities
+
+    async def recording(identities: Any, tags: Any = ()) -> None:
+        seen.append((list(identities), list(tags)))
+        await real(identities, tags)
+
+    monkeypatch.setattr(cache, "invalidate_identities", recording)
+    key = {"pk": "c1", "sk": Decimal(7)}
+    # The key schema is given, so invalidating never calls DynamoDB.
+    view = DynamoTable(None, "Orders", key_schema=["pk", "sk"]).cached(cache)
+    await view.invalidate(key)  # what put_item, update_item and delete_item end with
+    typed_key = {"pk": {"S": "c1"}, "sk": {"N": "7.0"}}
+    for mode in ("invalidate", "refresh"):
+        inv = StreamInvalidator(cache, mode=mode)  # type: ignore[arg-type]
+        report = await inv.handle({"Records": [record(typed_key, table="Orders")]})
+        assert report.applied == 1
+    (view_ids, view_tags), (inv_ids, inv_tags), (_, refresh_tags) = seen
+    assert view_ids == inv_ids == [item_identity("Orders", key)]
+    expected = set(change_tags("Orders", key))
+    assert set(view_tags) == set(inv_tags) == set(refresh_tags) == expected
+    assert len(expected) == 4  # the item, each key attribute alone, the table
