@@ -43,7 +43,7 @@ from redis.exceptions import RedisError, ResponseError
 from . import _codec
 from ._breaker import Breaker
 from ._errors import CacheNotEnteredError, CodecError, ConfigError, InvalidationError
-from ._keys import KeySpace, item_identity, item_tag
+from ._keys import KeySpace, change_tags, item_identity
 from ._metrics import Metrics, MetricsRegistry
 from ._policy import Policy
 from ._signing import M_SIG, Signer
@@ -742,7 +742,12 @@ class Cache:
         return out
 
     async def invalidate_item(self, table: str, key: Mapping[str, Any]) -> None:
-        """Invalidate one DynamoDB item: its entry, its lease, and everything tagged with it.
+        """Invalidate one DynamoDB item: its entry, its lease, and everything a change to it touches.
+
+        That is every result tagged with ``item_tag`` of the item's key or of
+        a subset of its key attributes (its partition), and with the table's
+        tag (scans): see ``change_tags``. DynamoTable's writes and the stream
+        invalidator purge the same.
 
         Raises:
             InvalidationError: Redis could not be reached; nothing was assumed.
@@ -752,11 +757,11 @@ class Cache:
     async def invalidate_items(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         """Invalidate many items in as few round trips as possible (see ``invalidate_item``)."""
         identities = []
-        tags = []
+        tags: dict[str, None] = {}
         for table, key in items:
             identities.append(item_identity(table, key))
-            tags.append(item_tag(table, key))
-        await self.invalidate_identities(identities, tags)
+            tags.update(dict.fromkeys(change_tags(table, key)))
+        await self.invalidate_identities(identities, list(tags))
 
     async def invalidate_identities(self, identities: Sequence[str], tags: Sequence[str] = ()) -> None:
         """Invalidate entries by identity and purge tags, failing loudly."""

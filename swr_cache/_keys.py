@@ -29,6 +29,7 @@ import base64
 import binascii
 import decimal
 import enum
+import itertools
 import math
 import re
 import string
@@ -313,6 +314,59 @@ def item_tag(table: str, key: Mapping[str, object]) -> str:
         KeyEncodingError: As for an item's key (empty, unsupported types).
     """
     return "item:" + item_identity(table, key)
+
+
+def table_tag(table: str) -> str:
+    """The tag every change to an item of ``table`` purges (see :func:`change_tags`).
+
+    Cached scans, and queries of an index whose partition key is not a key
+    attribute of the table, are stored with it: no narrower tag is known to
+    change with the items they hold.
+
+    Args:
+        table: The table name.
+
+    Returns:
+        ``"table:" + <escaped table name>``.
+    """
+    return "table:" + escape(table)
+
+
+def item_tags(table: str, key: Mapping[str, Any]) -> tuple[str, ...]:
+    """``item_tag`` of an item's full key and of every non-empty subset of its attributes.
+
+    Query results are tagged with their partition (a subset of the key), so a
+    change to any item of the partition must reach them. Full key first.
+
+    Raises:
+        KeyEncodingError: As for :func:`swr_cache.item_tag`.
+    """
+    names = sorted(key)
+    return tuple(
+        item_tag(table, {n: key[n] for n in subset})
+        for size in range(len(names), 0, -1)
+        for subset in itertools.combinations(names, size)
+    )
+
+
+def change_tags(table: str, key: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every tag a change to one item purges: its :func:`item_tags`, then :func:`table_tag`.
+
+    What a write through a cached view purges beside the item's entry and
+    lease, and what :class:`swr_cache.StreamInvalidator` purges for a stream
+    record of the item, so cached queries and scans stay true either way.
+
+    Args:
+        table: The table name.
+        key: The item's full primary key.
+
+    Returns:
+        The tags, without repeats.
+
+    Raises:
+        KeyEncodingError: As for :func:`swr_cache.item_tag`.
+    """
+    return (*item_tags(table, key), table_tag(table))
 
 
 def result_identity(name: str, rendered: str) -> str:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import math
 import os
 import random
@@ -69,7 +68,16 @@ from ._engine import (
     normalize_attributes,
 )
 from ._errors import CodecError, ConfigError, KeyEncodingError
-from ._keys import encode_args, escape, item_identity, item_tag, normalize_number, result_identity
+from ._keys import (
+    change_tags,
+    encode_args,
+    item_identity,
+    item_tag,
+    item_tags,
+    normalize_number,
+    result_identity,
+    table_tag,
+)
 from ._metrics import Metrics
 from ._policy import Policy
 from ._store import M_DELTA, M_FORMAT, M_HARD, M_SOFT, M_VERSION, FillOutcome, is_wrongtype
@@ -146,59 +154,6 @@ def _to_dynamo(values: Mapping[str, Any]) -> dict[str, Any]:
 def _from_dynamo(values: Mapping[str, Any]) -> Item:
     deserialize = _converters()[1].deserialize
     return {name: deserialize(value) for name, value in values.items()}
-
-
-def table_tag(table: str) -> str:
-    """The tag every change to an item of ``table`` purges (see :func:`change_tags`).
-
-    Cached scans, and queries of an index whose partition key is not a key
-    attribute of the table, are stored with it: no narrower tag is known to
-    change with the items they hold.
-
-    Args:
-        table: The table name.
-
-    Returns:
-        ``"table:" + <escaped table name>``.
-    """
-    return "table:" + escape(table)
-
-
-def item_tags(table: str, key: Mapping[str, Any]) -> tuple[str, ...]:
-    """``item_tag`` of an item's full key and of every non-empty subset of its attributes.
-
-    Query results are tagged with their partition (a subset of the key), so a
-    change to any item of the partition must reach them. Full key first.
-
-    Raises:
-        KeyEncodingError: As for :func:`swr_cache.item_tag`.
-    """
-    names = sorted(key)
-    return tuple(
-        item_tag(table, {n: key[n] for n in subset})
-        for size in range(len(names), 0, -1)
-        for subset in itertools.combinations(names, size)
-    )
-
-
-def change_tags(table: str, key: Mapping[str, Any]) -> tuple[str, ...]:
-    """Every tag a change to one item purges: its :func:`item_tags`, then :func:`table_tag`.
-
-    What a write through a cached view purges beside the item's entry and
-    lease, and what :class:`swr_cache.StreamInvalidator` purges for a stream
-    record of the item, so cached queries and scans stay true either way.
-
-    Args:
-        table: The table name.
-        key: The item's full primary key.
-
-    Returns:
-        The tags, without repeats.
-
-    Raises:
-        KeyEncodingError: As for :func:`swr_cache.item_tag`.
-    """
-    return (*item_tags(table, key), table_tag(table))
 
 
 def _error_code(exc: BaseException) -> str | None:

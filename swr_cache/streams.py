@@ -68,6 +68,7 @@ from ._metrics import Metrics
 from ._policy import Policy
 from ._store import StreamPut
 from .dynamodb import (
+    _converters,
     _EntryTooLarge,
     _error_code,
     _while_renewing,
@@ -335,10 +336,11 @@ def _plain_binary(av: Any) -> Any:
 
 
 def _deserialize_image(image: Mapping[str, Any]) -> dict[str, Any]:
-    """``NewImage`` as the readers' loaders return items (boto3's TypeDeserializer)."""
-    from boto3.dynamodb.types import TypeDeserializer
+    """``NewImage`` as DynamoTable's reads return items (B as ``bytes``, not boto3 ``Binary``).
 
-    deserializer = TypeDeserializer()
+    So an entry holds the same types whether a read or a stream record filled it.
+    """
+    deserializer = _converters()[1]
     return {str(name): deserializer.deserialize(_plain_binary(av)) for name, av in image.items()}
 
 

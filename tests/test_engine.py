@@ -878,3 +878,32 @@ async def test_compression_above_threshold_round_trips(redis_client: aioredis.Re
         assert (await get("a"))["text"] == "abc" * 1000
         assert c.stats()[get.name]["decode_errors"] == 1
         assert calls == 2
+
+
+async def test_invalidate_item_purges_partition_and_table_results(cache: Cache) -> None:
+    """A hand-written writer's invalidate_item reaches results tagged with the item's partition or table."""
+    from swr_cache.dynamodb import table_tag
+
+    loads: list[str] = []
+
+    @cached(cache, key="orders:{customer}", tags=lambda customer: [item_tag("Orders", {"c": customer})])
+    async def orders(customer: str) -> list[str]:
+        loads.append("orders:" + customer)
+        return [customer]
+
+    @cached(cache, key="all-orders", tags=[table_tag("Orders")])
+    async def all_orders() -> int:
+        loads.append("all")
+        return len(loads)
+
+    @cached(cache, key="other", tags=[table_tag("Other")])
+    async def other() -> int:
+        loads.append("other")
+        return 0
+
+    for _ in range(2):
+        await orders("c1"), await orders("c2"), await all_orders(), await other()
+    assert len(loads) == 4
+    await cache.invalidate_item("Orders", {"c": "c1", "id": 7})
+    await orders("c1"), await orders("c2"), await all_orders(), await other()
+    assert loads[4:] == ["orders:c1", "all"]  # c2's partition and the other table stay cached
