@@ -72,6 +72,8 @@ _ONE: Final = b"1"
 _RESULT_FIELDS: Final = (M_SOFT, M_HARD, M_FORMAT, M_DELTA, M_VERSION, M_RESULT)
 _SIGNED_RESULT_FIELDS: Final = (*_RESULT_FIELDS, M_SIG)
 _NO_ATTRS: Final[tuple[str, ...]] = ()
+# Loads of one foreground miss while invalidations keep overtaking them.
+_MAX_LOAD_ATTEMPTS: Final = 3
 # Our estimate of Redis time is off by at most half a round trip plus clock
 # drift between syncs; a purge this close before a load counts as during it.
 _PURGE_MARGIN_MS: Final = 20.0
@@ -322,6 +324,7 @@ class _Request:
         "loader",
         "metrics",
         "policy",
+        "purge_floor",
         "tags",
     )
 
@@ -351,6 +354,9 @@ class _Request:
         self.loader = loader
         # Set once this request's load has stored its fill (see Cache._flight).
         self.landed = False
+        # A purge stamp this request's last load already lost to: the next load
+        # only counts newer ones (see Cache._check_tags).
+        self.purge_floor = 0.0
         self.tags = tags
         # What one read asks Redis for: None = HGETALL (a whole item).
         if cache._signer is not None:
@@ -418,11 +424,13 @@ def normalize_attributes(attributes: Iterable[str] | None) -> tuple[str, ...] | 
 class _LoadResult:
     """A loaded value shared by the callers of one flight; each gets its own copy."""
 
-    __slots__ = ("_given", "state", "value")
+    __slots__ = ("_given", "state", "superseded", "value")
 
-    def __init__(self, value: Any, state: str = EntryState.FRESH) -> None:
+    def __init__(self, value: Any, state: str = EntryState.FRESH, superseded: bool = False) -> None:
         self.value = value
         self.state = state
+        # An invalidation overtook the load that produced the value (see Cache._load).
+        self.superseded = superseded
         self._given = False
 
     def take(self) -> Any:
@@ -1150,7 +1158,26 @@ class Cache:
     async def _load(
         self, req: _Request, *, background: bool, seen_version: bytes | None = None
     ) -> _LoadResult:
-        """Load under the item's lease and fill; see the module docstring."""
+        """Load under the item's lease and fill; see the module docstring.
+
+        A foreground load that an invalidation overtook (its lease was taken,
+        or its tags purged) may hold data older than a write that has since
+        completed, and a caller waiting on it may have started after that
+        write: it loads again under a new lease, so a write landing during
+        that load is noticed the same way. After ``_MAX_LOAD_ATTEMPTS`` loads
+        (writes keep landing) the last value is answered.
+        """
+        result = await self._load_once(req, background, seen_version)
+        attempts = 1
+        while result.superseded and not background and attempts < _MAX_LOAD_ATTEMPTS:
+            req.metrics.counts["reloads_after_invalidation"] += 1
+            result = await self._load_once(req, background, seen_version)
+            attempts += 1
+        return result
+
+    async def _load_once(
+        self, req: _Request, background: bool, seen_version: bytes | None
+    ) -> _LoadResult:
         store = self._store
         token = os.urandom(12).hex()
         lease = req.lease
@@ -1179,6 +1206,9 @@ class Cache:
             if type(verdict) is tuple:
                 # A refresh is moot once someone else replaced the entry it saw.
                 if not background or (snap is not None and snap.version != seen_version):
+                    # Answered from what Redis held: a reader that finds the
+                    # entry gone from now on must not join us (see _flight).
+                    req.landed = True
                     if got:
                         await self._release(lease, token)
                     return _LoadResult(verdict[1], verdict[0])
@@ -1198,7 +1228,7 @@ class Cache:
                 waited = True
             if time.monotonic() >= deadline:
                 # The holder is slow: answer from the origin, store nothing.
-                return _LoadResult(await self._call_loader(req, req.attrs))
+                return await self._load_unleased(req)
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.05)
         # We hold the lease.
@@ -1207,6 +1237,25 @@ class Cache:
             return await self._load_with_lease(req, token, plan, background)
         finally:
             self._held.pop(lease, None)
+
+    async def _load_unleased(self, req: _Request) -> _LoadResult:
+        """Load without a lease (its holder is slow) and store nothing.
+
+        No lease can be taken away to tell us a write landed meanwhile; the
+        fence tells instead: it is set for fence_ttl by every invalidation, so
+        its remaining time dates the last one. One newer than our load's start
+        makes the result superseded (``_load`` loads again).
+        """
+        start_ms = self._now_ms() - _PURGE_MARGIN_MS
+        value = await self._call_loader(req, req.attrs)
+        superseded = False
+        if self.fence_ms:
+            try:
+                left = await self._guard(req, lambda: self.client.pttl(req.fence))
+            except _Bypass:
+                left = -2
+            superseded = left > 0 and self._now_ms() + left - self.fence_ms >= start_ms
+        return _LoadResult(value, superseded=superseded)
 
     async def _guard(self, req: _Request, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run a miss-path Redis call: errors count, trip the breaker and bypass."""
@@ -1280,7 +1329,7 @@ class Cache:
                 attrs = None
         # Server time (less a margin for our offset estimate) when the load
         # began: a tag purged after it means the load may predate the change.
-        start_ms = self._now_ms() - _PURGE_MARGIN_MS
+        start_ms = max(self._now_ms() - _PURGE_MARGIN_MS, req.purge_floor)
         t0 = time.perf_counter()
         try:
             value = await self._load_renewing(req, attrs, lease, token)
@@ -1312,21 +1361,13 @@ class Cache:
                 )
         else:
             await self._release(lease, token)
-        if superseded and not background:
-            # An invalidation ran while we loaded: a caller waiting now may have
-            # started after that write completed, so answer with a load that
-            # began after it (once; not stored, the next reader fills).
-            req.metrics.counts["reloads_after_invalidation"] += 1
-            attrs = req.attrs
-            merged = None
-            value = await self._call_loader(req, attrs)
         if req.is_item and req.attrs is not None and value is not None:
             out = {} if merged is None else dict(merged)
             for name in req.attrs:
                 if name in value:
                     out[name] = value[name]
-            return _LoadResult(out)
-        return _LoadResult(value)
+            return _LoadResult(out, superseded=superseded)
+        return _LoadResult(value, superseded=superseded)
 
     async def _load_renewing(
         self, req: _Request, attrs: tuple[str, ...] | None, lease: str, token: str
@@ -1474,7 +1515,10 @@ class Cache:
             return False
         if outcome != FillOutcome.STORED:
             counts["fills_rejected"] += 1
-            return outcome == FillOutcome.LEASE_LOST
+            # Lease taken (an invalidation) or, for a merge, the entry replaced
+            # since it was read (a write-through or stream refresh): the value
+            # or the cached attributes it was to join may be out of date.
+            return outcome in (FillOutcome.LEASE_LOST, FillOutcome.CHANGED)
         counts["fills"] += 1
         req.landed = True
         if tags:
@@ -1489,7 +1533,11 @@ class Cache:
             async with self._slots.hold(self.call_timeout):
                 await self._store.add_tag_members([ks.tag_members(t) for t in tags], req.entry, expire_ms)
                 stamps = await self._store.tag_generations([ks.tag_gen(t) for t in tags])
-            raced = any(s is not None and float(s) >= start_ms for s in stamps)
+            newer = [float(s) for s in stamps if s is not None and float(s) >= start_ms]
+            raced = bool(newer)
+            if newer:
+                # A load that starts after we saw these stamps need not lose to them again.
+                req.purge_floor = max(newer) + 1
             # A purge stamp lives tag_stamp_ttl; a load older than that cannot
             # prove no purge happened during it.
             raced = raced or self._now_ms() - start_ms >= self.tag_stamp_ms

@@ -1347,7 +1347,8 @@ class CachedTable:
                 raise
             delta_ms = (time.perf_counter() - t0) * 1000.0
             replace: list[tuple[_Request, Item | None]] = []
-            merges: list[Callable[[], Awaitable[object]]] = []
+            merges: list[Callable[[], Awaitable[bool]]] = []
+            merged: list[_Request] = []
             for req, plan in mine:
                 value = found.get(req.identity)
                 if load_attrs is not None and plan is not None and plan.merge_version is not None:
@@ -1355,6 +1356,7 @@ class CachedTable:
                     if value is not None:
                         value = {k: v for k, v in value.items() if k in plan.load_attrs}  # type: ignore[operator]
                     results[req.identity] = _answer(value, req.attrs, plan.merged)
+                    merged.append(req)
                     merges.append(
                         partial(
                             cache._fill,
@@ -1375,12 +1377,35 @@ class CachedTable:
                     results[req.identity] = _answer(value, req.attrs, None)
                     replace.append((req, value))
             if merges:
-                await _first_error_gather(merges, _FILLS_IN_FLIGHT)
+                superseded = await _first_error_gather(merges, _FILLS_IN_FLIGHT)
+                await self._reload_torn([r for r, s in zip(merged, superseded, strict=True) if s], keymap, results)
             if replace:
                 await self._fill_many(replace, load_attrs, tokens, delta_ms)
         finally:
             for lease in held:
                 cache._held.pop(lease, None)
+
+    async def _reload_torn(
+        self, reqs: list[_Request], keymap: Mapping[str, dict[str, Any]], results: dict[str, Any]
+    ) -> None:
+        """Answer again, from one load, the merges an invalidation or a write-through overtook.
+
+        Their answers joined cached attributes to newly loaded ones; once the
+        entry was replaced or invalidated meanwhile, the two may be of
+        different versions of the item (nothing is stored).
+        """
+        if not reqs:
+            return
+        self.metrics.counts["reloads_after_invalidation"] += len(reqs)
+        names: set[str] = set()
+        for req in reqs:
+            names.update(req.attrs or ())
+        whole = any(req.attrs is None for req in reqs)
+        again = await self._timed_batch_get(
+            [keymap[req.identity] for req in reqs], None if whole else tuple(sorted(names)), len(reqs)
+        )
+        for req in reqs:
+            results[req.identity] = _answer(again.get(req.identity), req.attrs, None)
 
     async def _fill_many(
         self,
@@ -1619,6 +1644,10 @@ class CachedTable:
                     )
         except (RedisError, OSError):
             pass  # the invalidation that follows fails loudly if Redis is down
+        if stored:
+            # Reads and loads of this entry begun before it was written must
+            # not be shared with callers who start after this write returns.
+            cache._detach([req.entry])
         return stored
 
     async def put_item(

@@ -611,6 +611,9 @@ class StreamInvalidator:
         if puts:
             async with cache._slots.hold(cache._invalidation_wait):
                 replies = await cache._store.stream_put_many(puts)
+            # As for an invalidation: this process's reads and loads of these
+            # entries begun before the writes are not shared from now on.
+            cache._detach(put[0][0] for put in puts)
             counts = self.metrics.counts
             for reply in replies:
                 if isinstance(reply, BaseException):

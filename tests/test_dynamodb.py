@@ -1102,3 +1102,33 @@ async def test_unprocessed_items_fall_back_to_single_writes(
     assert view.cache.stats()[view.name]["unprocessed_retries"] == 1
     assert await view.get_item({"pk": "u9"}) == {"pk": "u9", "n": Decimal(9)}
     assert await view.get_item({"pk": "u2"}) is None
+
+
+async def test_batch_merge_overtaken_by_a_write_is_answered_from_one_load(
+    view: CachedTable, dynamodb_client: Any
+) -> None:
+    """A batch projection merging into a fresh entry that a write invalidates meanwhile never mixes versions."""
+    await view.get_item({"pk": "u1"}, attributes=["name"])  # a fresh entry holding only "name"
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def hold(**_: Any) -> None:
+        entered.set()
+        await gate.wait()
+
+    dynamodb_client.meta.events.register("before-call.dynamodb.BatchGetItem", hold)
+    batch = asyncio.create_task(view.batch_get_item([{"pk": "u1"}], attributes=["name", "status"]))
+    await entered.wait()  # under its leases, about to load the missing "status"
+    dynamodb_client.meta.events.unregister("before-call.dynamodb.BatchGetItem", hold)
+    await view.update_item(
+        {"pk": "u1"},
+        update_expression="SET #n = :n, #s = :s",
+        expression_names={"#n": "name", "#s": "status"},
+        expression_values={":n": "Ada 2", ":s": "retired"},
+    )
+    gate.set()
+    got = await batch
+    # It loads the new "status"; merged with the cached old "name" that would
+    # be half of each version. The merge finds its lease gone: answered anew.
+    assert got == [{"name": "Ada 2", "status": "retired"}]
+    assert view.cache.stats()[view.name]["reloads_after_invalidation"] == 1

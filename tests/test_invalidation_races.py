@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from swr_cache import Cache, cached, cached_item, item_tag
+from swr_cache._keys import item_identity
 from swr_cache.testing import CacheHost
 
 pytestmark = pytest.mark.redis
@@ -76,7 +77,7 @@ async def test_local_invalidation_detaches_the_flight(caches: tuple[Cache, Cache
     stats = cache.stats()[get.name]
     assert stats["reloads_after_invalidation"] == 1
     assert (await get("k"))["v"] == 2  # and what is cached is the new version
-    assert origin.calls == 3
+    assert origin.calls == 2  # the old flight's second try found the new entry
 
 
 async def test_invalidation_by_another_process_makes_the_flight_reload(
@@ -147,3 +148,61 @@ async def test_tag_purge_during_a_load_makes_its_waiters_reload(caches: tuple[Ca
     stats = cache.stats()[listing.name]
     assert stats["tag_races"] == 1 and stats["reloads_after_invalidation"] == 1
     assert (await listing("k"))["v"] == 2
+
+
+async def test_flight_answered_from_redis_is_not_joined_after_another_process_invalidates(
+    caches: tuple[Cache, Cache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flight that waited on another process's lease and then read the entry is not joined later.
+
+    Process B's flight reads the entry A stored (version 1). Before its caller
+    is answered, A writes version 2 and invalidates; a B caller starting then
+    finds no entry and must load, not take the flight's version 1.
+    """
+    a, b = caches
+    table = {"pk": "k", "v": 1}
+    gate = asyncio.Event()
+
+    @cached_item(a, table="T", key=lambda pk: {"pk": pk}, name="in_a")
+    async def get_a(pk: str) -> dict[str, Any]:
+        await gate.wait()
+        return dict(table)
+
+    @cached_item(b, table="T", key=lambda pk: {"pk": pk}, name="in_b")
+    async def get_b(pk: str) -> dict[str, Any]:
+        return dict(table)
+
+    lease = a._keys.lease(item_identity("T", {"pk": "k"}))
+    first = asyncio.create_task(get_a("k"))  # A loads under the lease, held at the gate
+    while not await a.client.exists(lease):
+        await asyncio.sleep(0.001)  # polling Redis state the code under test drives
+    flight = asyncio.create_task(get_b("k"))  # B's flight waits on A's lease
+    while b.stats()["in_b"]["lease_waits"] == 0:
+        await asyncio.sleep(0.001)
+
+    late: list[asyncio.Task[dict[str, Any]]] = []
+    joined = asyncio.Event()
+    real_flight, real_release = b._flight, b._release
+
+    async def spy_flight(req: Any, **kw: Any) -> Any:
+        joined.set()
+        return await real_flight(req, **kw)
+
+    async def release_then_write(lease_key: str, token: str) -> None:
+        # B's flight has read version 1 under its own lease; before it answers,
+        # A writes and invalidates, then a new B caller starts and reaches _flight.
+        await real_release(lease_key, token)
+        if not late:
+            table["v"] = 2
+            await a.invalidate_item("T", {"pk": "k"})
+            late.append(asyncio.create_task(get_b("k")))
+            await joined.wait()
+
+    monkeypatch.setattr(b, "_flight", spy_flight)
+    monkeypatch.setattr(b, "_release", release_then_write)
+    gate.set()
+    assert (await first)["v"] == 1
+    assert (await flight)["v"] == 1  # began before the write
+    while not late:
+        await asyncio.sleep(0.001)
+    assert (await late[0])["v"] == 2

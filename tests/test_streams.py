@@ -571,9 +571,13 @@ async def test_refresh_deletes_lease_so_a_load_in_flight_cannot_fill(
     await origin.entered.wait()
     await StreamInvalidator(cache, mode="refresh").handle({"Records": [sample(1)]})
     origin.release()
-    assert (await load)["Message"] == "New item!"  # the caller gets what it loaded
+    # Its lease was taken: the load is not stored, and its second try finds
+    # the record's image in Redis and answers with it.
+    assert (await load)["Message"] == "This item has changed"
     assert (await get_item(101))["Message"] == "This item has changed"
-    assert cache.stats()[get_item.name]["fills_rejected"] == 1
+    stats = cache.stats()[get_item.name]
+    assert stats["fills_rejected"] == 1 and stats["reloads_after_invalidation"] == 1
+    assert origin.count == 1
 
 
 async def test_refresh_under_a_fence_invalidates_instead(
