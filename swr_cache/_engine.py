@@ -34,7 +34,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -188,6 +188,37 @@ class _Failed:
 
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
+
+
+_T = TypeVar("_T")
+
+
+async def _while_renewing(
+    work: Callable[[], Awaitable[_T]], renew: Callable[[], Awaitable[None]]
+) -> _T:
+    """Run ``work`` while ``renew`` (a loop keeping leases alive) runs beside it.
+
+    ``renew`` is cancelled as soon as ``work`` ends; if ``renew`` returns
+    first, ``work`` runs on alone. ``work``'s result is returned, and its
+    exception raised unwrapped (a task group would wrap it in a group).
+    """
+    outcome: list[Any] = []
+
+    async def run(scope: anyio.CancelScope) -> None:
+        try:
+            outcome.append(await work())
+        except Exception as exc:
+            outcome.append(_Failed(exc))
+        finally:
+            scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, tg.cancel_scope)
+        await renew()
+    got = outcome[0]
+    if isinstance(got, _Failed):
+        raise got.exc
+    return got  # type: ignore[no-any-return]
 
 
 def _array_header(n: int) -> bytes:
@@ -419,6 +450,30 @@ def normalize_attributes(attributes: Iterable[str] | None) -> tuple[str, ...] | 
 
 
 # ---------------------------------------------------------------------------
+
+
+def stamp_entry(
+    fields: dict[bytes, bytes], policy: Policy, negative: bool, now: float, delta_ms: float | None
+) -> int:
+    """Add a whole entry's metadata to ``fields``; returns its lifetime (PEXPIRE) in ms.
+
+    Deadlines are server time ``now`` plus the policy's TTLs (a negative entry
+    lives ``negative_ttl``; jitter shortens the soft TTL), a new random version,
+    the format, and the load time XFetch scales by (when known).
+    """
+    if negative:
+        soft_ms = expire_ms = policy.negative_ms
+    else:
+        soft_ms, expire_ms = policy.soft_ms, policy.hard_ms
+        if policy.jitter:
+            soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
+    fields[M_SOFT] = b"%d" % (now + soft_ms)
+    fields[M_HARD] = b"%d" % (now + expire_ms)
+    fields[M_FORMAT] = _FORMAT
+    fields[M_VERSION] = os.urandom(6).hex().encode()
+    if delta_ms is not None:
+        fields[M_DELTA] = b"%d" % max(1, round(delta_ms))
+    return expire_ms
 
 
 class _LoadResult:
@@ -828,6 +883,22 @@ class Cache:
                 await pipe.execute()
             self._engine_metrics.counts["invalidations"] += len(triples)
 
+    def _note_hit(self, req: _Request, snap: _Snap, state: str, none: bool, now: float) -> None:
+        """Count a usable entry and start its refresh when stale (or, by XFetch, nearly so)."""
+        counts = req.metrics.counts
+        if state == _FRESH:
+            counts["negative_hits" if none and req.is_item else "hits"] += 1
+            beta = req.policy.early_refresh
+            if beta and snap.delta is not None:
+                # XFetch: refresh early, likelier as the soft deadline nears.
+                gap = -float(snap.delta) * beta * math.log(1.0 - random.random())
+                if now + gap >= (snap.soft_ms or 0.0):
+                    counts["early_refreshes"] += 1
+                    self._schedule_refresh(req, snap.version)
+        else:
+            counts["stale_hits"] += 1
+            self._schedule_refresh(req, snap.version)
+
     def _detach(self, entries: Iterable[str]) -> None:
         """Make later callers of just-invalidated entries start their own reads and loads.
 
@@ -990,21 +1061,7 @@ class Cache:
                 counts["decode_errors"] += 1
             if type(verdict) is tuple:
                 state, value = verdict
-                if state == _FRESH:
-                    if value is None and req.is_item:
-                        counts["negative_hits"] += 1
-                    else:
-                        counts["hits"] += 1
-                    beta = req.policy.early_refresh
-                    if beta and snap.delta is not None:
-                        # XFetch: refresh early, likelier as the soft deadline nears.
-                        gap = -float(snap.delta) * beta * math.log(1.0 - random.random())
-                        if now + gap >= (snap.soft_ms or 0.0):
-                            counts["early_refreshes"] += 1
-                            self._schedule_refresh(req, snap.version)
-                else:
-                    counts["stale_hits"] += 1
-                    self._schedule_refresh(req, snap.version)
+                self._note_hit(req, snap, state, value is None, now)
                 return value
         if verdict is not None:
             counts["partial_misses"] += 1
@@ -1373,23 +1430,10 @@ class Cache:
         self, req: _Request, attrs: tuple[str, ...] | None, lease: str, token: str
     ) -> Any:
         """Run the loader while a sibling task keeps the lease alive."""
-        outcome: list[Any] = []
-
-        async def run(scope: anyio.CancelScope) -> None:
-            try:
-                outcome.append(await self._call_loader(req, attrs, unwrap=False))
-            except Exception as exc:
-                outcome.append(_Failed(exc))
-            finally:
-                scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run, tg.cancel_scope)
-            await self._renew_forever(lease, token)
-        got = outcome[0]
-        if isinstance(got, _Failed):
-            raise got.exc
-        return got
+        return await _while_renewing(
+            lambda: self._call_loader(req, attrs, unwrap=False),
+            lambda: self._renew_forever(lease, token),
+        )
 
     async def _widen(self, req: _Request, attrs: tuple[str, ...]) -> tuple[str, ...] | None:
         """For a stale partial entry: load the union of cached and requested attributes."""
@@ -1493,18 +1537,8 @@ class Cache:
                         req.entry, lease, req.fence, token, merge_version, fields, not req.consistent
                     )
             else:
-                now = self._now_ms()
-                if req.is_item and value is None:
-                    soft_ms = expire_ms = policy.negative_ms
-                else:
-                    soft_ms = policy.soft_ms
-                    if policy.jitter:
-                        soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
-                fields[M_SOFT] = b"%d" % (now + soft_ms)
-                fields[M_HARD] = b"%d" % (now + expire_ms)
-                fields[M_FORMAT] = _FORMAT
-                fields[M_VERSION] = os.urandom(6).hex().encode()
-                fields[M_DELTA] = b"%d" % max(1, round(delta_ms))
+                negative = req.is_item and value is None
+                expire_ms = stamp_entry(fields, policy, negative, self._now_ms(), delta_ms)
                 async with self._slots.hold(self.call_timeout):
                     outcome = await store.fill(
                         req.entry, lease, req.fence, token, expire_ms, fields, not req.consistent

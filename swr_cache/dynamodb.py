@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import math
 import os
 import random
 import re
@@ -60,12 +59,13 @@ from ._engine import (
     Cache,
     _Bypass,
     _Corrupt,
-    _Failed,
     _is_pool_exhausted,
     _NoSlot,
     _Plan,
     _Request,
+    _while_renewing,
     normalize_attributes,
+    stamp_entry,
 )
 from ._errors import CodecError, ConfigError, KeyEncodingError
 from ._keys import (
@@ -80,7 +80,7 @@ from ._keys import (
 )
 from ._metrics import Metrics
 from ._policy import Policy
-from ._store import M_DELTA, M_FORMAT, M_HARD, M_SOFT, M_VERSION, FillOutcome, is_wrongtype
+from ._store import FillOutcome, is_wrongtype
 
 __all__ = [
     "THROTTLE_CODES",
@@ -264,34 +264,6 @@ def _version_text(value: Any) -> str | None:
     except KeyEncodingError:
         return None
     return text if text.isdigit() else None
-
-
-async def _while_renewing(
-    work: Callable[[], Awaitable[T]], renew: Callable[[], Awaitable[None]]
-) -> T:
-    """Run ``work`` while ``renew`` (a loop keeping leases alive) runs beside it.
-
-    ``renew`` is cancelled as soon as ``work`` ends; if ``renew`` returns
-    first, ``work`` runs on alone. ``work``'s result is returned, and its
-    exception raised unwrapped (a task group would wrap it in a group).
-    """
-    outcome: list[Any] = []
-
-    async def run(scope: anyio.CancelScope) -> None:
-        try:
-            outcome.append(await work())
-        except Exception as exc:
-            outcome.append(_Failed(exc))
-        finally:
-            scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run, tg.cancel_scope)
-        await renew()
-    got = outcome[0]
-    if isinstance(got, _Failed):
-        raise got.exc
-    return got  # type: ignore[no-any-return]
 
 
 async def _first_error_gather(
@@ -1132,18 +1104,7 @@ class CachedTable:
             if type(verdict) is tuple:
                 state, value = verdict
                 results[req.identity] = value
-                if state == "fresh":
-                    counts["negative_hits" if value is None else "hits"] += 1
-                    beta = req.policy.early_refresh
-                    if beta and snap.delta is not None:
-                        # XFetch, as for single reads: likelier as the soft deadline nears.
-                        gap = -float(snap.delta) * beta * math.log(1.0 - random.random())
-                        if now + gap >= (snap.soft_ms or 0.0):
-                            counts["early_refreshes"] += 1
-                            cache._schedule_refresh(req, snap.version)
-                else:
-                    counts["stale_hits"] += 1
-                    cache._schedule_refresh(req, snap.version)
+                cache._note_hit(req, snap, state, value is None, now)
                 continue
             counts["partial_misses" if verdict is not None else "misses"] += 1
             misses.append((req, verdict))
@@ -1912,20 +1873,7 @@ def _whole_entry(
     fields = cache._encode_fields(req, attrs, value, False)
     if sum(len(k) + len(v) for k, v in fields.items()) > cache.max_entry_bytes:
         raise _EntryTooLarge(req.identity)
-    policy = req.policy
-    if value is None:
-        soft_ms = expire_ms = policy.negative_ms
-    else:
-        soft_ms, expire_ms = policy.soft_ms, policy.hard_ms
-        if policy.jitter:
-            soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
-    fields[M_SOFT] = b"%d" % (now + soft_ms)
-    fields[M_HARD] = b"%d" % (now + expire_ms)
-    fields[M_FORMAT] = _FORMAT
-    fields[M_VERSION] = os.urandom(6).hex().encode()
-    if delta_ms is not None:
-        fields[M_DELTA] = b"%d" % max(1, round(delta_ms))
-    return fields, expire_ms
+    return fields, stamp_entry(fields, req.policy, value is None, now, delta_ms)
 
 
 def _needs(req: _Request, plan: _Plan | None) -> tuple[str, ...] | None:

@@ -55,7 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._engine import Cache, _Request
+from ._engine import Cache, _Request, _while_renewing
 from ._errors import (
     CodecError,
     ConfigError,
@@ -71,7 +71,6 @@ from .dynamodb import (
     _converters,
     _EntryTooLarge,
     _error_code,
-    _while_renewing,
     _whole_entry,
     item_tags,
     table_tag,
