@@ -63,6 +63,7 @@ from ._errors import (
     KeyEncodingError,
     StreamRecordError,
 )
+from ._host import CacheHost
 from ._keys import from_typed, item_identity
 from ._metrics import Metrics
 from ._policy import Policy
@@ -403,41 +404,6 @@ async def _no_loader(_attrs: tuple[str, ...] | None) -> Any:
     raise RuntimeError("stream refreshes never load")  # pragma: no cover
 
 
-class _Host:
-    """Runs ``async with cache`` in a task of its own on the Lambda handler's loop."""
-
-    def __init__(self, cache: Cache) -> None:
-        self.cache = cache
-        self.ready = asyncio.Event()
-        self.stop_event = asyncio.Event()
-        self.error: BaseException | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-        await self.ready.wait()
-        if self.error is not None:
-            raise self.error
-
-    async def _run(self) -> None:
-        try:
-            async with self.cache:
-                self.ready.set()
-                await self.stop_event.wait()
-        except Exception as exc:
-            self.error = exc
-            self.ready.set()
-
-    @property
-    def alive(self) -> bool:
-        return self.task is not None and not self.task.done()
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        if self.task is not None:
-            await self.task
-
-
 # ---------------------------------------------------------------------------
 # The invalidator
 
@@ -493,7 +459,7 @@ class StreamInvalidator:
         self.timeout = float(timeout)
         self.metrics: Metrics = cache.metrics.get(_METRICS_NAME)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._host: _Host | None = None
+        self._host: CacheHost | None = None
 
     def __repr__(self) -> str:
         return f"StreamInvalidator({self.cache.namespace!r}, mode={self.mode!r})"
@@ -694,7 +660,7 @@ class StreamInvalidator:
                 raise RuntimeError(
                     "lambda_handler enters its cache itself; do not enter the cache elsewhere"
                 )
-            host = self._host = _Host(self.cache)
+            host = self._host = CacheHost(self.cache)
             await host.start()
         report = await self.handle_records(records)
         if report.failed_records and _is_connection_error(report.error):

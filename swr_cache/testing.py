@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
-from ._engine import Cache
+from ._host import CacheHost
 
 __all__ = ["CacheHost", "FakeClock", "RecordingOrigin"]
 
@@ -77,44 +76,3 @@ class RecordingOrigin:
             return dict(item)
         return {name: item[name] for name in attributes if name in item}
 
-
-class CacheHost:
-    """Run ``async with cache`` in its own task: ``async with CacheHost(cache) as c: ...``.
-
-    Entering and exiting may then happen in different tasks (as pytest-asyncio
-    fixtures do).
-    """
-
-    def __init__(self, cache: Cache) -> None:
-        self.cache = cache
-        self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._error: BaseException | None = None
-
-    async def _host(self) -> None:
-        try:
-            async with self.cache:
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            raise
-
-    async def __aenter__(self) -> Cache:
-        self._task = asyncio.get_running_loop().create_task(self._host())
-        await self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        return self.cache
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
