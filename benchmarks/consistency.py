@@ -135,6 +135,7 @@ class Config:
     namespace: str = "consistency"
     flavor: str = ""  # set by the mode: "sync", "table", "write_through", "stream" or "mixed"
     index: int = 0  # worker process number
+    version_attribute: str | None = None  # readers' version_attribute ("v" to guard merges)
 
 
 @dataclass
@@ -426,6 +427,7 @@ async def workload(
         hard_ttl=max(cfg.hard_ttl, soft),
         consistent_reads=True,
         name="accessor",
+        version_attribute=cfg.version_attribute,
     )
     async def get_item(pk: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
         params: dict[str, Any] = {"TableName": cfg.table, "Key": {"pk": {"S": pk}}, "ConsistentRead": True}
@@ -438,7 +440,13 @@ async def workload(
         return None if item is None else _deserialize(item)
 
     dynamo = DynamoTable(delayed, cfg.table, key_schema=["pk"])
-    view = dynamo.cached(cache, soft_ttl=soft, hard_ttl=max(cfg.hard_ttl, soft), name="view")
+    view = dynamo.cached(
+        cache,
+        soft_ttl=soft,
+        hard_ttl=max(cfg.hard_ttl, soft),
+        version_attribute=cfg.version_attribute,
+        name="view",
+    )
     through = dynamo.cached(
         cache,
         soft_ttl=soft,
@@ -1158,6 +1166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=Config.processes)
     parser.add_argument("--seed", type=int, default=Config.seed)
     parser.add_argument("--quick", action="store_true", help="2,000 operations per mode")
+    parser.add_argument(
+        "--version-attribute",
+        help="readers merge projections only into entries of the version they load (e.g. v)",
+    )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--endpoint-url", help="use this DynamoDB endpoint instead of starting moto")
     parser.add_argument("--json", help="write the results to this file")
@@ -1181,6 +1193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream_poll_ms=args.stream_poll_ms,
         processes=args.processes,
         seed=args.seed,
+        version_attribute=args.version_attribute,
     )
     from swr_cache.devservers import MotoServer, set_dummy_aws_env
 

@@ -209,9 +209,13 @@ class CachedItemFunction(_Wrapper[P, T]):
         policy: Policy,
         name: str | None,
         consistent_reads: bool = False,
+        version_attribute: str | None = None,
     ) -> None:
         super().__init__(fn, cache, name, table)
         self.consistent_reads = consistent_reads
+        if version_attribute is not None and (not isinstance(version_attribute, str) or not version_attribute):
+            raise ConfigError("version_attribute must be a non-empty attribute name")
+        self.version_attribute = version_attribute
         if not table or not isinstance(table, str):
             raise ConfigError("table must be a non-empty string")
         if not callable(key):
@@ -274,6 +278,7 @@ class CachedItemFunction(_Wrapper[P, T]):
             None,
             entry,
             self.consistent_reads,
+            self.version_attribute,
         )
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
@@ -373,6 +378,7 @@ def cached_item(
     early_refresh: float | None = None,
     name: str | None = None,
     consistent_reads: bool = False,
+    version_attribute: str | None = None,
 ) -> Callable[[Callable[P, Awaitable[T]]], CachedItemFunction[P, T]]:
     """Cache a DynamoDB item accessor as one Redis hash per item.
 
@@ -395,6 +401,14 @@ def cached_item(
             ``ConsistentRead=True``. Its fills then skip the fence that follows
             an invalidation (which exists for eventually consistent reads that
             may still return the item as it was before the write).
+        version_attribute: the item's own version attribute (one every write
+            changes, e.g. a number it increments). Projection loads then always
+            include it, and missing attributes are merged into a fresh entry
+            only if the entry holds the same version as the load read; else
+            the entry is dropped and the caller gets one consistent load
+            (``merges_outdated``). Without it, a merge made while a write's
+            invalidation is still on its way (a stream's lag, say) can join
+            attributes of two versions of the item.
 
     Raises:
         ConfigError: invalid TTLs or arguments.
@@ -409,7 +423,7 @@ def cached_item(
     )
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedItemFunction[P, T]:
-        return CachedItemFunction(fn, cache, table, key, policy, name, consistent_reads)
+        return CachedItemFunction(fn, cache, table, key, policy, name, consistent_reads, version_attribute)
 
     return decorate
 

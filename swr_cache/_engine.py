@@ -357,6 +357,7 @@ class _Request:
         "policy",
         "purge_floor",
         "tags",
+        "version_attr",
     )
 
     def __init__(
@@ -371,8 +372,12 @@ class _Request:
         tags: Callable[[], Sequence[str]] | None,
         entry: str | None = None,
         consistent: bool = False,
+        version_attr: str | None = None,
     ) -> None:
         self.cache = cache
+        # The item's own version attribute: every projection load includes it
+        # and a merge happens only into an entry holding the same version.
+        self.version_attr = version_attr
         # The loader reads strongly consistently: a fill under a lease taken
         # after an invalidation cannot hold pre-write data, so no fence applies.
         self.consistent = consistent
@@ -434,6 +439,13 @@ def _top_level(path: str) -> str:
         if i > 0:
             cut = min(cut, i)
     return path[:cut]
+
+
+def with_version(attrs: tuple[str, ...] | None, version_attr: str | None) -> tuple[str, ...] | None:
+    """A projection to load, widened by the item's version attribute (when there is one)."""
+    if attrs is None or version_attr is None or version_attr in attrs:
+        return attrs
+    return tuple(sorted((*attrs, version_attr)))
 
 
 def normalize_attributes(attributes: Iterable[str] | None) -> tuple[str, ...] | None:
@@ -1384,6 +1396,7 @@ class Cache:
                 attrs = await self._widen(req, plan.load_attrs)
             else:
                 attrs = None
+        attrs = with_version(attrs, req.version_attr) if req.is_item else attrs
         # Server time (less a margin for our offset estimate) when the load
         # began: a tag purged after it means the load may predate the change.
         start_ms = max(self._now_ms() - _PURGE_MARGIN_MS, req.purge_floor)
@@ -1532,9 +1545,12 @@ class Cache:
         try:
             if merging:
                 assert merge_version is not None
+                vname = req.version_attr
+                vfield = None if vname is None else vname.encode()
+                check = None if vfield is None or vfield not in fields else (vfield, fields[vfield])
                 async with self._slots.hold(self.call_timeout):
                     outcome = await store.merge(
-                        req.entry, lease, req.fence, token, merge_version, fields, not req.consistent
+                        req.entry, lease, req.fence, token, merge_version, fields, not req.consistent, check
                     )
             else:
                 negative = req.is_item and value is None
@@ -1549,10 +1565,13 @@ class Cache:
             return False
         if outcome != FillOutcome.STORED:
             counts["fills_rejected"] += 1
+            if outcome == FillOutcome.OUTDATED:
+                counts["merges_outdated"] += 1
             # Lease taken (an invalidation) or, for a merge, the entry replaced
-            # since it was read (a write-through or stream refresh): the value
-            # or the cached attributes it was to join may be out of date.
-            return outcome in (FillOutcome.LEASE_LOST, FillOutcome.CHANGED)
+            # since it was read (a write-through or stream refresh) or holding
+            # another version of the item: the value or the cached attributes
+            # it was to join may be out of date.
+            return outcome in (FillOutcome.LEASE_LOST, FillOutcome.CHANGED, FillOutcome.OUTDATED)
         counts["fills"] += 1
         req.landed = True
         if tags:

@@ -30,6 +30,7 @@ COUNTERS: Final = (
     "fills",
     "fills_rejected",
     "reloads_after_invalidation",
+    "merges_outdated",
     "fills_skipped_too_large",
     "tag_races",
     "decode_errors",

@@ -93,9 +93,12 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: entry, lease, fence. ARGV: token, expected version, check fence (1/0), field, value, ...
+# KEYS: entry, lease, fence. ARGV: token, expected version, check fence (1/0),
+# item version attribute and its loaded value (both '' when unchecked), field, value, ...
 # Adds fields to the hash it read, keeping its deadlines. 1 merged; 0 lease lost;
-# -1 fenced; -2 the entry changed or vanished since it was read.
+# -1 fenced; -2 the entry changed or vanished since it was read; -3 the entry
+# holds another version of the item than the load read (entry and lease deleted:
+# it is older than the table, or the load is; either way not to be mixed).
 _MERGE = _HSET_CHUNKED + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
@@ -106,7 +109,11 @@ if redis.call('HGET', KEYS[1], '\\255v') ~= ARGV[2] then
   redis.call('DEL', KEYS[2])
   return -2
 end
-hset_all(KEYS[1], 4)
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], ARGV[4]) ~= ARGV[5] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return -3
+end
+hset_all(KEYS[1], 6)
 redis.call('DEL', KEYS[2])
 return 1
 """
@@ -174,6 +181,7 @@ class FillOutcome:
     LEASE_LOST: Final = 0
     FENCED: Final = -1
     CHANGED: Final = -2
+    OUTDATED: Final = -3
 
 
 _fill = Script(_FILL)
@@ -343,9 +351,15 @@ class Store:
         version: bytes,
         mapping: Mapping[bytes, bytes],
         check_fence: bool = True,
+        item_version: tuple[bytes, bytes] | None = None,
     ) -> int:
-        """Add fields to the entry version we read, if our lease is valid and no fence stands."""
-        args = _with_fields([token, version, b"1" if check_fence else b"0"], mapping)
+        """Add fields to the entry version we read, if our lease is valid and no fence stands.
+
+        ``item_version`` is ``(field, loaded value)`` of the item's own version
+        attribute: the merge happens only if the entry holds the same value.
+        """
+        name, value = item_version if item_version is not None else (b"", b"")
+        args = _with_fields([token, version, b"1" if check_fence else b"0", name, value], mapping)
         return int(await _merge(self.client, (entry_key, lease_key, fence_key), args))
 
     async def delete(self, *keys: str) -> None:

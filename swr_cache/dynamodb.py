@@ -66,6 +66,7 @@ from ._engine import (
     _while_renewing,
     normalize_attributes,
     stamp_entry,
+    with_version,
 )
 from ._errors import CodecError, ConfigError, KeyEncodingError
 from ._keys import (
@@ -821,7 +822,9 @@ class DynamoTable:
                 invalidate. Every writer must raise the version on each write
                 (enforce it with a condition expression).
             version_attribute: the numeric (non-negative integer) version
-                attribute; required with ``write_through``.
+                attribute; required with ``write_through``. Projections then
+                also merge missing attributes only into an entry holding the
+                version they loaded (see ``cached_item``'s ``version_attribute``).
             name: metrics name (default ``dynamodb:<table>``).
 
         Raises:
@@ -932,6 +935,7 @@ class CachedTable:
             None,
             None,
             consistent,
+            self.version_attribute,
         )
 
     async def _key(self, key: Key) -> dict[str, Any]:
@@ -1313,9 +1317,11 @@ class CachedTable:
             for req, plan in mine:
                 value = found.get(req.identity)
                 if load_attrs is not None and plan is not None and plan.merge_version is not None:
-                    # A fresh entry lacking some attributes: merge just those into it.
+                    # A fresh entry lacking some attributes: merge just those into it
+                    # (with the item's version attribute, which the merge compares).
+                    merge_attrs = with_version(plan.load_attrs, req.version_attr)
                     if value is not None:
-                        value = {k: v for k, v in value.items() if k in plan.load_attrs}  # type: ignore[operator]
+                        value = {k: v for k, v in value.items() if k in merge_attrs}  # type: ignore[operator]
                     results[req.identity] = _answer(value, req.attrs, plan.merged)
                     merged.append(req)
                     merges.append(
@@ -1323,7 +1329,7 @@ class CachedTable:
                             cache._fill,
                             req,
                             tokens[req.identity],
-                            plan.load_attrs,
+                            merge_attrs,
                             value,
                             plan.merge_version,
                             plan.prior_absent,
@@ -1879,8 +1885,8 @@ def _whole_entry(
 def _needs(req: _Request, plan: _Plan | None) -> tuple[str, ...] | None:
     """What a miss must load: the attributes it lacks, or ``None`` for the whole item."""
     if plan is not None and plan.merge_version is not None:
-        return plan.load_attrs
-    return req.attrs
+        return with_version(plan.load_attrs, req.version_attr)
+    return with_version(req.attrs, req.version_attr)
 
 
 def _answer(

@@ -1132,3 +1132,19 @@ async def test_batch_merge_overtaken_by_a_write_is_answered_from_one_load(
     # be half of each version. The merge finds its lease gone: answered anew.
     assert got == [{"name": "Ada 2", "status": "retired"}]
     assert view.cache.stats()[view.name]["reloads_after_invalidation"] == 1
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_view_with_a_version_attribute_never_merges_two_versions(
+    users: DynamoTable, cache: Cache, dynamodb_client: Any, batch: bool
+) -> None:
+    """A write that bypasses the view (its invalidation still to come) is not mixed into a cached projection."""
+    view = users.cached(cache, version_attribute="version")
+    assert await view.get_item({"pk": "u1"}, attributes=["name"]) == {"name": "Ada"}
+    await raw_put(dynamodb_client, "Users", {**ADA, "name": "Ada 2", "status": "retired", "version": Decimal(2)})
+    if batch:
+        got = (await view.batch_get_item([{"pk": "u1"}], attributes=["name", "status"]))[0]
+    else:
+        got = await view.get_item({"pk": "u1"}, attributes=["name", "status"])
+    assert got == {"name": "Ada 2", "status": "retired"}  # never "Ada" with "retired"
+    assert cache.stats()[view.name]["merges_outdated"] == 1

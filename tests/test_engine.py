@@ -916,3 +916,51 @@ async def test_invalidate_item_purges_partition_and_table_results(cache: Cache) 
     await cache.invalidate_item("Orders", {"c": "c1", "id": 7})
     await orders("c1"), await orders("c2"), await all_orders(), await other()
     assert loads[4:] == ["orders:c1", "all"]  # c2's partition and the other table stay cached
+
+
+async def _projected_then_changed(cache: Cache, origin: RecordingOrigin, **kw: Any) -> tuple[Any, Any]:
+    """Cache {name, version} of u1, then change the item in the table without telling the cache."""
+    origin.items["u1"]["version"] = Decimal(1)
+    get_user = users(cache, origin, **kw)
+    await get_user("u1", attributes=["name"])
+    origin.items["u1"].update(name="Ada v2", age=Decimal(37), version=Decimal(2))
+    got = await get_user("u1", attributes=["name", "age"])  # merges "age" into a fresh entry
+    return get_user, got
+
+
+async def test_without_a_version_attribute_a_merge_can_mix_versions(
+    cache: Cache, origin: RecordingOrigin
+) -> None:
+    """The documented limit: a fresh entry is assumed current, so a merge joins two versions."""
+    _get_user, got = await _projected_then_changed(cache, origin)
+    assert got == {"name": "Ada", "age": Decimal(37)}
+
+
+async def test_version_attribute_refuses_to_merge_into_another_version(
+    cache: Cache, origin: RecordingOrigin
+) -> None:
+    """With version_attribute, a merge finding another version drops the entry and answers from one load."""
+    get_user, got = await _projected_then_changed(cache, origin, version_attribute="version")
+    assert got == {"name": "Ada v2", "age": Decimal(37)}
+    assert [attrs for _key, attrs in origin.calls] == [
+        ["name", "version"],  # the first projection carries the version
+        ["age", "version"],  # the merge loads only what is missing (and the version)
+        ["age", "name", "version"],  # versions differ: one consistent load
+    ]
+    stats = cache.stats()[get_user.name]
+    assert stats["merges_outdated"] == 1 and stats["reloads_after_invalidation"] == 1
+    assert await get_user("u1", attributes=["age", "name"]) == {"name": "Ada v2", "age": Decimal(37)}
+    assert origin.count == 3  # the replacement was stored
+
+
+async def test_version_attribute_still_merges_the_same_version(
+    cache: Cache, origin: RecordingOrigin
+) -> None:
+    """An unchanged item merges as before: one load of the missing attribute."""
+    origin.items["u1"]["version"] = Decimal(1)
+    get_user = users(cache, origin, version_attribute="version")
+    await get_user("u1", attributes=["name"])
+    assert await get_user("u1", attributes=["name", "age"]) == {"name": "Ada", "age": Decimal(36)}
+    assert await get_user("u1", attributes=["age", "name"]) == {"name": "Ada", "age": Decimal(36)}
+    assert origin.count == 2
+    assert cache.stats()[get_user.name]["merges_outdated"] == 0
