@@ -12,8 +12,6 @@ import json
 import math
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from swr_cache import _codec  # noqa: E402
+from swr_cache.devservers import MotoProcess as MotoProcess  # noqa: E402  (for the scripts)
 
 
 def make_item(pk: str) -> dict[str, Any]:
@@ -141,44 +140,6 @@ def pin(server: Any) -> str | None:
     os.sched_setaffinity(0, {cpus[0]})
     os.sched_setaffinity(server.pid, {cpus[1]})
     return f"this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}"
-
-
-class MotoProcess:
-    """moto's DynamoDB server in a process of its own (it does not share our GIL)."""
-
-    def __init__(self) -> None:
-        from swr_cache.devservers import free_port
-
-        self.port = free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> MotoProcess:
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("moto's server did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
 
 
 def fmt(value: Any, digits: int | None = None) -> str:

