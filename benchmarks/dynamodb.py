@@ -47,51 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import finish, say, table
 
 from swr_cache import Cache, DynamoTable
-from swr_cache.devservers import MotoServer, RedisServer, set_dummy_aws_env
+from swr_cache.devservers import MotoProcess, MotoServer, RedisServer, set_dummy_aws_env
 
 TABLE = "BenchUsers"
 Fn = Callable[[], Awaitable[Any]]
-
-
-class MotoProcess:
-    """moto's server in a child process (``moto_server``), on a free loopback port."""
-
-    def __init__(self) -> None:
-        import subprocess
-
-        from swr_cache.devservers import free_port
-
-        binary = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [binary, "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while not self._up():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.05)
-
-    def _up(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def key_of(rank: int) -> str:
@@ -471,11 +430,11 @@ def main() -> None:
         set_dummy_aws_env()
         if endpoint_url is None:
             try:
-                moto = MotoProcess()
+                moto = MotoProcess().start()
             except (OSError, RuntimeError):
                 endpoint_url = stack.enter_context(MotoServer()).endpoint_url
             else:
-                stack.callback(moto.close)
+                stack.callback(moto.stop)
                 endpoint_url = moto.endpoint_url
         if redis_url is None:
             redis_url = stack.enter_context(RedisServer()).url

@@ -640,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args[1:]) if first == "demo" else _consume_stream(args[1:])
         except SystemExit as exc:  # their argparse: --help, or bad options
             return _exit_code(exc)
+        except KeyboardInterrupt:  # a second Ctrl-C, past their own clean shutdown
+            return 130
     if first not in _COMMANDS:
         print(f"{PROG}: unknown command {first!r} (try --help)", file=sys.stderr)
         return EXIT_USAGE

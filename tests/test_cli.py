@@ -352,3 +352,17 @@ async def test_consume_stream_failure_is_one_line_and_exit_1(
     )
     assert code == 1
     assert "swr-cache consume-stream: EndpointConnectionError" in err and "Traceback" not in err
+
+
+def test_ctrl_c_during_consume_stream_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second Ctrl-C, past consume-stream's own clean shutdown, ends with 130 and no traceback."""
+    import swr_cache._cli as cli
+
+    def interrupted(_argv: list[str]) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_consume_stream", interrupted)
+    assert cli.main(["consume-stream", "--table", "T"]) == 130
+    assert "Traceback" not in capsys.readouterr().err

@@ -248,3 +248,26 @@ async def test_moto_streams_and_reset(
     assert len(streams) == 1
     moto_server.reset()
     assert (await dynamodb_client.list_tables())["TableNames"] == []
+
+
+def test_moto_process_serves_dynamodb_and_stops() -> None:
+    """MotoProcess answers DynamoDB calls over HTTP in a child process and frees its port on stop."""
+    import boto3
+
+    from swr_cache.devservers import MotoProcess, _accepts, set_dummy_aws_env
+
+    added = set_dummy_aws_env()
+    try:
+        moto = MotoProcess().start()
+        try:
+            assert moto.running and _accepts(moto.port)
+            client = boto3.client("dynamodb", endpoint_url=moto.endpoint_url, region_name="us-east-1")
+            assert client.list_tables()["TableNames"] == []
+        finally:
+            moto.stop()
+        assert not moto.running and not _accepts(moto.port)
+    finally:
+        import os
+
+        for name in added:
+            os.environ.pop(name, None)
