@@ -52,6 +52,8 @@ Modes:
   ``StreamConsumer`` reading moto's stream is the only invalidation. Stale
   reads are expected here: the report gives their staleness and the lag.
   A read begun after the consumer applied a write's record must not miss it.
+* ``stream_versioned``: as ``stream`` with ``version_attribute="v"`` on the
+  readers: projections never mix two versions (torn reads target 0).
 * ``processes``: two processes share Redis and DynamoDB, each mixing the
   ``sync`` and ``table`` readers and writers at random.
 
@@ -98,7 +100,7 @@ from swr_cache import (  # noqa: E402
 )
 from swr_cache._keys import KeySpace, item_identity  # noqa: E402
 
-MODES = ("sync", "table", "write_through", "stream", "processes")
+MODES = ("sync", "table", "write_through", "stream", "stream_versioned", "processes")
 #: Modes whose writers invalidate (or write through) before returning: 0 stale reads expected.
 SYNC_MODES = frozenset({"sync", "table", "write_through", "processes"})
 PROJECTIONS: tuple[tuple[str, ...] | None, ...] = (None, None, ("v",), ("w",), ("v", "w"), ("v", "p"))
@@ -733,7 +735,7 @@ def analyze(cfg: Config, records: Records, check: dict[str, Any], stats: Mapping
         for r in records.reads
         if r.torn
     ][:10]
-    if cfg.mode == "stream":
+    if cfg.flavor == "stream":
         window_values = [windows.get((w.key, w.version), 0.0) for w in records.writes]
         out["window_p50_ms"], out["window_p99_ms"], out["window_max_ms"] = ms(window_values)
         lags = [
@@ -861,7 +863,9 @@ def entry_problem(raw: Mapping[bytes, bytes], truth: Mapping[str, Any] | None) -
 
 def mode_config(mode: str, base: Config) -> Config:
     cfg = Config(**{**asdict(base), "mode": mode})
-    cfg.flavor = {"processes": "mixed"}.get(mode, mode)
+    cfg.flavor = {"processes": "mixed", "stream_versioned": "stream"}.get(mode, mode)
+    if mode == "stream_versioned":
+        cfg.version_attribute = "v"  # readers merge projections only into the version they load
     cfg.table = f"Consistency_{mode}_{base.seed}"
     cfg.namespace = f"consistency-{mode}-{base.seed}-{os.getpid()}"
     return cfg
@@ -880,13 +884,13 @@ async def run_mode(base: Config, redis_url: str, endpoint_url: str, *, progress:
         session = get_session()
         async with contextlib.AsyncExitStack() as stack:
             client = await stack.enter_async_context(session.create_client("dynamodb", **session_kwargs(endpoint_url)))
-            arn = await create_table(client, cfg, stream=cfg.mode == "stream")
+            arn = await create_table(client, cfg, stream=cfg.flavor == "stream")
             if cfg.mode == "processes":
                 stats = await run_processes(cfg, redis_url, endpoint_url, records)
             else:
                 cache = Cache(redis_client, namespace=cfg.namespace)
                 async with cache:
-                    if cfg.mode == "stream":
+                    if cfg.flavor == "stream":
                         assert arn is not None
                         streams = await stack.enter_async_context(
                             session.create_client("dynamodbstreams", **session_kwargs(endpoint_url))
@@ -1132,6 +1136,8 @@ def violations(results: Mapping[str, Any]) -> list[str]:
                 f"{r['mode']}: {r['stale_reads_after_applied_invalidation']} stale reads after the stream"
                 " invalidation was applied"
             )
+        if r["mode"] == "stream_versioned" and r["torn_reads_not_from_origin"]:
+            out.append(f"{r['mode']}: {r['torn_reads_not_from_origin']} answers mixed two versions")
         if r["entries_not_equal_to_table"]:
             out.append(f"{r['mode']}: {r['entries_not_equal_to_table']} entries differ from the table")
         if r["origin_anomalies"]:

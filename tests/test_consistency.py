@@ -174,3 +174,17 @@ async def test_stream_mode_converges(redis_url: str, dynamodb_endpoint: str) -> 
     assert result["stale_reads_after_applied_invalidation"] == 0, result["stale_after_applied_samples"]
     assert result["entries_not_equal_to_table"] == 0, result["mismatches"]
     assert result["lag_max_ms"] >= result["lag_p50_ms"] > 0
+
+
+@pytest.mark.redis
+@pytest.mark.dynamodb
+async def test_stream_mode_with_a_version_attribute_never_mixes_versions(
+    redis_url: str, dynamodb_endpoint: str
+) -> None:
+    """Stream-only invalidation with version_attribute: no answer joins attributes of two versions."""
+    result = await run("stream_versioned", 1_200, redis_url, dynamodb_endpoint)
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["origin_anomalies"] == 0
+    assert result["torn_reads_not_from_origin"] == 0, result["torn_samples"]
+    assert result["stale_reads_after_applied_invalidation"] == 0, result["stale_after_applied_samples"]
+    assert result["entries_not_equal_to_table"] == 0, result["mismatches"]
