@@ -18,7 +18,9 @@ middleware never opens Redis itself. Configuration comes from the environment:
 DynamoDB Local; unset for AWS), ``AWS_REGION`` (default ``us-east-1``),
 ``APP_USERS_TABLE`` / ``APP_ORDERS_TABLE`` (``Users`` / ``Orders``),
 ``APP_CREATE_TABLES=1`` (create missing tables, streams on),
-``APP_SEED_USERS=N`` (put users ``u0`` ... ``u{N-1}`` at startup).
+``APP_SEED_USERS=N`` (put users ``u0`` ... ``u{N-1}`` at startup),
+``APP_MAX_AGE`` / ``APP_STALE_WHILE_REVALIDATE`` (seconds a response is fresh,
+then may be served stale; 5 and 55).
 
 Run it (uvicorn adds a ``Date`` of its own to every response unless told not
 to; the middleware adds one where the app sent none)::
@@ -83,6 +85,8 @@ class Settings:
             orders_table=env.get("APP_ORDERS_TABLE", "Orders"),
             create_tables=env.get("APP_CREATE_TABLES", "") == "1",
             seed_users=int(env.get("APP_SEED_USERS", "0")),
+            max_age=int(env.get("APP_MAX_AGE", "5")),
+            stale_while_revalidate=int(env.get("APP_STALE_WHILE_REVALIDATE", "55")),
         )
 
 

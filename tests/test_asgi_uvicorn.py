@@ -262,3 +262,14 @@ async def test_example_app_end_to_end(
         stats = (await client.get("/stats")).json()
     assert stats["http"]["hits"] >= 3 and stats["http"]["http_purges"] >= 2
     assert item_tag("Users", {"pk": "u1"}) == "item:Users|pk=S:u1"
+
+
+def test_example_app_settings_from_the_environment() -> None:
+    """examples/app.py reads its HTTP freshness, tables and Redis from the environment."""
+    from examples.app import Settings
+
+    s = Settings.from_env(
+        {"REDIS_URL": "redis://r:1/0", "APP_MAX_AGE": "30", "APP_STALE_WHILE_REVALIDATE": "300", "APP_CREATE_TABLES": "1"}
+    )
+    assert (s.redis_url, s.max_age, s.stale_while_revalidate, s.create_tables) == ("redis://r:1/0", 30, 300, True)
+    assert (Settings.from_env({}).max_age, Settings.from_env({}).stale_while_revalidate) == (5, 55)
