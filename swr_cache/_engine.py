@@ -72,8 +72,6 @@ _ONE: Final = b"1"
 _RESULT_FIELDS: Final = (M_SOFT, M_HARD, M_FORMAT, M_DELTA, M_VERSION, M_RESULT)
 _SIGNED_RESULT_FIELDS: Final = (*_RESULT_FIELDS, M_SIG)
 _NO_ATTRS: Final[tuple[str, ...]] = ()
-# Loads of one foreground miss while invalidations keep overtaking them.
-_MAX_LOAD_ATTEMPTS: Final = 3
 # Our estimate of Redis time is off by at most half a round trip plus clock
 # drift between syncs; a purge this close before a load counts as during it.
 _PURGE_MARGIN_MS: Final = 20.0
@@ -1230,22 +1228,25 @@ class Cache:
         """Load under the item's lease and fill; see the module docstring.
 
         A foreground load that an invalidation overtook (its lease was taken,
-        or its tags purged) may hold data older than a write that has since
-        completed, and a caller waiting on it may have started after that
-        write: it loads again under a new lease, so a write landing during
-        that load is noticed the same way. After ``_MAX_LOAD_ATTEMPTS`` loads
-        (writes keep landing) the last value is answered.
+        its tags purged, or its merge found another version) may hold data
+        older than a write that has since completed, and a caller waiting on
+        it may have started after that write. From the moment that is seen,
+        no new caller joins this flight (they start their own), and one more
+        load, begun after it, answers those already waiting: each of them
+        started before this moment, so before that load began, and it sees
+        every write completed before they started. Its own result is answered
+        whether or not a later write overtakes it too, so it does not merge
+        into the entry (the cached attributes could be of an older version).
         """
         result = await self._load_once(req, background, seen_version)
-        attempts = 1
-        while result.superseded and not background and attempts < _MAX_LOAD_ATTEMPTS:
+        if result.superseded and not background:
+            req.landed = True  # (see _flight: later callers start a flight of their own)
             req.metrics.counts["reloads_after_invalidation"] += 1
-            result = await self._load_once(req, background, seen_version)
-            attempts += 1
+            result = await self._load_once(req, background, seen_version, merge=False)
         return result
 
     async def _load_once(
-        self, req: _Request, background: bool, seen_version: bytes | None
+        self, req: _Request, background: bool, seen_version: bytes | None, merge: bool = True
     ) -> _LoadResult:
         store = self._store
         token = os.urandom(12).hex()
@@ -1301,6 +1302,12 @@ class Cache:
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.05)
         # We hold the lease.
+        if not merge and plan is not None and plan.merge_version is not None:
+            # Load the cached and the requested attributes together and replace
+            # the entry: an answer from one load cannot join two versions.
+            plan.merge_version = None
+            plan.merged = None
+            plan.load_attrs = tuple(sorted({*(plan.load_attrs or ()), *(req.attrs or ())}))
         self._held[lease] = token
         try:
             return await self._load_with_lease(req, token, plan, background)

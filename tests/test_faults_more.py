@@ -124,7 +124,7 @@ async def test_redis_asleep_times_out_bypasses_without_pile_up(
             await get_user(f"u{i}")
         connections_before = connections_received(debug_redis)
         sleeper = asyncio.create_task(
-            asyncio.to_thread(debug_redis.command, "DEBUG", "SLEEP", "3", timeout=10)
+            asyncio.to_thread(debug_redis.command, "DEBUG", "SLEEP", "5", timeout=15)
         )
 
         async def asleep() -> bool:
@@ -133,15 +133,16 @@ async def test_redis_asleep_times_out_bypasses_without_pile_up(
         await until(asleep)
         before = origin.count
         waves = 0
-        while waves < 10:
+        # Waves of 100 callers while Redis sleeps (a loaded machine may fit fewer in).
+        while waves < 10 and not sleeper.done():
             results = await asyncio.gather(*(get_user(f"u{i % 10}") for i in range(100)))
             assert results == [origin.items[f"u{i % 10}"] for i in range(100)]
             waves += 1
-        assert not sleeper.done(), "Redis woke up before the waves ended: the test proved nothing"
+        assert waves >= 3, "Redis woke up before three waves ended: the test proved nothing"
         # Coalesced: at most one origin call per key per wave, never one per caller.
         assert origin.count - before <= 10 * waves
         stats = cache.stats()[get_user.name]
-        assert stats["bypasses"] >= 900
+        assert stats["bypasses"] >= 90 * (waves - 1)
         # One read per key (coalesced) timed out before the breaker opened, then a probe per cool-down.
         assert stats["redis_errors"] <= 10 + 10
         await sleeper
