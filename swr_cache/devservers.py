@@ -38,6 +38,8 @@ from types import TracebackType
 from typing import IO, Any, Literal, Self
 from urllib.parse import urlsplit
 
+import anyio
+
 __all__ = [
     "CLUSTER_MAX_PORT",
     "ENV_REDIS_SERVER",
@@ -272,11 +274,31 @@ def _parse_info(reply: RespValue) -> dict[str, str]:
 # --- redis-server ---------------------------------------------------------------
 
 
+def _not_on_an_event_loop(what: str) -> None:
+    """Refuse to poll with ``time.sleep`` on a thread running an event loop.
+
+    Starting a server waits for it with blocking sleeps; on the loop's thread
+    that would stall every task (a cache's refreshes, a test's clients).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"waiting for {what} blocks; from async code use `await server.start_async()` "
+        "or `await anyio.to_thread.run_sync(...)`"
+    )
+
+
 class _Started:
     """A server that ``with`` starts, and closes on the way out."""
 
     def start(self) -> Self:
         raise NotImplementedError
+
+    async def start_async(self) -> Self:
+        """``start()`` in a worker thread, so the caller's event loop keeps running."""
+        return await anyio.to_thread.run_sync(self.start)
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -317,6 +339,7 @@ class _ChildProcess(_Started):
         self, argv: Sequence[str], ready: Callable[[], bool], timeout: float, **popen: Any
     ) -> None:
         """Start ``argv`` and poll ``ready`` until it says yes; stop the process if it never does."""
+        _not_on_an_event_loop(self.what)
         self._proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, **popen)
         _running.add(self)
         deadline = time.monotonic() + timeout
@@ -458,6 +481,7 @@ class RedisServer(_ChildProcess):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _spawn_and_wait(self) -> None:
+        _not_on_an_event_loop("redis-server")
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             self._argv(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
@@ -709,6 +733,7 @@ class RedisCluster(_Started):
     def _wait_for(
         self, predicate: Callable[[], bool], what: str, timeout: float | None = None
     ) -> None:
+        _not_on_an_event_loop(what)
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
         delay = 0.01
         last_error: Exception | None = None

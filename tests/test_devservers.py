@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -63,7 +64,7 @@ async def test_kill_and_start_on_the_same_port(restartable_redis: RedisServer) -
         assert not restartable_redis.running
         with pytest.raises(RedisConnectionError):
             await client.get("k")
-        restartable_redis.start()
+        await restartable_redis.start_async()
         assert restartable_redis.port == port
         assert restartable_redis.pid != pid
         assert await client.get("k") is None  # no persistence: a restart is a cold cache
@@ -203,7 +204,8 @@ async def test_cluster_is_ok_and_serves_every_slot_range(
 @pytest.mark.slow
 async def test_cluster_made_with_commands_survives_a_node_restart() -> None:
     """Without redis-cli the cluster is formed over sockets; a killed node restarts into it."""
-    with RedisCluster(create_with="commands") as cluster:
+    cluster = await RedisCluster(create_with="commands").start_async()
+    try:
         assert cluster.redis_cli is None
         client = AsyncRedisCluster(host=cluster.nodes[0].host, port=cluster.nodes[0].port)
         try:
@@ -212,13 +214,15 @@ async def test_cluster_made_with_commands_survives_a_node_restart() -> None:
             await client.aclose()
         killed = cluster.kill_node(2)
         assert not killed.running
-        killed.start()
-        cluster.wait_ok()
+        await killed.start_async()
+        await anyio.to_thread.run_sync(cluster.wait_ok)
         client = AsyncRedisCluster(host=cluster.nodes[0].host, port=cluster.nodes[0].port)
         try:
             await check_cluster_serves(client, cluster.masters)
         finally:
             await client.aclose()
+    finally:
+        cluster.close()
 
 
 # --- moto -----------------------------------------------------------------------------
@@ -271,3 +275,16 @@ def test_moto_process_serves_dynamodb_and_stops() -> None:
 
         for name in added:
             os.environ.pop(name, None)
+
+
+async def test_starting_a_server_on_an_event_loop_refuses_to_block_it() -> None:
+    """start() polls with blocking sleeps: on a running loop it refuses; start_async() works."""
+    server = RedisServer()
+    try:
+        with pytest.raises(RuntimeError, match="start_async"):
+            server.start()
+        assert not server.running
+        await server.start_async()
+        assert server.command("PING") == "PONG"
+    finally:
+        server.close()

@@ -84,7 +84,7 @@ async def test_killed_and_restarted_redis_recovers(restartable_redis: Any, origi
         for _ in range(20):
             assert (await get_user("u1"))["name"] == "Ada"
         assert cache.stats()[get_user.name]["bypasses"] + cache.stats()[get_user.name]["redis_errors"] > 0
-        restartable_redis.start()
+        await restartable_redis.start_async()  # the cache's tasks keep running meanwhile
 
         async def hits_again() -> bool:
             before = cache.stats()[get_user.name]["hits"]

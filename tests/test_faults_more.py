@@ -89,7 +89,7 @@ async def test_redis_stopped_mid_load(restartable_redis: RedisServer, origin: Re
         assert stats["redis_errors"] <= 20 + 10
         assert stats["redis_errors"] + stats["bypasses"] >= 100
         assert max(latencies) < 5.0  # no call hangs on the dead server
-        restartable_redis.start()
+        await restartable_redis.start_async()
 
         async def hits_again() -> bool:
             before = cache.stats()[get_user.name]["hits"]
