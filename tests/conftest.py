@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis.asyncio as aioredis
 
+from swr_cache import Cache
 from swr_cache.devservers import MotoServer, RedisCluster, RedisServer, set_dummy_aws_env
+from swr_cache.testing import CacheHost, FakeClock
 
 if TYPE_CHECKING:
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -122,6 +124,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         [pytest.param(STANDALONE), pytest.param(CLUSTER, marks=pytest.mark.cluster)],
         indirect=True,
     )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A wall clock the test moves by hand (``clock.advance(seconds)``)."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def cache(redis_client: aioredis.Redis, clock: FakeClock) -> AsyncIterator[Cache]:
+    """An entered ``Cache`` on ``redis_client`` (namespace ``t``, soft 10 s, hard 100 s, no XFetch).
+
+    Modules that need other settings define a ``cache`` fixture of their own.
+    """
+    c = Cache(redis_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0)
+    async with CacheHost(c) as entered:
+        yield entered
 
 
 @pytest.fixture

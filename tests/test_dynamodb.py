@@ -155,18 +155,6 @@ ADA = {
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def cache(redis_client: aioredis.Redis, clock: FakeClock) -> AsyncIterator[Cache]:
-    c = Cache(redis_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0)
-    async with CacheHost(c) as entered:
-        yield entered
-
-
-@pytest.fixture
 def qclock() -> FakeClock:
     return FakeClock()
 

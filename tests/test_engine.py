@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -12,21 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from swr_cache import Cache, CacheNotEnteredError, ConfigError, cached, cached_item, item_tag
-from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
+from swr_cache.testing import FakeClock, RecordingOrigin
 
 pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def cache(redis_client: aioredis.Redis, clock: FakeClock) -> AsyncIterator[Cache]:
-    c = Cache(redis_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0)
-    async with CacheHost(c) as entered:
-        yield entered
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import base64
 import copy
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +28,7 @@ from swr_cache import (
 from swr_cache._keys import KeySpace, item_identity
 from swr_cache.devservers import RedisServer, free_port
 from swr_cache.streams import StreamRecord, parse_record, table_from_arn
-from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
+from swr_cache.testing import FakeClock, RecordingOrigin
 
 pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
@@ -135,18 +135,6 @@ def kinesis_record(inner: dict[str, Any], table: str, kinesis_seq: str) -> dict[
         "eventName": "aws:kinesis:record",
         "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/cache-changes",
     }
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def cache(redis_client: aioredis.Redis, clock: FakeClock) -> AsyncIterator[Cache]:
-    c = Cache(redis_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0)
-    async with CacheHost(c) as entered:
-        yield entered
 
 
 @pytest.fixture
