@@ -827,14 +827,19 @@ class Cache:
         """
         await self.invalidate_items([(table, key)])
 
-    async def invalidate_items(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
-        """Invalidate many items in as few round trips as possible (see ``invalidate_item``)."""
-        identities = []
+    async def invalidate_items(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> int:
+        """Invalidate many items in as few round trips as possible (see ``invalidate_item``).
+
+        Returns:
+            How many distinct items were invalidated.
+        """
+        identities: dict[str, None] = {}
         tags: dict[str, None] = {}
         for table, key in items:
-            identities.append(item_identity(table, key))
+            identities[item_identity(table, key)] = None
             tags.update(dict.fromkeys(change_tags(table, key)))
-        await self.invalidate_identities(identities, list(tags))
+        await self.invalidate_identities(list(identities), list(tags))
+        return len(identities)
 
     async def invalidate_identities(self, identities: Sequence[str], tags: Sequence[str] = ()) -> None:
         """Invalidate entries by identity and purge tags, failing loudly."""
@@ -1524,9 +1529,11 @@ class Cache:
     ) -> bool:
         """Store a loaded value under the lease; True if an invalidation superseded it.
 
-        Superseded means the lease was taken away (invalidations delete it) or
-        a tag was purged while the value loaded: the value may predate a write
-        that has completed since, so it is neither stored nor worth keeping.
+        Superseded means the lease was taken away (invalidations delete it), a
+        tag was purged while the value loaded, or a merge found its entry
+        replaced or holding another version: the value (or the cached
+        attributes it was to join) may predate a write that has completed
+        since, so it is not stored and ``_load`` loads once more.
         """
         store = self._store
         lease = req.lease

@@ -1537,24 +1537,13 @@ class CachedTable:
     # -- writes --------------------------------------------------------------------
 
     async def _invalidate(self, keys: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
-        identities: list[str] = []
-        tags: dict[str, None] = {}
-        for table, key in keys:
-            identities.append(item_identity(table, key))
-            tags.update(dict.fromkeys(change_tags(table, key)))
-        if not identities:
+        items = list(keys)
+        if not items:
             return
-        cache = self.cache
         # Shielded: a caller cancelled after its write must still not leave the old item cached.
         with anyio.CancelScope(shield=True):
-            try:
-                await cache.invalidate_identities(list(dict.fromkeys(identities)), list(tags))
-            except BaseException:
-                # The write happened (or may have): even when Redis could not be
-                # told, no later caller may join a load that began before it.
-                cache._detach(cache._keys.entry(i) for i in identities)
-                raise
-        self.metrics.counts["invalidations"] += len(identities)
+            count = await self.cache.invalidate_items(items)
+        self.metrics.counts["invalidations"] += count
 
     async def invalidate(self, key: Key) -> None:
         """Invalidate one item: its entry, its lease, and everything tagged with it or its partition.
