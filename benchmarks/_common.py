@@ -75,7 +75,16 @@ def host_port_db(url: str) -> tuple[str, int, int]:
 def versions() -> dict[str, str]:
     """Versions of the libraries compared (``missing`` when not installed)."""
     out = {}
-    for name in ("swr-cache", "redis", "hiredis", "msgpack", "aiocache", "cashews", "aiobotocore", "moto"):
+    for name in (
+        "swr-cache",
+        "redis",
+        "hiredis",
+        "msgpack",
+        "aiocache",
+        "cashews",
+        "aiobotocore",
+        "moto",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -167,18 +176,35 @@ def median_count(values: Sequence[int]) -> int:
     return ordered[(len(ordered) - 1) // 2] if ordered else 0
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()) -> dict[str, Any]:
+def table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()
+) -> dict[str, Any]:
     """A result table; cells are kept as given (numbers stay numbers in the JSON)."""
-    return {"title": title, "columns": list(columns), "rows": [list(r) for r in rows], "notes": list(notes)}
+    return {
+        "title": title,
+        "columns": list(columns),
+        "rows": [list(r) for r in rows],
+        "notes": list(notes),
+    }
 
 
 def print_table(t: dict[str, Any]) -> None:
     cells = [[fmt(c) for c in row] for row in t["rows"]]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(t["columns"])]
     print(f"\n{t['title']}")
-    print("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(t["columns"], widths, strict=True))))
+    print(
+        "  ".join(
+            f"{h:>{w}}" if i else f"{h:<{w}}"
+            for i, (h, w) in enumerate(zip(t["columns"], widths, strict=True))
+        )
+    )
     for row in cells:
-        print("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  ".join(
+                f"{c:>{w}}" if i else f"{c:<{w}}"
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     for note in t["notes"]:
         print(f"  {note}")
 
@@ -189,7 +215,11 @@ def finish(results: dict[str, Any], json_path: str | None) -> None:
         print_table(t)
     results.setdefault("meta", {})
     results["meta"].update(
-        {"python": platform.python_version(), "versions": versions(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        {
+            "python": platform.python_version(),
+            "versions": versions(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
     )
     if json_path:
         with open(json_path, "w") as fh:

@@ -63,7 +63,9 @@ CONFIG = {
 }
 
 
-async def dynamo_table(endpoint: str, cache: Cache, stack: contextlib.AsyncExitStack, items: list[dict[str, Any]]) -> Any:
+async def dynamo_table(
+    endpoint: str, cache: Cache, stack: contextlib.AsyncExitStack, items: list[dict[str, Any]]
+) -> Any:
     """A cached DynamoTable over moto, seeded with the items and filled once."""
     from aiobotocore.session import get_session
     from boto3.dynamodb.types import TypeSerializer
@@ -72,8 +74,11 @@ async def dynamo_table(endpoint: str, cache: Cache, stack: contextlib.AsyncExitS
 
     client = await stack.enter_async_context(
         get_session().create_client(
-            "dynamodb", endpoint_url=endpoint, region_name="us-east-1",
-            aws_access_key_id="bench", aws_secret_access_key="bench",
+            "dynamodb",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
         )
     )
     await client.create_table(
@@ -100,7 +105,9 @@ async def dynamo_table(endpoint: str, cache: Cache, stack: contextlib.AsyncExitS
     return view, keys
 
 
-async def contenders(url: str, args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> dict[str, Batch]:
+async def contenders(
+    url: str, args: argparse.Namespace, stack: contextlib.AsyncExitStack
+) -> dict[str, Batch]:
     items = [make_item(f"user#{i:04d}") for i in range(N)]
     by_pk = {item["pk"]: item for item in items}
     pks = list(by_pk)
@@ -132,7 +139,9 @@ async def contenders(url: str, args: argparse.Namespace, stack: contextlib.Async
             pipe.hgetall(k)
         return [
             {
-                name.decode(): msgpack.unpackb(raw, raw=False, strict_map_key=False, ext_hook=ext_hook)
+                name.decode(): msgpack.unpackb(
+                    raw, raw=False, strict_map_key=False, ext_hook=ext_hook
+                )
                 for name, raw in fields.items()
             }
             for fields in await pipe.execute()
@@ -177,7 +186,6 @@ async def contenders(url: str, args: argparse.Namespace, stack: contextlib.Async
     except ImportError:
         say("  aiocache is not installed: skipped")
     else:
-
         # No key_builder: multi_cached hands the built keys to the function. A namespace prefixes them.
         kw = {**aiocache_kwargs(url), "namespace": "am"}
 
@@ -273,10 +281,17 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
-    parser.add_argument("--endpoint-url", help="DynamoDB endpoint for the DynamoTable contender (else moto is started)")
-    parser.add_argument("--no-dynamodb", dest="dynamodb", action="store_false", help="skip DynamoTable (no moto)")
+    parser.add_argument(
+        "--endpoint-url",
+        help="DynamoDB endpoint for the DynamoTable contender (else moto is started)",
+    )
+    parser.add_argument(
+        "--no-dynamodb", dest="dynamodb", action="store_false", help="skip DynamoTable (no moto)"
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batches", type=int, default=50, help="batches per contender and round")
     parser.add_argument("--quick", action="store_true", help="4 rounds of 20 batches")

@@ -103,7 +103,14 @@ from swr_cache._keys import KeySpace, item_identity  # noqa: E402
 MODES = ("sync", "table", "write_through", "stream", "stream_versioned", "processes")
 #: Modes whose writers invalidate (or write through) before returning: 0 stale reads expected.
 SYNC_MODES = frozenset({"sync", "table", "write_through", "processes"})
-PROJECTIONS: tuple[tuple[str, ...] | None, ...] = (None, None, ("v",), ("w",), ("v", "w"), ("v", "p"))
+PROJECTIONS: tuple[tuple[str, ...] | None, ...] = (
+    None,
+    None,
+    ("v",),
+    ("w",),
+    ("v", "w"),
+    ("v", "p"),
+)
 UPDATE = "ADD v :one, w :one SET p = :p"
 REGION = "us-east-1"
 BUCKET_S = 0.25  # width of a time bucket in the staleness chart
@@ -183,7 +190,9 @@ class Records:
     writes: list[Write] = field(default_factory=list)
     loads: list[Load] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    applied: dict[tuple[int, int], float] = field(default_factory=dict)  # stream: (key, version) -> applied
+    applied: dict[tuple[int, int], float] = field(
+        default_factory=dict
+    )  # stream: (key, version) -> applied
     counters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     started: float = 0.0
     ended: float = 0.0
@@ -255,7 +264,9 @@ def session_kwargs(endpoint_url: str) -> dict[str, Any]:
         "region_name": REGION,
         "aws_access_key_id": "testing",
         "aws_secret_access_key": "testing",
-        "config": AioConfig(max_pool_connections=64, retries={"max_attempts": 3, "mode": "standard"}),
+        "config": AioConfig(
+            max_pool_connections=64, retries={"max_attempts": 3, "mode": "standard"}
+        ),
     }
 
 
@@ -283,7 +294,12 @@ async def create_table(client: Any, cfg: Config, *, stream: bool) -> str | None:
         if rng.random() < cfg.seeded:
             await client.put_item(
                 TableName=cfg.table,
-                Item={"pk": {"S": key_name(k)}, "v": {"N": "1"}, "w": {"N": "1"}, "p": {"S": pad(rng)}},
+                Item={
+                    "pk": {"S": key_name(k)},
+                    "v": {"N": "1"},
+                    "w": {"N": "1"},
+                    "p": {"S": pad(rng)},
+                },
             )
     return arn if isinstance(arn, str) else None
 
@@ -294,7 +310,14 @@ class DelayedClient:
     Writes pass straight through. Every read is recorded as a ``Load`` per item.
     """
 
-    def __init__(self, client: Any, cfg: Config, rng: random.Random, records: Records, keys: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        cfg: Config,
+        rng: random.Random,
+        records: Records,
+        keys: Mapping[str, int],
+    ) -> None:
         self._client = client
         self._cfg = cfg
         self._rng = rng
@@ -318,7 +341,15 @@ class DelayedClient:
         item = None if raw is None else _deserialize(raw)
         version, _ = version_of(item)
         self._records.loads.append(
-            Load(self._keys[params["Key"]["pk"]["S"]], t0, t_read, version, time.monotonic(), pair_of(item), self._cfg.index)
+            Load(
+                self._keys[params["Key"]["pk"]["S"]],
+                t0,
+                t_read,
+                version,
+                time.monotonic(),
+                pair_of(item),
+                self._cfg.index,
+            )
         )
         return reply
 
@@ -334,7 +365,15 @@ class DelayedClient:
                 item = _deserialize(raw)
                 version, _ = version_of(item)
                 self._records.loads.append(
-                    Load(self._keys[raw["pk"]["S"]], t0, t_read, version, t1, pair_of(item), self._cfg.index)
+                    Load(
+                        self._keys[raw["pk"]["S"]],
+                        t0,
+                        t_read,
+                        version,
+                        t1,
+                        pair_of(item),
+                        self._cfg.index,
+                    )
                 )
         return reply
 
@@ -393,7 +432,10 @@ def _flights_of(cache: Cache, entry: str) -> bool:
 
 
 def _reads_of(cache: Cache, entry: str) -> bool:
-    return any(k == entry or (type(k) is tuple and k and k[0] == entry) for k in getattr(cache, "_reads", {}))
+    return any(
+        k == entry or (type(k) is tuple and k and k[0] == entry)
+        for k in getattr(cache, "_reads", {})
+    )
 
 
 def summarize_stats(cache: Cache) -> dict[str, int]:
@@ -418,7 +460,9 @@ async def workload(
     rng = random.Random(cfg.seed * 7919 + cfg.index)
     keys = {key_name(k): k for k in range(cfg.keys)}
     delayed = DelayedClient(client, cfg, rng, records, keys)
-    entries = [cache._keys.entry(item_identity(cfg.table, {"pk": key_name(k)})) for k in range(cfg.keys)]
+    entries = [
+        cache._keys.entry(item_identity(cfg.table, {"pk": key_name(k)})) for k in range(cfg.keys)
+    ]
     soft = cfg.stream_soft_ttl if cfg.flavor == "stream" else cfg.soft_ttl
 
     @cached_item(
@@ -432,7 +476,11 @@ async def workload(
         version_attribute=cfg.version_attribute,
     )
     async def get_item(pk: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
-        params: dict[str, Any] = {"TableName": cfg.table, "Key": {"pk": {"S": pk}}, "ConsistentRead": True}
+        params: dict[str, Any] = {
+            "TableName": cfg.table,
+            "Key": {"pk": {"S": pk}},
+            "ConsistentRead": True,
+        }
         if attributes is not None:
             names = {f"#a{i}": a for i, a in enumerate([*attributes, "pk"])}
             params["ProjectionExpression"] = ", ".join(names)
@@ -484,7 +532,19 @@ async def workload(
         t1 = time.monotonic()
         got, torn = version_of(item)
         records.reads.append(
-            Read(k, t0, t1, got, torn, pair_of(item), flight, coalesced, via, ",".join(attrs or ()), cfg.index)
+            Read(
+                k,
+                t0,
+                t1,
+                got,
+                torn,
+                pair_of(item),
+                flight,
+                coalesced,
+                via,
+                ",".join(attrs or ()),
+                cfg.index,
+            )
         )
 
     async def batch(first: int, attrs: tuple[str, ...] | None) -> None:
@@ -498,7 +558,19 @@ async def workload(
         for k, item, (flight, coalesced) in zip(ks, items, flags, strict=True):
             got, torn = version_of(item)
             records.reads.append(
-                Read(k, t0, t1, got, torn, pair_of(item), flight, coalesced, "batch", ",".join(attrs or ()), cfg.index)
+                Read(
+                    k,
+                    t0,
+                    t1,
+                    got,
+                    torn,
+                    pair_of(item),
+                    flight,
+                    coalesced,
+                    "batch",
+                    ",".join(attrs or ()),
+                    cfg.index,
+                )
             )
 
     async def write(k: int, alt: bool) -> None:
@@ -540,7 +612,9 @@ async def workload(
             t_written = time.monotonic()  # (update_item returns after invalidating)
             via = "view.update_item"
         else:
-            new = await through.update_item({"pk": pk}, UPDATE, expression_values=values, return_values="ALL_NEW")
+            new = await through.update_item(
+                {"pk": pk}, UPDATE, expression_values=values, return_values="ALL_NEW"
+            )
             assert new is not None
             version = int(new["v"])
             counters["origin_anomalies"] += new["v"] != new["w"]
@@ -567,9 +641,15 @@ async def workload(
                     records.errors.append(f"{kind} {key_name(k)}: {exc!r}")
             done += 1
             if progress and done % step == 0:
-                stale = len(find_stale(records.reads, records.writes)[0]) if cfg.flavor != "stream" else None
+                stale = (
+                    len(find_stale(records.reads, records.writes)[0])
+                    if cfg.flavor != "stream"
+                    else None
+                )
                 extra = "" if stale is None else f", {stale} stale after a completed write so far"
-                say(f"  {cfg.mode}{f' [{cfg.index}]' if cfg.flavor == 'mixed' else ''}: {done:,}/{cfg.ops:,} ops{extra}")
+                say(
+                    f"  {cfg.mode}{f' [{cfg.index}]' if cfg.flavor == 'mixed' else ''}: {done:,}/{cfg.ops:,} ops{extra}"
+                )
 
     records.started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(cfg.workers)))
@@ -648,9 +728,7 @@ def mechanism(r: Read) -> str:
     return "neither (no in-process sharing seen at the read's start)"
 
 
-def pre_write_loads(
-    stale: Sequence[tuple[Read, float, int]], loads: Sequence[Load]
-) -> int:
+def pre_write_loads(stale: Sequence[tuple[Read, float, int]], loads: Sequence[Load]) -> int:
     """Stale reads whose answer matches a load that read DynamoDB before the missed write
     completed and handed its value back after the read began (the shape of a shared load)."""
     by_key: dict[int, list[Load]] = defaultdict(list)
@@ -674,7 +752,9 @@ def ms(values: Sequence[float]) -> tuple[float, float, float]:
     return percentile(values, 50) * 1000.0, percentile(values, 99) * 1000.0, max(values) * 1000.0
 
 
-def analyze(cfg: Config, records: Records, check: dict[str, Any], stats: Mapping[str, int]) -> dict[str, Any]:
+def analyze(
+    cfg: Config, records: Records, check: dict[str, Any], stats: Mapping[str, int]
+) -> dict[str, Any]:
     stale, windows = find_stale(records.reads, records.writes)
     origin_pairs = {(x.key, x.pair) for x in records.loads}
     out: dict[str, Any] = {
@@ -691,7 +771,8 @@ def analyze(cfg: Config, records: Records, check: dict[str, Any], stats: Mapping
             1 for r in records.reads if r.torn and (r.key, r.pair) not in origin_pairs
         ),
         "origin_torn_loads": sum(1 for x in records.loads if version_of_pair(x.pair)),
-        "origin_anomalies": records.counters.get("origin_anomalies", 0) + check.get("table_torn", 0),
+        "origin_anomalies": records.counters.get("origin_anomalies", 0)
+        + check.get("table_torn", 0),
         "origin_loads": len(records.loads),
         "loads_straddling_a_write": straddling_loads(records.loads, records.writes),
         "fills": stats.get("fills", 0),
@@ -722,16 +803,23 @@ def analyze(cfg: Config, records: Records, check: dict[str, Any], stats: Mapping
             "via": r.via,
             "process": r.proc,
             "writer_process": min(
-                (w for w in records.writes if w.key == r.key), key=lambda w, at=r.t0 - s: abs(w.t1 - at)
+                (w for w in records.writes if w.key == r.key),
+                key=lambda w, at=r.t0 - s: abs(w.t1 - at),
             ).proc,
             "mechanism": mechanism(r),
         }
         for r, s, req in stale[:10]
     ]
     out["torn_samples"] = [
-        {"item": key_name(r.key), "via": r.via, "attributes": r.attrs, "v/w": r.pair,
-         "from_origin": (r.key, r.pair) in origin_pairs,
-         "read_ms": round((r.t1 - r.t0) * 1000.0, 3), "process": r.proc}
+        {
+            "item": key_name(r.key),
+            "via": r.via,
+            "attributes": r.attrs,
+            "v/w": r.pair,
+            "from_origin": (r.key, r.pair) in origin_pairs,
+            "read_ms": round((r.t1 - r.t0) * 1000.0, 3),
+            "process": r.proc,
+        }
         for r in records.reads
         if r.torn
     ][:10]
@@ -747,15 +835,28 @@ def analyze(cfg: Config, records: Records, check: dict[str, Any], stats: Mapping
         out["writes_with_applied_record"] = len(lags)
         # Once the consumer has applied a write's record, the cache must not serve older.
         applied = [
-            Write(w.key, w.version, w.t0, w.t_written, records.applied[(w.key, w.version)], w.via, w.proc)
+            Write(
+                w.key,
+                w.version,
+                w.t0,
+                w.t_written,
+                records.applied[(w.key, w.version)],
+                w.via,
+                w.proc,
+            )
             for w in records.writes
             if (w.key, w.version) in records.applied
         ]
         after_applied, _ = find_stale(records.reads, applied)
         out["stale_reads_after_applied_invalidation"] = len(after_applied)
         out["stale_after_applied_samples"] = [
-            {"item": key_name(r.key), "got": r.got, "required": req, "after_ms": round(s * 1000.0, 3),
-             "mechanism": mechanism(r)}
+            {
+                "item": key_name(r.key),
+                "got": r.got,
+                "required": req,
+                "after_ms": round(s * 1000.0, 3),
+                "mechanism": mechanism(r),
+            }
             for r, s, req in after_applied[:10]
         ]
         out["timeline"] = timeline(records, stale)
@@ -802,7 +903,12 @@ async def check_entries(redis_client: Any, client: Any, cfg: Config) -> dict[str
     ks = KeySpace(cfg.namespace)
     mismatches: list[str] = []
     entries = peeked = table_torn = 0
-    cache = Cache(redis_client, namespace=cfg.namespace, soft_ttl=cfg.soft_ttl, hard_ttl=max(cfg.hard_ttl, cfg.stream_soft_ttl))
+    cache = Cache(
+        redis_client,
+        namespace=cfg.namespace,
+        soft_ttl=cfg.soft_ttl,
+        hard_ttl=max(cfg.hard_ttl, cfg.stream_soft_ttl),
+    )
 
     @cached_item(cache, table=cfg.table, key=lambda pk: {"pk": pk}, name="checker")
     async def never(pk: str) -> dict[str, Any] | None:  # peek only: never loads
@@ -811,11 +917,15 @@ async def check_entries(redis_client: Any, client: Any, cfg: Config) -> dict[str
     async with cache:
         for k in range(cfg.keys):
             pk = key_name(k)
-            reply = await client.get_item(TableName=cfg.table, Key={"pk": {"S": pk}}, ConsistentRead=True)
+            reply = await client.get_item(
+                TableName=cfg.table, Key={"pk": {"S": pk}}, ConsistentRead=True
+            )
             truth = None if "Item" not in reply else _deserialize(reply["Item"])
             if truth is not None and truth.get("v") != truth.get("w"):
                 table_torn += 1  # the fake lost an update: versions cannot be trusted
-            raw: dict[bytes, bytes] = await redis_client.hgetall(ks.entry(item_identity(cfg.table, {"pk": pk})))
+            raw: dict[bytes, bytes] = await redis_client.hgetall(
+                ks.entry(item_identity(cfg.table, {"pk": pk}))
+            )
             if not raw:
                 continue
             entries += 1
@@ -826,21 +936,37 @@ async def check_entries(redis_client: Any, client: Any, cfg: Config) -> dict[str
             if seen is not None:
                 peeked += 1
                 if seen[0] != truth:
-                    mismatches.append(f"{pk}: peek gives {summary(seen[0])}, the table has {summary(truth)}")
-    return {"entries": entries, "mismatches": mismatches, "peeked": peeked, "table_torn": table_torn}
+                    mismatches.append(
+                        f"{pk}: peek gives {summary(seen[0])}, the table has {summary(truth)}"
+                    )
+    return {
+        "entries": entries,
+        "mismatches": mismatches,
+        "peeked": peeked,
+        "table_torn": table_torn,
+    }
 
 
 def summary(item: Mapping[str, Any] | None) -> str:
     if item is None:
         return "no item"
-    return "{" + ", ".join(f"{k}={item[k]}" for k in sorted(item) if k != "p") + (", p=..." if "p" in item else "") + "}"
+    return (
+        "{"
+        + ", ".join(f"{k}={item[k]}" for k in sorted(item) if k != "p")
+        + (", p=..." if "p" in item else "")
+        + "}"
+    )
 
 
 def entry_problem(raw: Mapping[bytes, bytes], truth: Mapping[str, Any] | None) -> str | None:
     """How a raw entry hash differs from the table's item (``None``: it matches)."""
     from swr_cache._store import M_ABSENT, M_NONE, M_WHOLE
 
-    attrs = {name.decode(): _codec.decode(value) for name, value in raw.items() if not name.startswith(b"\xff")}
+    attrs = {
+        name.decode(): _codec.decode(value)
+        for name, value in raw.items()
+        if not name.startswith(b"\xff")
+    }
     if M_NONE in raw:
         return None if truth is None else f"cached as not found, the table has {summary(truth)}"
     if truth is None:
@@ -871,7 +997,9 @@ def mode_config(mode: str, base: Config) -> Config:
     return cfg
 
 
-async def run_mode(base: Config, redis_url: str, endpoint_url: str, *, progress: bool = True) -> dict[str, Any]:
+async def run_mode(
+    base: Config, redis_url: str, endpoint_url: str, *, progress: bool = True
+) -> dict[str, Any]:
     """Run one mode end to end and return its analysis."""
     import redis.asyncio as aioredis
     from aiobotocore.session import get_session
@@ -883,7 +1011,9 @@ async def run_mode(base: Config, redis_url: str, endpoint_url: str, *, progress:
     try:
         session = get_session()
         async with contextlib.AsyncExitStack() as stack:
-            client = await stack.enter_async_context(session.create_client("dynamodb", **session_kwargs(endpoint_url)))
+            client = await stack.enter_async_context(
+                session.create_client("dynamodb", **session_kwargs(endpoint_url))
+            )
             arn = await create_table(client, cfg, stream=cfg.flavor == "stream")
             if cfg.mode == "processes":
                 stats = await run_processes(cfg, redis_url, endpoint_url, records)
@@ -932,7 +1062,9 @@ async def run_with_stream(
     await last.release()
 
 
-async def run_processes(cfg: Config, redis_url: str, endpoint_url: str, records: Records) -> dict[str, int]:
+async def run_processes(
+    cfg: Config, redis_url: str, endpoint_url: str, records: Records
+) -> dict[str, int]:
     """``cfg.processes`` worker processes share Redis and DynamoDB; returns summed engine counters."""
     import redis.asyncio as aioredis
 
@@ -994,7 +1126,9 @@ async def worker_main(cfg: Config, redis_url: str, endpoint_url: str, out: str) 
     redis_client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, max_connections=64)
     barrier = f"{cfg.namespace}:barrier"
     try:
-        async with get_session().create_client("dynamodb", **session_kwargs(endpoint_url)) as client:
+        async with get_session().create_client(
+            "dynamodb", **session_kwargs(endpoint_url)
+        ) as client:
             cache = Cache(redis_client, namespace=cfg.namespace)
             async with cache:
                 await redis_client.incr(f"{barrier}:ready")
@@ -1093,14 +1227,34 @@ def render(results: dict[str, Any]) -> None:
                 " when idle): staleness",
                 ["measure", "count", "p50 ms", "p99 ms", "max ms"],
                 [
-                    ["stale reads: time since the missed write completed", s["stale_reads_after_completed_write"],
-                     s["staleness_p50_ms"], s["staleness_p99_ms"], s["staleness_max_ms"]],
-                    ["per write: last stale read began after completion", s["writes"],
-                     s["window_p50_ms"], s["window_p99_ms"], s["window_max_ms"]],
-                    ["per write: completion to its record applied", s["writes_with_applied_record"],
-                     s["lag_p50_ms"], s["lag_p99_ms"], s["lag_max_ms"]],
-                    ["stale reads begun after the record was applied (target 0)",
-                     s["stale_reads_after_applied_invalidation"], "", "", ""],
+                    [
+                        "stale reads: time since the missed write completed",
+                        s["stale_reads_after_completed_write"],
+                        s["staleness_p50_ms"],
+                        s["staleness_p99_ms"],
+                        s["staleness_max_ms"],
+                    ],
+                    [
+                        "per write: last stale read began after completion",
+                        s["writes"],
+                        s["window_p50_ms"],
+                        s["window_p99_ms"],
+                        s["window_max_ms"],
+                    ],
+                    [
+                        "per write: completion to its record applied",
+                        s["writes_with_applied_record"],
+                        s["lag_p50_ms"],
+                        s["lag_p99_ms"],
+                        s["lag_max_ms"],
+                    ],
+                    [
+                        "stale reads begun after the record was applied (target 0)",
+                        s["stale_reads_after_applied_invalidation"],
+                        "",
+                        "",
+                        "",
+                    ],
                 ],
                 notes=[
                     f"soft TTL {cfg['stream_soft_ttl']:.0f} s in this mode, so only the stream invalidates",
@@ -1118,7 +1272,9 @@ def render(results: dict[str, Any]) -> None:
                 "xlabel": "seconds into the run",
                 "series": {
                     "max staleness of stale reads (ms)": [b["max_staleness_ms"] for b in line],
-                    "max write-to-invalidation lag (ms)": [b["max_invalidation_lag_ms"] for b in line],
+                    "max write-to-invalidation lag (ms)": [
+                        b["max_invalidation_lag_ms"] for b in line
+                    ],
                 },
                 "ylabel": "ms",
                 "log": False,
@@ -1130,7 +1286,9 @@ def violations(results: Mapping[str, Any]) -> list[str]:
     out = []
     for r in results["modes"]:
         if r["mode"] in SYNC_MODES and r["stale_reads_after_completed_write"]:
-            out.append(f"{r['mode']}: {r['stale_reads_after_completed_write']} stale reads after completed writes")
+            out.append(
+                f"{r['mode']}: {r['stale_reads_after_completed_write']} stale reads after completed writes"
+            )
         if r.get("stale_reads_after_applied_invalidation"):
             out.append(
                 f"{r['mode']}: {r['stale_reads_after_applied_invalidation']} stale reads after the stream"
@@ -1139,15 +1297,23 @@ def violations(results: Mapping[str, Any]) -> list[str]:
         if r["mode"] == "stream_versioned" and r["torn_reads_not_from_origin"]:
             out.append(f"{r['mode']}: {r['torn_reads_not_from_origin']} answers mixed two versions")
         if r["entries_not_equal_to_table"]:
-            out.append(f"{r['mode']}: {r['entries_not_equal_to_table']} entries differ from the table")
+            out.append(
+                f"{r['mode']}: {r['entries_not_equal_to_table']} entries differ from the table"
+            )
         if r["origin_anomalies"]:
-            out.append(f"{r['mode']}: {r['origin_anomalies']} origin anomalies: the versions cannot be trusted")
+            out.append(
+                f"{r['mode']}: {r['origin_anomalies']} origin anomalies: the versions cannot be trusted"
+            )
         if r["errors"]:
-            out.append(f"{r['mode']}: {r['errors']} operations failed, e.g. {r['error_samples'][:1]}")
+            out.append(
+                f"{r['mode']}: {r['errors']} operations failed, e.g. {r['error_samples'][:1]}"
+            )
     return out
 
 
-async def run_all(base: Config, modes: Sequence[str], redis_url: str, endpoint_url: str) -> list[dict[str, Any]]:
+async def run_all(
+    base: Config, modes: Sequence[str], redis_url: str, endpoint_url: str
+) -> list[dict[str, Any]]:
     out = []
     for mode in modes:
         say(f"{mode}: {base.ops:,} ops")
@@ -1161,9 +1327,15 @@ async def run_all(base: Config, modes: Sequence[str], redis_url: str, endpoint_u
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--ops", type=int, help="operations per mode (default 10,000; 2,000 with --quick)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
+    )
+    parser.add_argument(
+        "--ops", type=int, help="operations per mode (default 10,000; 2,000 with --quick)"
+    )
     parser.add_argument("--keys", type=int, default=Config.keys)
     parser.add_argument("--workers", type=int, default=Config.workers)
     parser.add_argument("--write-fraction", type=float, default=Config.write_fraction)
@@ -1177,13 +1349,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="readers merge projections only into entries of the version they load (e.g. v)",
     )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
-    parser.add_argument("--endpoint-url", help="use this DynamoDB endpoint instead of starting moto")
+    parser.add_argument(
+        "--endpoint-url", help="use this DynamoDB endpoint instead of starting moto"
+    )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        asyncio.run(worker_main(Config(**json.loads(args.worker)), args.redis_url, args.endpoint_url, args.worker_out))
+        asyncio.run(
+            worker_main(
+                Config(**json.loads(args.worker)),
+                args.redis_url,
+                args.endpoint_url,
+                args.worker_out,
+            )
+        )
         return 0
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -1228,7 +1409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in bad:
         print(f"VIOLATION {line}")
     for r in runs:
-        shown = r["stale_samples"] if r["mode"] in SYNC_MODES else r.get("stale_after_applied_samples", [])
+        shown = (
+            r["stale_samples"]
+            if r["mode"] in SYNC_MODES
+            else r.get("stale_after_applied_samples", [])
+        )
         for sample in shown[:3]:
             print(f"  {r['mode']} stale read: {sample}")
         for sample in r["torn_samples"][:3]:

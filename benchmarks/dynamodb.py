@@ -335,7 +335,15 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
         table(
             f"Zipf({args.zipf}) over {args.keyspace:,} keys ({args.seeded:,} seeded, the rest absent),"
             f" {args.ops:,} operations, {args.write_fraction:.0%} writes, {args.concurrency} clients",
-            ["mode", "reads", "writes", "DynamoDB reads", "reads saved %", "stale reads after a write", "ops/s"],
+            [
+                "mode",
+                "reads",
+                "writes",
+                "DynamoDB reads",
+                "reads saved %",
+                "stale reads after a write",
+                "ops/s",
+            ],
             [
                 [
                     r["mode"],
@@ -389,7 +397,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--endpoint-url", help="DynamoDB endpoint (default: start moto's server)")
     parser.add_argument(
         "--redis-url", help="Redis URL (default: start a redis-server); its db is flushed"

@@ -77,7 +77,9 @@ async def peer_aiocache(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None
     except ImportError:
         return None
 
-    @aiocache.cached(ttl=3600, key_builder=lambda f, user_id: f"aiocache:{user_id}", **aiocache_kwargs(url))  # type: ignore[untyped-decorator]
+    @aiocache.cached(
+        ttl=3600, key_builder=lambda f, user_id: f"aiocache:{user_id}", **aiocache_kwargs(url)
+    )  # type: ignore[untyped-decorator]
     async def get_user(user_id: str) -> dict[str, Any]:
         return dict(item)
 
@@ -197,11 +199,21 @@ def render(results: dict[str, Any], modes: dict[str, str], args: argparse.Namesp
                 " (each caller decodes its own copy); cashews' protected=True shares one call (every caller"
                 " gets the same object); the floor and aiocache send one GET per caller"
             )
-        notes.append(f"swr_cache origin loads during the run: {r['origin_loads']} (the warm-up fill)")
+        notes.append(
+            f"swr_cache origin loads during the run: {r['origin_loads']} (the warm-up fill)"
+        )
         tables.append(
             table(
                 f"Hit path, ~1 KB item ({mode})",
-                ["contender", "us/call", "x floor", "p50 us", "p99 us", f"{WIDTH} same-key calls/s", "x floor"],
+                [
+                    "contender",
+                    "us/call",
+                    "x floor",
+                    "p50 us",
+                    "p99 us",
+                    f"{WIDTH} same-key calls/s",
+                    "x floor",
+                ],
                 rows,
                 notes=notes,
             )
@@ -237,7 +249,9 @@ def render(results: dict[str, Any], modes: dict[str, str], args: argparse.Namesp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=2000)
@@ -254,9 +268,16 @@ def main() -> None:
         modes["pinned"] = f"pinned: this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}"
     results: dict[str, Any] = {
         "benchmark": "hit_path",
-        "config": {"rounds": args.rounds, "calls": args.calls, "width": WIDTH, "contenders": CONFIG},
+        "config": {
+            "rounds": args.rounds,
+            "calls": args.calls,
+            "width": WIDTH,
+            "contenders": CONFIG,
+        },
     }
-    say(f"hit path: {args.rounds} interleaved rounds of {args.calls} calls, modes: {', '.join(modes)}")
+    say(
+        f"hit path: {args.rounds} interleaved rounds of {args.calls} calls, modes: {', '.join(modes)}"
+    )
     try:
         for mode in modes:
             if mode == "pinned":

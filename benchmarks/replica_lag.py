@@ -68,7 +68,9 @@ def wait_replicas_listed(cluster: RedisCluster, limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
     while True:
         views: list[Any] = [node.command("CLUSTER", "SLOTS") for node in cluster.nodes]
-        if all(isinstance(v, list) and all(len(r) == 3 + cluster.replicas for r in v) for v in views):
+        if all(
+            isinstance(v, list) and all(len(r) == 3 + cluster.replicas for r in v) for v in views
+        ):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"replicas not listed in CLUSTER SLOTS: {views!r}")
@@ -87,9 +89,13 @@ class Replicas:
         assert master is not None
         replica = self.by_master.get(master.name)
         if replica is None:
-            info: Any = await self.client.execute_command("INFO", "replication", target_nodes=master)
+            info: Any = await self.client.execute_command(
+                "INFO", "replication", target_nodes=master
+            )
             replica = aioredis.Redis(
-                host=info["slave0"]["ip"], port=int(info["slave0"]["port"]), single_connection_client=True
+                host=info["slave0"]["ip"],
+                port=int(info["slave0"]["port"]),
+                single_connection_client=True,
             )
             await replica.execute_command("READONLY")  # type: ignore[no-untyped-call]
             self.by_master[master.name] = replica
@@ -110,7 +116,9 @@ async def until(replica: aioredis.Redis, key: str, present: bool) -> tuple[float
         if bool(await replica.exists(key)) is present:
             return sent, polls
         if sent > deadline:
-            raise RuntimeError(f"replica did not {'get' if present else 'drop'} {key} in {POLL_LIMIT_S} s")
+            raise RuntimeError(
+                f"replica did not {'get' if present else 'drop'} {key} in {POLL_LIMIT_S} s"
+            )
 
 
 def _writer_process(
@@ -171,7 +179,9 @@ async def poll_rtt_us(replica: aioredis.Redis, n: int = 200) -> float:
     return percentile(times, 50)
 
 
-async def measure(cluster: RedisCluster, trials: int, writers: int, size: int, label: str) -> dict[str, Any]:
+async def measure(
+    cluster: RedisCluster, trials: int, writers: int, size: int, label: str
+) -> dict[str, Any]:
     nodes = [ClusterNode(h, p) for h, p in cluster.startup_nodes]
     masters_client = AsyncRedisCluster(startup_nodes=nodes)
     replica_client = AsyncRedisCluster(
@@ -202,7 +212,9 @@ async def measure(cluster: RedisCluster, trials: int, writers: int, size: int, l
                 async def read(pk: str) -> dict[str, Any]:
                     return await origin(pk)
 
-                rtt_us = await poll_rtt_us(await replicas.for_key(cache._keys.entry("Users|pk=S:probe")))
+                rtt_us = await poll_rtt_us(
+                    await replicas.for_key(cache._keys.entry("Users|pk=S:probe"))
+                )
                 started = time.perf_counter()
                 writes_before = writes.value
                 for t in range(trials):
@@ -311,9 +323,13 @@ def render(results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=500, help="trials per condition")
-    parser.add_argument("--writers", type=int, default=16, help="background writer tasks in the loaded condition")
+    parser.add_argument(
+        "--writers", type=int, default=16, help="background writer tasks in the loaded condition"
+    )
     parser.add_argument("--quick", action="store_true", help="100 trials per condition")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()

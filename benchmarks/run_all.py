@@ -90,7 +90,9 @@ def _cpu_model() -> str:
 
 def _run_text(argv: list[str]) -> str | None:
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False, cwd=ROOT)
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=20, check=False, cwd=ROOT
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -101,7 +103,9 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "os": platform.platform(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -134,12 +138,16 @@ def machine() -> dict[str, Any]:
 
 def discover(only: list[str], skip: list[str]) -> list[tuple[str, Path | None]]:
     """(name, path or None when missing) in report order."""
-    present = {p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"}
+    present = {
+        p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"
+    }
     names = list(KNOWN) + sorted(n for n in present if n not in KNOWN)
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
-            raise SystemExit(f"run_all: no benchmark named {', '.join(unknown)} (have: {', '.join(names)})")
+            raise SystemExit(
+                f"run_all: no benchmark named {', '.join(unknown)} (have: {', '.join(names)})"
+            )
         names = [n for n in names if n in only]
     return [(n, present.get(n)) for n in names if n not in skip]
 
@@ -189,7 +197,9 @@ def run_script(argv: list[str], timeout: float) -> dict[str, Any]:
     """Run one benchmark, echoing its progress (stderr) live and keeping its output."""
     t0 = time.monotonic()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     out: list[str] = []
     err: list[str] = []
     threads = [
@@ -206,7 +216,12 @@ def run_script(argv: list[str], timeout: float) -> dict[str, Any]:
         err.append(f"run_all: killed after {timeout:.0f} s\n")
     for t in threads:
         t.join(timeout=5)
-    return {"returncode": code, "seconds": time.monotonic() - t0, "stdout": "".join(out), "stderr": "".join(err)}
+    return {
+        "returncode": code,
+        "seconds": time.monotonic() - t0,
+        "stdout": "".join(out),
+        "stderr": "".join(err),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +254,9 @@ def generic_view(name: str, data: Any) -> tuple[list[dict[str, Any]], list[dict[
             rows = [[r.get(c, "") for c in columns] for r in value]
             tables.append({"title": path, "columns": columns, "rows": rows, "notes": []})
             time_key = next((k for k in columns if k.lower() in TIME_KEYS), None)
-            numeric = [c for c in columns if c != time_key and all(_is_number(r.get(c)) for r in value)]
+            numeric = [
+                c for c in columns if c != time_key and all(_is_number(r.get(c)) for r in value)
+            ]
             if time_key and len(value) >= 5 and numeric:
                 charts.append(
                     {
@@ -254,7 +271,9 @@ def generic_view(name: str, data: Any) -> tuple[list[dict[str, Any]], list[dict[
                     }
                 )
             else:
-                label_key = next((c for c in columns if all(isinstance(r.get(c), str) for r in value)), None)
+                label_key = next(
+                    (c for c in columns if all(isinstance(r.get(c), str) for r in value)), None
+                )
                 timing = [c for c in numeric if TIMING.search(c)]
                 if label_key and timing:
                     charts.append(
@@ -269,8 +288,13 @@ def generic_view(name: str, data: Any) -> tuple[list[dict[str, Any]], list[dict[
                         }
                     )
             return
-        if isinstance(value, list) and len(value) >= 5 and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_number(x) for x in p) for p in value
+        if (
+            isinstance(value, list)
+            and len(value) >= 5
+            and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_number(x) for x in p)
+                for p in value
+            )
         ):
             charts.append(
                 {
@@ -301,11 +325,15 @@ def table_charts(name: str, tables: list[dict[str, Any]]) -> list[dict[str, Any]
         if not rows or not columns or not all(isinstance(r[0], str) for r in rows):
             continue
         timing = [
-            i for i, c in enumerate(columns)
+            i
+            for i, c in enumerate(columns)
             if i and TIMING.search(str(c)) and all(_is_number(r[i]) for r in rows)
         ]
         if timing:
-            units = {str(columns[i]).rsplit(" ", 1)[-1].rsplit("_", 1)[-1].replace("us", "µs") for i in timing}
+            units = {
+                str(columns[i]).rsplit(" ", 1)[-1].rsplit("_", 1)[-1].replace("us", "µs")
+                for i in timing
+            }
             values = [r[i] for r in rows for i in timing]
             log = all(v > 0 for v in values) and max(values) > 20 * min(values)
             unit = units.pop() if len(units) == 1 and units <= {"µs", "ms"} else ""
@@ -360,10 +388,17 @@ def draw(spec: dict[str, Any], out_dir: Path) -> str | None:
         """Log ticks as plain numbers (100, 1,000); minor ones labelled when the axis spans little."""
         axis.set_major_formatter(thousands)
         axis.set_minor_formatter(thousands if high / low < 20 else NullFormatter())
+
     if kind == "line":
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for label, values in series.items():
-            ax.plot(spec["x"], values, label=label, linewidth=1.5, drawstyle=spec.get("drawstyle", "default"))
+            ax.plot(
+                spec["x"],
+                values,
+                label=label,
+                linewidth=1.5,
+                drawstyle=spec.get("drawstyle", "default"),
+            )
         ax.set_xlabel(spec.get("xlabel", ""))
         if log:
             ax.set_yscale("log")
@@ -424,7 +459,9 @@ def draw(spec: dict[str, Any], out_dir: Path) -> str | None:
     else:
         ax.set_ylabel(spec.get("ylabel", ""))
     # Wrapped to the figure's width (about 11 characters an inch at this size).
-    ax.set_title(textwrap.fill(spec.get("title", ""), width=int(fig.get_figwidth() * 11)), fontsize=10)
+    ax.set_title(
+        textwrap.fill(spec.get("title", ""), width=int(fig.get_figwidth() * 11)), fontsize=10
+    )
     if len(series) > 1 or kind == "line":
         ax.legend(fontsize=8)
     ax.grid(axis="x" if kind == "barh" else "y", alpha=0.3)
@@ -474,7 +511,10 @@ def report(out_dir: Path, info: dict[str, Any], runs: list[dict[str, Any]], quic
         "",
     ]
     if quick:
-        lines += ["> Quick mode: fewer rounds, for a first look and CI. `make bench` runs the full set.", ""]
+        lines += [
+            "> Quick mode: fewer rounds, for a first look and CI. `make bench` runs the full set.",
+            "",
+        ]
     lines += ["## Machine", "", "| | |", "|---|---|"]
     rows = [
         ("CPU", info.get("cpu")),
@@ -501,7 +541,14 @@ def report(out_dir: Path, info: dict[str, Any], runs: list[dict[str, Any]], quic
         lines += [f"`{' '.join(run['argv'])}` — {run['seconds']:.1f} s", ""]
         if run["status"] != "ok":
             tail = "\n".join(run["stderr"].strip().splitlines()[-15:])
-            lines += [f"**Failed** ({run['status']}). Last lines of its output:", "", "```", tail, "```", ""]
+            lines += [
+                f"**Failed** ({run['status']}). Last lines of its output:",
+                "",
+                "```",
+                tail,
+                "```",
+                "",
+            ]
         for t in run["tables"]:
             lines += md_table(t)
         for chart in run["charts_drawn"]:
@@ -521,7 +568,7 @@ def _library(contender: str) -> tuple[str, str]:
     """(column, variant) of a contender name: ``cashews early`` is (cashews, early)."""
     for lib in LIBRARIES:
         if contender == lib or contender.startswith(lib + " "):
-            return lib, contender[len(lib):].strip()
+            return lib, contender[len(lib) :].strip()
     return "reference", contender
 
 
@@ -539,7 +586,13 @@ def _n(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+        return (
+            f"{value:,.0f}"
+            if abs(value) >= 100
+            else f"{value:.1f}"
+            if abs(value) >= 10
+            else f"{value:.2f}"
+        )
     return fmt(value)
 
 
@@ -573,7 +626,10 @@ def summary_rows(name: str, data: dict[str, Any]) -> list[list[str]]:
     elif name == "stampede":
         config = data.get("config", {})
         callers = config.get("callers", "?")
-        for mode, label in (("one_process", "1 process"), ("processes", f"{config.get('processes', '?')} processes")):
+        for mode, label in (
+            ("one_process", "1 process"),
+            ("processes", f"{config.get('processes', '?')} processes"),
+        ):
             if mode in data:
                 rows.append(
                     _side_by_side(
@@ -587,7 +643,10 @@ def summary_rows(name: str, data: dict[str, Any]) -> list[list[str]]:
         rows.append(
             _side_by_side(
                 f"reads once an entry is stale, {origin_ms:g} ms origin refreshing: p99 µs (fresh-hit p99)",
-                {k: f"{_n(v['window_p99_us'])} (fresh {_n(v['fresh_p99_us'])})" for k, v in per.items()},
+                {
+                    k: f"{_n(v['window_p99_us'])} (fresh {_n(v['fresh_p99_us'])})"
+                    for k, v in per.items()
+                },
             )
         )
     elif name == "batch":
@@ -635,15 +694,24 @@ def summary_rows(name: str, data: dict[str, Any]) -> list[list[str]]:
             )
     elif name == "replica_lag":
         conditions = data.get("conditions", {})
-        if conditions and all(isinstance(c, dict) and "stale_cache_reads" in c for c in conditions.values()):
+        if conditions and all(
+            isinstance(c, dict) and "stale_cache_reads" in c for c in conditions.values()
+        ):
             rows.append(
                 _side_by_side(
                     "replica read right after invalidate_item returned: old value served, per write load",
-                    {f"swr_cache {k}": f"{c['stale_cache_reads']} / {c.get('trials', '?')}" for k, c in conditions.items()},
+                    {
+                        f"swr_cache {k}": f"{c['stale_cache_reads']} / {c.get('trials', '?')}"
+                        for k, c in conditions.items()
+                    },
                 )
             )
     elif name == "asgi":
-        labels = {"cached": "swr_cache", "uncached": "uncached DynamoDB endpoint", "trivial": "trivial /ping"}
+        labels = {
+            "cached": "swr_cache",
+            "uncached": "uncached DynamoDB endpoint",
+            "trivial": "trivial /ping",
+        }
         if all(k in data for k in labels):
             rows.append(
                 _side_by_side(
@@ -659,7 +727,9 @@ def readme_block(
 ) -> list[str]:
     """The lines between the README markers, from this run only."""
     rel_results = os.path.relpath(results_dir, readme.parent).replace(os.sep, "/")
-    rel_report = os.path.relpath(results_dir.parent / "RESULTS.md", readme.parent).replace(os.sep, "/")
+    rel_report = os.path.relpath(results_dir.parent / "RESULTS.md", readme.parent).replace(
+        os.sep, "/"
+    )
     lines = [
         BEGIN,
         f"<!-- written by benchmarks/run_all.py on {info['date']}; edit run_all.py, not this block -->",
@@ -674,14 +744,24 @@ def readme_block(
     for run in runs:
         if run["status"] == "missing":
             continue
-        rows = summary_rows(run["name"], run["data"]) if run["status"] == "ok" and isinstance(run["data"], dict) else []
+        rows = (
+            summary_rows(run["name"], run["data"])
+            if run["status"] == "ok" and isinstance(run["data"], dict)
+            else []
+        )
         if run["status"] != "ok":
             rows = [[run["title"], f"failed in this run ({run['status']})", "", "", ""]]
         elif not rows:
             rows = [[run["title"], f"see [{rel_report}]({rel_report}#{run['name']})", "", "", ""]]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        lines += [
+            "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows
+        ]
         charts += [(c["title"], c["file"]) for c in run["charts_drawn"]]
-    lines += ["", "A library measured in several variants names each before its value; `-`: not measured for it. Charts:", ""]
+    lines += [
+        "",
+        "A library measured in several variants names each before its value; `-`: not measured for it. Charts:",
+        "",
+    ]
     lines += [f"- [{title}]({rel_results}/{file})" for title, file in charts]
     for file in ("stampede_origin_calls.png", "stale_latency.png"):
         if any(f == file for _, f in charts):
@@ -699,7 +779,7 @@ def write_readme(readme: Path, block: list[str]) -> bool:
     begin, end = text.find(BEGIN), text.find(END)
     if begin < 0 or end < begin:
         return False
-    readme.write_text(text[:begin] + "\n".join(block) + text[end + len(END):])
+    readme.write_text(text[:begin] + "\n".join(block) + text[end + len(END) :])
     return True
 
 
@@ -707,14 +787,31 @@ def write_readme(readme: Path, block: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds everywhere, for a first look (leaves README.md alone)")
-    parser.add_argument("--only", action="append", default=[], help="run only these (comma-separated, repeatable)")
-    parser.add_argument("--skip", action="append", default=[], help="skip these (comma-separated, repeatable)")
-    parser.add_argument("--out", default=str(HERE), help="where RESULTS.md and results/ go (default: benchmarks/)")
-    parser.add_argument("--readme", help="rewrite the bench block of this file (default: README.md after a complete full run)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rounds everywhere, for a first look (leaves README.md alone)",
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], help="run only these (comma-separated, repeatable)"
+    )
+    parser.add_argument(
+        "--skip", action="append", default=[], help="skip these (comma-separated, repeatable)"
+    )
+    parser.add_argument(
+        "--out", default=str(HERE), help="where RESULTS.md and results/ go (default: benchmarks/)"
+    )
+    parser.add_argument(
+        "--readme",
+        help="rewrite the bench block of this file (default: README.md after a complete full run)",
+    )
     parser.add_argument("--no-readme", action="store_true", help="never touch a README")
-    parser.add_argument("--timeout", type=float, help="seconds per benchmark (default 300 quick, 3600 full)")
+    parser.add_argument(
+        "--timeout", type=float, help="seconds per benchmark (default 300 quick, 3600 full)"
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
     only = [n for item in args.only for n in item.split(",") if n]
@@ -735,16 +832,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_readme:
         readme = None
     timeout = args.timeout or (300.0 if args.quick else 3600.0)
-    say(f"swr_cache benchmarks{' (quick)' if args.quick else ''}: {len(todo)} to run, results in {out_dir}")
+    say(
+        f"swr_cache benchmarks{' (quick)' if args.quick else ''}: {len(todo)} to run, results in {out_dir}"
+    )
     info = machine()
-    say(f"machine: {info['cpu']}, {info['cores']} cores, {info['python']}, redis-server {info['redis_server']}")
+    say(
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['python']}, redis-server {info['redis_server']}"
+    )
     runs: list[dict[str, Any]] = []
     failed = 0
     t_all = time.monotonic()
     for i, (name, path) in enumerate(todo, 1):
         title = title_of(name, path)
         entry: dict[str, Any] = {
-            "name": name, "title": title, "tables": [], "charts_drawn": [], "stdout": "", "stderr": "", "data": None,
+            "name": name,
+            "title": title,
+            "tables": [],
+            "charts_drawn": [],
+            "stdout": "",
+            "stderr": "",
+            "data": None,
         }
         runs.append(entry)
         if path is None:
@@ -754,7 +861,14 @@ def main(argv: list[str] | None = None) -> int:
         json_path = results_dir / f"{name}.json"
         json_path.unlink(missing_ok=True)
         argv = command(name, path, json_path, args.quick)
-        shown = [Path(a).name if a == sys.executable else os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a for a in argv]
+        shown = [
+            Path(a).name
+            if a == sys.executable
+            else os.path.relpath(a, ROOT)
+            if a.startswith(str(ROOT))
+            else a
+            for a in argv
+        ]
         say(f"[{i}/{len(todo)}] {name} ({time.monotonic() - t_all:.0f} s in): {' '.join(shown)}")
         got = run_script(argv, timeout)
         entry.update(argv=shown, seconds=got["seconds"], stdout=got["stdout"], stderr=got["stderr"])
@@ -772,7 +886,10 @@ def main(argv: list[str] | None = None) -> int:
         entry["data"] = data
         if data is not None:
             if isinstance(data, dict) and "tables" in data:
-                tables, charts = data["tables"], data.get("charts") or table_charts(name, data["tables"])
+                tables, charts = (
+                    data["tables"],
+                    data.get("charts") or table_charts(name, data["tables"]),
+                )
             else:
                 tables, charts = generic_view(name, data)
             entry["tables"] = tables
@@ -789,7 +906,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"[{i}/{len(todo)}] {name}: {entry['status']} in {got['seconds']:.1f} s")
     path = report(out_dir, info, runs, args.quick)
     drawn_total = sum(len(r["charts_drawn"]) for r in runs)
-    say(f"wrote {path} and {drawn_total} charts in {results_dir} ({time.monotonic() - t_all:.0f} s in all)")
+    say(
+        f"wrote {path} and {drawn_total} charts in {results_dir} ({time.monotonic() - t_all:.0f} s in all)"
+    )
     if readme is not None and failed:
         say(f"{failed} benchmark(s) failed: the table in {readme} is left as it was")
     elif readme is not None:

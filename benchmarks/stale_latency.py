@@ -75,7 +75,9 @@ class Origin:
         return item
 
 
-async def build(url: str, soft: float, origins: dict[str, Origin], stack: contextlib.AsyncExitStack) -> dict[str, Fn]:
+async def build(
+    url: str, soft: float, origins: dict[str, Origin], stack: contextlib.AsyncExitStack
+) -> dict[str, Fn]:
     contenders: dict[str, Fn] = {}
     cache = await stack.enter_async_context(
         Cache.from_url(url, namespace="bench-stale", soft_ttl=soft, hard_ttl=3600, early_refresh=0)
@@ -107,7 +109,9 @@ async def build(url: str, soft: float, origins: dict[str, Origin], stack: contex
         say("  aiocache is not installed: skipped")
     else:
 
-        @aiocache.cached(ttl=float(soft), key_builder=lambda f, key: f"sa:{key}", **aiocache_kwargs(url))  # type: ignore[untyped-decorator]
+        @aiocache.cached(
+            ttl=float(soft), key_builder=lambda f, key: f"sa:{key}", **aiocache_kwargs(url)
+        )  # type: ignore[untyped-decorator]
         async def aio(key: str) -> dict[str, Any]:
             return await origins["aiocache cached (expiry)"].load(key)
 
@@ -165,7 +169,12 @@ async def one_round(fn: Fn, key: str, args: argparse.Namespace) -> dict[str, Any
                 return
 
     await asyncio.gather(*(window_reader() for _ in range(args.readers)))
-    return {"fresh_us": fresh, "window_us": window, "served_stale": served_stale, "waited_for_origin": blocked}
+    return {
+        "fresh_us": fresh,
+        "window_us": window,
+        "served_stale": served_stale,
+        "waited_for_origin": blocked,
+    }
 
 
 async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -178,10 +187,11 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         order = [n for n in names if n in contenders]
         for r in range(args.rounds):
             say(f"  round {r + 1}/{args.rounds}")
-            for name in order[r % len(order):] + order[: r % len(order)]:
+            for name in order[r % len(order) :] + order[: r % len(order)]:
                 got = await one_round(contenders[name], f"stale-{r}", args)
                 acc = collected.setdefault(
-                    name, {"fresh_us": [], "window_us": [], "served_stale": 0, "waited_for_origin": 0}
+                    name,
+                    {"fresh_us": [], "window_us": [], "served_stale": 0, "waited_for_origin": 0},
                 )
                 acc["fresh_us"] += got["fresh_us"]
                 acc["window_us"] += got["window_us"]
@@ -265,7 +275,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--readers", type=int, default=4)
@@ -278,7 +290,9 @@ def main() -> None:
     if args.quick:
         args.rounds = min(args.rounds, 3)
     url, server = start_redis(args.redis_url)
-    say(f"stale latency: origin {args.origin_ms:.0f} ms, soft {args.soft_ms:.0f} ms, {args.rounds} rounds")
+    say(
+        f"stale latency: origin {args.origin_ms:.0f} ms, soft {args.soft_ms:.0f} ms, {args.rounds} rounds"
+    )
     try:
         libraries = asyncio.run(run(url, args))
     finally:
@@ -286,7 +300,9 @@ def main() -> None:
             server.stop()
     results: dict[str, Any] = {
         "benchmark": "stale_latency",
-        "config": {k: getattr(args, k) for k in ("rounds", "readers", "reads", "origin_ms", "soft_ms")},
+        "config": {
+            k: getattr(args, k) for k in ("rounds", "readers", "reads", "origin_ms", "soft_ms")
+        },
         "libraries": libraries,
     }
     render(results, args)

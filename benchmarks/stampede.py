@@ -90,7 +90,9 @@ async def build(url: str, origin: Origin, stack: contextlib.AsyncExitStack) -> d
     """Every contender over one origin, each with its own key space on the same Redis."""
     contenders: dict[str, Fn] = {}
     cache = await stack.enter_async_context(
-        Cache.from_url(url, namespace="bench-stampede", max_connections=POOL, soft_ttl=3600, hard_ttl=7200)
+        Cache.from_url(
+            url, namespace="bench-stampede", max_connections=POOL, soft_ttl=3600, hard_ttl=7200
+        )
     )
 
     @cached_item(cache, table="Users", key=lambda key: {"pk": key}, name="stampede")
@@ -176,7 +178,12 @@ async def burst(fn: Fn, origin: Origin, key: str, callers: int) -> dict[str, Any
         latencies.append((time.perf_counter() - t0) * 1000.0)
 
     await asyncio.wait_for(asyncio.gather(*(one() for _ in range(callers))), BURST_LIMIT_S)
-    return {"origin_calls": origin.calls - before, "latencies_ms": latencies, "errors": errors, "error_kinds": kinds}
+    return {
+        "origin_calls": origin.calls - before,
+        "latencies_ms": latencies,
+        "errors": errors,
+        "error_kinds": kinds,
+    }
 
 
 # -- across processes -------------------------------------------------------------
@@ -202,7 +209,12 @@ async def _worker(conn: Connection, url: str, origin_ms: float) -> None:
             try:
                 result = await burst(contenders[name], origin, key, callers)
             except TimeoutError:
-                result = {"origin_calls": 0, "latencies_ms": [], "errors": callers, "error_kinds": {"timeout": callers}}
+                result = {
+                    "origin_calls": 0,
+                    "latencies_ms": [],
+                    "errors": callers,
+                    "error_kinds": {"timeout": callers},
+                }
             conn.send(result)
     conn.close()
 
@@ -225,7 +237,10 @@ class Workers:
         self.names = ready[0]
 
     def burst(self, name: str, key: str, callers: int) -> dict[str, Any]:
-        share = [callers // len(self.conns) + (1 if i < callers % len(self.conns) else 0) for i in range(len(self.conns))]
+        share = [
+            callers // len(self.conns) + (1 if i < callers % len(self.conns) else 0)
+            for i in range(len(self.conns))
+        ]
         start_at = time.time() + 0.2
         for conn, n in zip(self.conns, share, strict=True):
             conn.send((name, key, n, start_at))
@@ -283,7 +298,7 @@ async def single_process(url: str, args: argparse.Namespace) -> dict[str, Any]:
         names = list(contenders)
         for r in range(args.rounds):
             say(f"  1 process: round {r + 1}/{args.rounds}")
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 key = f"cold-{uuid.uuid4().hex[:12]}"
                 before = await total_commands(probe)
                 result = await burst(contenders[name], origin, key, args.callers)
@@ -309,7 +324,7 @@ def multi_process(url: str, args: argparse.Namespace) -> dict[str, Any]:
         names = [n for n in CONFIG if n in workers.names]
         for r in range(args.rounds):
             say(f"  {args.processes} processes: round {r + 1}/{args.rounds}")
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 key = f"cold-{uuid.uuid4().hex[:12]}"
                 before = asyncio.run(commands())
                 result = workers.burst(name, key, args.callers)
@@ -323,7 +338,9 @@ def multi_process(url: str, args: argparse.Namespace) -> dict[str, Any]:
 def render(results: dict[str, Any], args: argparse.Namespace) -> None:
     modes = [("one_process", f"one process, {args.callers} callers")]
     if "processes" in results:
-        modes.append(("processes", f"{args.processes} processes x {args.callers // args.processes} callers"))
+        modes.append(
+            ("processes", f"{args.processes} processes x {args.callers // args.processes} callers")
+        )
     tables = []
     for mode, label in modes:
         rows = []
@@ -349,14 +366,25 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
             table(
                 f"Cold stampede, {label}, origin {args.origin_ms:.0f} ms (medians of {args.rounds} rounds;"
                 " counts: the lower median, a value some round had)",
-                ["library", "origin calls", "range", "p50 ms", "p99 ms", "max ms", "Redis cmds", "errors"],
+                [
+                    "library",
+                    "origin calls",
+                    "range",
+                    "p50 ms",
+                    "p99 ms",
+                    "max ms",
+                    "Redis cmds",
+                    "errors",
+                ],
                 rows,
                 notes=notes,
             )
         )
     results["tables"] = tables
     names = list(results["one_process"])
-    series_calls = {label: [results[mode][n]["origin_calls_median"] for n in names] for mode, label in modes}
+    series_calls = {
+        label: [results[mode][n]["origin_calls_median"] for n in names] for mode, label in modes
+    }
     latency: dict[str, list[float]] = {}
     for mode, _ in modes:
         short = "1 proc" if mode == "one_process" else f"{args.processes} procs"
@@ -385,7 +413,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--callers", type=int, default=1000)
@@ -409,7 +439,9 @@ def main() -> None:
         },
     }
     try:
-        say(f"stampede: {args.callers} cold callers, origin {args.origin_ms:.0f} ms, {args.rounds} rounds")
+        say(
+            f"stampede: {args.callers} cold callers, origin {args.origin_ms:.0f} ms, {args.rounds} rounds"
+        )
         results["one_process"] = asyncio.run(single_process(url, args))
         if args.processes > 1:
             results["processes"] = multi_process(url, args)

@@ -44,7 +44,9 @@ TABLE = "ExampleTableWithStream"
 _ARN = f"arn:aws:dynamodb:us-west-2:123456789012:table/{TABLE}/stream/2015-06-27T00:48:05.899"
 
 
-def _record(number: int, name: str, key: str, seq: str, new: str | None, old: str | None) -> dict[str, Any]:
+def _record(
+    number: int, name: str, key: str, seq: str, new: str | None, old: str | None
+) -> dict[str, Any]:
     change: dict[str, Any] = {
         "Keys": {"Id": {"N": key}},
         "SequenceNumber": seq,
@@ -80,8 +82,12 @@ async def _read_through_cache(redis_url: str, *, fill: bool) -> bool:
     """What an API process does: read item 101 through the cache. Returns whether it is cached."""
     reader_cache = Cache.from_url(redis_url, namespace="example")
 
-    @cached_item(reader_cache, table=TABLE, key=lambda item_id: {"Id": item_id}, consistent_reads=True)
-    async def get_item(item_id: int, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+    @cached_item(
+        reader_cache, table=TABLE, key=lambda item_id: {"Id": item_id}, consistent_reads=True
+    )
+    async def get_item(
+        item_id: int, *, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
         # Stands in for GetItem with ConsistentRead=True, which may fill the
         # cache at once after an invalidation (no fence to wait out).
         return {"Id": Decimal(item_id), "Message": "New item!"}

@@ -70,10 +70,16 @@ async def demo(redis_url: str, endpoint_url: str) -> None:
         cache = Cache.from_url(redis_url, namespace="example")
 
         @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id})
-        async def get_user(user_id: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
-            reply = await dynamodb.get_item(TableName="Users", Key={"pk": {"S": user_id}}, ConsistentRead=True)
+        async def get_user(
+            user_id: str, *, attributes: list[str] | None = None
+        ) -> dict[str, Any] | None:
+            reply = await dynamodb.get_item(
+                TableName="Users", Key={"pk": {"S": user_id}}, ConsistentRead=True
+            )
             item = reply.get("Item")
-            return None if item is None else {k: deserializer.deserialize(v) for k, v in item.items()}
+            return (
+                None if item is None else {k: deserializer.deserialize(v) for k, v in item.items()}
+            )
 
         async def name() -> object:
             user = await get_user("u1")
@@ -82,7 +88,9 @@ async def demo(redis_url: str, endpoint_url: str) -> None:
         async with cache, session.create_client("dynamodbstreams", **aws) as streams:
             print(f"cached: {await name()}")
             # Another service writes without touching the cache.
-            await dynamodb.put_item(TableName="Users", Item={"pk": {"S": "u1"}, "name": {"S": "v2"}})
+            await dynamodb.put_item(
+                TableName="Users", Item={"pk": {"S": "u1"}, "name": {"S": "v2"}}
+            )
             print(f"after a write behind the cache's back: {await name()}")
             consumer = StreamConsumer(StreamInvalidator(cache), streams, arn)
             try:

@@ -135,14 +135,22 @@ def _parser() -> _Parser:
         "inspect", parents=[common], help=_COMMANDS["inspect"], description=_COMMANDS["inspect"]
     )
     _add_item_options(inspect)
-    inspect.add_argument("--values", action="store_true", help="also decode and print cached values")
+    inspect.add_argument(
+        "--values", action="store_true", help="also decode and print cached values"
+    )
     inspect.set_defaults(run=_inspect)
     invalidate = sub.add_parser(
-        "invalidate", parents=[common], help=_COMMANDS["invalidate"], description=_COMMANDS["invalidate"]
+        "invalidate",
+        parents=[common],
+        help=_COMMANDS["invalidate"],
+        description=_COMMANDS["invalidate"],
     )
     _add_item_options(invalidate)
     invalidate.add_argument(
-        "--tag", action="append", default=[], help="purge everything stored with this tag (repeatable)"
+        "--tag",
+        action="append",
+        default=[],
+        help="purge everything stored with this tag (repeatable)",
     )
     invalidate.set_defaults(run=_invalidate)
     stats = sub.add_parser(
@@ -169,7 +177,9 @@ def _parse_key(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise UsageError(f"--key is not valid JSON ({exc.msg}): {text!r}") from None
     if not isinstance(raw, dict) or not raw:
-        raise UsageError(f'--key must be a non-empty JSON object such as {{"pk": "u1"}}, got {text!r}')
+        raise UsageError(
+            f'--key must be a non-empty JSON object such as {{"pk": "u1"}}, got {text!r}'
+        )
     key: dict[str, Any] = {}
     for name, value in raw.items():
         if isinstance(value, dict):
@@ -303,7 +313,9 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
     }
     if isinstance(raw, ResponseError):
         data["state"] = "unreadable"
-        data["problem"] = f"the key holds a {kind.decode() if isinstance(kind, bytes) else kind}, not a hash"
+        data["problem"] = (
+            f"the key holds a {kind.decode() if isinstance(kind, bytes) else kind}, not a hash"
+        )
     elif isinstance(raw, BaseException):
         raise raw
     elif not raw:
@@ -328,7 +340,9 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
         if data["absent_attributes"]:
             lines.append(f"absent    {', '.join(data['absent_attributes'])} (known not to exist)")
         if data.get("load_ms") is not None:
-            lines.append(f"loaded    in {data['load_ms']} ms (version {data.get('version') or '?'})")
+            lines.append(
+                f"loaded    in {data['load_ms']} ms (version {data.get('version') or '?'})"
+            )
     if not data["lease_held"]:
         lines.append("lease     not held")
     elif data["lease_ttl_s"] is None:
@@ -336,14 +350,18 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
     else:
         lines.append(f"lease     held, {data['lease_ttl_s']:.3f} s left (a load is running)")
     if data["fence_ttl_s"] is not None:
-        lines.append(f"fence     {data['fence_ttl_s']:.3f} s left (fills are not stored until then)")
+        lines.append(
+            f"fence     {data['fence_ttl_s']:.3f} s left (fills are not stored until then)"
+        )
     for name, value in (data.get("values") or {}).items():
         lines.append(f"  {name} = {value!r}")
     _emit(ns, data, lines)
     return EXIT_OK
 
 
-def _describe_entry(raw: Mapping[bytes, bytes], now: float, data: dict[str, Any], *, values: bool) -> None:
+def _describe_entry(
+    raw: Mapping[bytes, bytes], now: float, data: dict[str, Any], *, values: bool
+) -> None:
     meta = {k: v for k, v in raw.items() if k.startswith(b"\xff")}
     attrs = {k: v for k, v in raw.items() if not k.startswith(b"\xff")}
     data["bytes"] = sum(len(k) + len(v) for k, v in raw.items())
@@ -372,7 +390,9 @@ def _describe_entry(raw: Mapping[bytes, bytes], now: float, data: dict[str, Any]
     data["hard_remaining_ms"] = hard - now
     if meta.get(M_FORMAT) != _FORMAT:
         data["state"] = "unreadable"
-        data["problem"] = f"format {meta.get(M_FORMAT)!r}, this version reads {_FORMAT!r}: read as a miss"
+        data["problem"] = (
+            f"format {meta.get(M_FORMAT)!r}, this version reads {_FORMAT!r}: read as a miss"
+        )
     elif now >= hard:
         data["state"] = "absent"
         data["problem"] = "past its hard deadline; Redis drops it"
@@ -406,7 +426,9 @@ async def _invalidate_now(ns: argparse.Namespace, cache: Cache) -> int:
         if identity is not None:
             if ns.identity is None:
                 await cache.invalidate_item(ns.table, _parse_key(ns.key))
-                done.append(f"invalidated item {_display(identity)} (entry, lease and its item tags)")
+                done.append(
+                    f"invalidated item {_display(identity)} (entry, lease and its item tags)"
+                )
             else:
                 await cache.invalidate_identities([identity])
                 done.append(f"invalidated {_display(identity)} (entry and lease)")
@@ -469,7 +491,7 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
         for raw in keys[:room]:
             key = raw.decode("utf-8", "replace")
             scanned += 1
-            kind = key[len(prefix):].split(":", 1)[0]
+            kind = key[len(prefix) :].split(":", 1)[0]
             kinds[kind] += 1
             if kind == "e":
                 entries.append(key)

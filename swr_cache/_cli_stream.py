@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url",
         help="Redis URL (default: SWR_CACHE_REDIS_URL, REDIS_URL or REDIS_HOST/PORT/DB)",
     )
-    parser.add_argument("--namespace", help="cache namespace (default: SWR_CACHE_NAMESPACE or 'swr')")
+    parser.add_argument(
+        "--namespace", help="cache namespace (default: SWR_CACHE_NAMESPACE or 'swr')"
+    )
     parser.add_argument("--endpoint-url", help="DynamoDB endpoint (e.g. a local DynamoDB or moto)")
     parser.add_argument("--region", help="AWS region (default: from the AWS configuration)")
     parser.add_argument(

@@ -219,7 +219,9 @@ def _inflate(data: bytes) -> Any:
     packed = inflater.decompress(data, MAX_INFLATED)
     if inflater.unconsumed_tail or not inflater.eof:
         raise CodecError("compressed value is truncated or inflates beyond the size limit")
-    inner = msgpack.unpackb(packed, raw=False, strict_map_key=False, timestamp=3, ext_hook=_ext_hook_plain)
+    inner = msgpack.unpackb(
+        packed, raw=False, strict_map_key=False, timestamp=3, ext_hook=_ext_hook_plain
+    )
     return inner
 
 
@@ -235,7 +237,9 @@ def compress(packed: bytes, level: int = 6) -> bytes:
 
     :func:`decode` inflates it transparently (to at most ``MAX_INFLATED`` bytes).
     """
-    wrapped: bytes = msgpack.packb(_ExtType(_EXT_ZLIB, zlib.compress(packed, level)), use_bin_type=True)
+    wrapped: bytes = msgpack.packb(
+        _ExtType(_EXT_ZLIB, zlib.compress(packed, level)), use_bin_type=True
+    )
     return wrapped if len(wrapped) < len(packed) else packed
 
 

@@ -52,13 +52,15 @@ class _Binder:
         if self.has_attributes:
             attr_param = self.sig.parameters[_ATTRS]
             # attributes must come after every key parameter for the fast path.
-            if attr_param.kind in _POSITIONAL and list(self.sig.parameters).index(_ATTRS) != len(params):
+            if attr_param.kind in _POSITIONAL and list(self.sig.parameters).index(_ATTRS) != len(
+                params
+            ):
                 self._fast = False
         self._n_pos = len(params)
         self._n_required = sum(1 for p in params if p.default is _EMPTY)
         self._defaults = tuple(p.default for p in params if p.default is not _EMPTY)
         if self._fast and any(
-            p.default is _EMPTY for p in params[self._n_required:]
+            p.default is _EMPTY for p in params[self._n_required :]
         ):  # a required parameter after one with a default
             self._fast = False
         # One positional argument binds to the only key parameter.
@@ -72,7 +74,7 @@ class _Binder:
             n = len(args)
             if self._n_required <= n <= self._n_pos:
                 if n < self._n_pos:
-                    args = args + self._defaults[n - self._n_required:]
+                    args = args + self._defaults[n - self._n_required :]
                 attributes = kwargs.get(_ATTRS) if kwargs else None
                 return (args[1:] if skip_first else args), {}, attributes
         bound = self.sig.bind(*args, **kwargs)
@@ -101,7 +103,7 @@ class _Binder:
         names = self.names[1:] if skip_first else self.names
         out = dict(zip(names, pos, strict=False))
         if len(pos) > len(names):  # *args
-            out["*"] = tuple(pos[len(names):])
+            out["*"] = tuple(pos[len(names) :])
         out.update(kw)
         return out
 
@@ -115,7 +117,9 @@ class _Wrapper(Generic[P, T]):
 
     __wrapped__: Callable[P, Awaitable[T]]
 
-    def __init__(self, fn: Callable[P, Awaitable[T]], cache: Cache, name: str | None, table: str | None) -> None:
+    def __init__(
+        self, fn: Callable[P, Awaitable[T]], cache: Cache, name: str | None, table: str | None
+    ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"{fn!r} must be an async function")
         if not isinstance(cache, Cache):
@@ -127,9 +131,7 @@ class _Wrapper(Generic[P, T]):
         self._binder = _Binder(fn)
         self.metrics: Metrics = cache.metrics.get(self.name, table)
 
-    def _request(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool
-    ) -> _Request:
+    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
         raise NotImplementedError
 
     async def _invalidate(
@@ -180,7 +182,9 @@ class _BoundWrapper(Generic[T]):
 
     async def peek(self, *args: Any, **kwargs: Any) -> tuple[T, str] | None:
         w = self._wrapper
-        got: tuple[T, str] | None = await w.cache._peek(w._request((self._instance, *args), kwargs, True))
+        got: tuple[T, str] | None = await w.cache._peek(
+            w._request((self._instance, *args), kwargs, True)
+        )
         return got
 
     async def refresh(self, *args: Any, **kwargs: Any) -> T:
@@ -213,7 +217,9 @@ class CachedItemFunction(_Wrapper[P, T]):
     ) -> None:
         super().__init__(fn, cache, name, table)
         self.consistent_reads = consistent_reads
-        if version_attribute is not None and (not isinstance(version_attribute, str) or not version_attribute):
+        if version_attribute is not None and (
+            not isinstance(version_attribute, str) or not version_attribute
+        ):
             raise ConfigError("version_attribute must be a non-empty attribute name")
         self.version_attribute = version_attribute
         if not table or not isinstance(table, str):
@@ -285,7 +291,9 @@ class CachedItemFunction(_Wrapper[P, T]):
         """Invalidate the item these arguments name (entry, lease and its item tag)."""
         await self._invalidate(args, kwargs, False)
 
-    async def _invalidate(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool) -> None:
+    async def _invalidate(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool
+    ) -> None:
         _identity, key, _attrs = self._identity(args, kwargs, skip_first)
         await self.cache.invalidate_item(self.table, key)
         self.metrics.counts["invalidations"] += 1
@@ -311,7 +319,9 @@ class CachedFunction(_Wrapper[P, T]):
             self._template = KeyTemplate(key)
             missing = set(self._template.fields) - set(self._binder.names)
             if missing:
-                raise ConfigError(f"key template {key!r} names unknown parameters {sorted(missing)}")
+                raise ConfigError(
+                    f"key template {key!r} names unknown parameters {sorted(missing)}"
+                )
         elif key is not None:
             if not callable(key):
                 raise ConfigError("key must be a template string or a callable returning a string")
@@ -360,7 +370,9 @@ class CachedFunction(_Wrapper[P, T]):
         """Drop the result these arguments name."""
         await self._invalidate(args, kwargs, False)
 
-    async def _invalidate(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool) -> None:
+    async def _invalidate(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool
+    ) -> None:
         identity, _, _ = self._parts(args, kwargs, skip_first)
         await self.cache.invalidate_identities([identity])
         self.metrics.counts["invalidations"] += 1
@@ -423,7 +435,9 @@ def cached_item(
     )
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedItemFunction[P, T]:
-        return CachedItemFunction(fn, cache, table, key, policy, name, consistent_reads, version_attribute)
+        return CachedItemFunction(
+            fn, cache, table, key, policy, name, consistent_reads, version_attribute
+        )
 
     return decorate
 
@@ -452,7 +466,9 @@ def cached(
         soft_ttl, hard_ttl, jitter, early_refresh: override the cache's policy.
         name: metrics name (default ``module.qualname``).
     """
-    policy = _policy(cache, soft_ttl=soft_ttl, hard_ttl=hard_ttl, jitter=jitter, early_refresh=early_refresh)
+    policy = _policy(
+        cache, soft_ttl=soft_ttl, hard_ttl=hard_ttl, jitter=jitter, early_refresh=early_refresh
+    )
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedFunction[P, T]:
         return CachedFunction(fn, cache, key, tags, policy, name)

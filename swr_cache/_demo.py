@@ -71,7 +71,9 @@ class _Progress:
 
 def _zipf(population: Sequence[str], exponent: float = 1.1) -> Callable[[random.Random], str]:
     """Draw from ``population`` with frequency ~ 1 / rank**exponent (the first is the hottest)."""
-    cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** exponent for rank in range(len(population))))
+    cum_weights = list(
+        itertools.accumulate(1.0 / (rank + 1) ** exponent for rank in range(len(population)))
+    )
     return lambda rng: rng.choices(population, cum_weights=cum_weights)[0]
 
 
@@ -83,7 +85,9 @@ def _percentile_ms(latencies: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000
 
 
-async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, seconds: float) -> dict[str, Any]:
+async def _run(
+    redis_url: str, endpoint_url: str, *, keys: int, readers: int, seconds: float
+) -> dict[str, Any]:
     from aiobotocore.session import get_session
     from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
@@ -91,8 +95,11 @@ async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, se
     session = get_session()
     origin_calls = 0
     async with session.create_client(
-        "dynamodb", endpoint_url=endpoint_url, region_name="us-east-1",
-        aws_access_key_id="demo", aws_secret_access_key="demo",
+        "dynamodb",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="demo",
+        aws_secret_access_key="demo",
     ) as ddb:
         t0 = time.monotonic()
         _say(f"creating table {TABLE} and seeding {keys} items (PutItem, 16 at a time) ...")
@@ -105,9 +112,16 @@ async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, se
         seeding = asyncio.Semaphore(16)
 
         async def put(i: int) -> None:
-            item = {"pk": f"user#{i}", "name": f"User {i}", "visits": Decimal(0), "roles": {"reader"}}
+            item = {
+                "pk": f"user#{i}",
+                "name": f"User {i}",
+                "visits": Decimal(0),
+                "roles": {"reader"},
+            }
             async with seeding:
-                await ddb.put_item(TableName=TABLE, Item={k: serializer.serialize(v) for k, v in item.items()})
+                await ddb.put_item(
+                    TableName=TABLE, Item={k: serializer.serialize(v) for k, v in item.items()}
+                )
 
         await asyncio.gather(*(put(i) for i in range(keys)))
         _say(f"  seeded in {time.monotonic() - t0:.1f} s")
@@ -115,19 +129,31 @@ async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, se
         cache = Cache.from_url(redis_url, namespace="demo", soft_ttl=1.0, hard_ttl=30.0)
         async with cache:
 
-            @cached_item(cache, table=TABLE, key=lambda user_id: {"pk": user_id}, consistent_reads=True)
-            async def get_user(user_id: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+            @cached_item(
+                cache, table=TABLE, key=lambda user_id: {"pk": user_id}, consistent_reads=True
+            )
+            async def get_user(
+                user_id: str, *, attributes: list[str] | None = None
+            ) -> dict[str, Any] | None:
                 nonlocal origin_calls
                 origin_calls += 1
                 kwargs: dict[str, Any] = {}
                 if attributes:
-                    kwargs["ProjectionExpression"] = ", ".join(f"#a{i}" for i in range(len(attributes)))
-                    kwargs["ExpressionAttributeNames"] = {f"#a{i}": a for i, a in enumerate(attributes)}
+                    kwargs["ProjectionExpression"] = ", ".join(
+                        f"#a{i}" for i in range(len(attributes))
+                    )
+                    kwargs["ExpressionAttributeNames"] = {
+                        f"#a{i}": a for i, a in enumerate(attributes)
+                    }
                 reply = await ddb.get_item(
                     TableName=TABLE, Key={"pk": {"S": user_id}}, ConsistentRead=True, **kwargs
                 )
                 raw = reply.get("Item")
-                return None if raw is None else {k: deserializer.deserialize(v) for k, v in raw.items()}
+                return (
+                    None
+                    if raw is None
+                    else {k: deserializer.deserialize(v) for k, v in raw.items()}
+                )
 
             pick = _zipf([f"user#{i}" for i in range(keys)])
             latencies: list[float] = []
@@ -158,8 +184,10 @@ async def _run(redis_url: str, endpoint_url: str, *, keys: int, readers: int, se
                     user = pick(rng)
                     visits = written.get(user, 0) + 1
                     await ddb.update_item(
-                        TableName=TABLE, Key={"pk": {"S": user}},
-                        UpdateExpression="SET visits = :v", ExpressionAttributeValues={":v": {"N": str(visits)}},
+                        TableName=TABLE,
+                        Key={"pk": {"S": user}},
+                        UpdateExpression="SET visits = :v",
+                        ExpressionAttributeValues={":v": {"N": str(visits)}},
                     )
                     await get_user.invalidate(user)  # write, then invalidate
                     written[user] = visits
@@ -278,7 +306,9 @@ def _cache_status(headers: dict[bytes, bytes]) -> str:
 
 def _dynamodb_loads(stats: dict[str, Any]) -> int:
     """The app's DynamoDB reads: loads of its cached functions (not of the middleware or engine)."""
-    return sum(int(m.get("loads", 0)) for name, m in stats.items() if name not in ("http", "swr_cache"))
+    return sum(
+        int(m.get("loads", 0)) for name, m in stats.items() if name not in ("http", "swr_cache")
+    )
 
 
 async def _run_http(base_url: str, *, users: int, clients: int, seconds: float) -> dict[str, Any]:
@@ -346,7 +376,11 @@ async def _run_http(base_url: str, *, users: int, clients: int, seconds: float) 
                     check(await get_user(conn, user), n)  # read your write, at once
             else:
                 customer = pick_customer(rng)
-                order = {"customer_id": customer, "order_id": f"o{counts['writes']:06d}", "total": 10}
+                order = {
+                    "customer_id": customer,
+                    "order_id": f"o{counts['writes']:06d}",
+                    "total": 10,
+                }
                 if await call(conn, "POST", "/orders", order) is not None:
                     orders[customer] = orders.get(customer, 0) + 1
                     check(await get_orders(conn, customer), orders[customer])
@@ -433,16 +467,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="swr-cache demo", description=__doc__)
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
-    parser.add_argument("--endpoint-url", help="use this DynamoDB endpoint instead of starting moto")
+    parser.add_argument(
+        "--endpoint-url", help="use this DynamoDB endpoint instead of starting moto"
+    )
     parser.add_argument("--keys", type=int, default=200, help="items (and the example API's users)")
-    parser.add_argument("--readers", type=int, default=50, help="concurrent readers of the accessor")
+    parser.add_argument(
+        "--readers", type=int, default=50, help="concurrent readers of the accessor"
+    )
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each of the two loads")
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="length of each of the two loads"
+    )
     args = parser.parse_args(argv)
     try:
         from .devservers import MotoProcess, RedisServer
     except ImportError as exc:  # pragma: no cover - the test extra is missing
-        print(f"swr-cache demo needs the test extra (pip install 'swr-cache[test]'): {exc}", file=sys.stderr)
+        print(
+            f"swr-cache demo needs the test extra (pip install 'swr-cache[test]'): {exc}",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
@@ -482,10 +525,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"skipping the HTTP phase: {exc}")
         else:
             t0 = time.monotonic()
-            _say(f"starting examples/app.py under uvicorn (tables Users and Orders, {args.keys} users) ...")
+            _say(
+                f"starting examples/app.py under uvicorn (tables Users and Orders, {args.keys} users) ..."
+            )
             app.start()
             _say(f"  ready at {app.base_url} in {time.monotonic() - t0:.1f} s")
-            http = asyncio.run(_run_http(app.base_url, users=args.keys, clients=args.clients, seconds=args.seconds))
+            http = asyncio.run(
+                _run_http(app.base_url, users=args.keys, clients=args.clients, seconds=args.seconds)
+            )
     except KeyboardInterrupt:
         _say("\ninterrupted")
         # The app may be waiting on requests to servers the Ctrl-C already stopped.

@@ -166,7 +166,16 @@ def _snap_from_list(raw: list[bytes | None]) -> _Snap | None:
     if raw[0] is None:
         return None
     snap = _Snap()
-    (snap.soft, snap.hard, snap.format, snap.whole, snap.absent, snap.none, snap.version, snap.delta) = raw[:8]
+    (
+        snap.soft,
+        snap.hard,
+        snap.format,
+        snap.whole,
+        snap.absent,
+        snap.none,
+        snap.version,
+        snap.delta,
+    ) = raw[:8]
     snap.data = raw[8:]
     return snap
 
@@ -263,7 +272,12 @@ class Fill:
     __slots__ = ("policy", "store", "tags", "value")
 
     def __init__(
-        self, value: Any, *, store: bool = True, policy: Policy | None = None, tags: Sequence[str] = ()
+        self,
+        value: Any,
+        *,
+        store: bool = True,
+        policy: Policy | None = None,
+        tags: Sequence[str] = (),
     ) -> None:
         self.value = value
         self.store = store
@@ -612,7 +626,9 @@ class Cache:
         if lease_ttl <= 0 or fence_ttl < 0 or call_timeout <= 0:
             raise ConfigError("lease_ttl and call_timeout must be > 0, fence_ttl >= 0")
         if refresh_concurrency < 1 or max_pending_refreshes < 1 or max_entry_bytes < 1:
-            raise ConfigError("refresh_concurrency, max_pending_refreshes, max_entry_bytes must be >= 1")
+            raise ConfigError(
+                "refresh_concurrency, max_pending_refreshes, max_entry_bytes must be >= 1"
+            )
         self.client = client
         self.namespace = namespace
         self._keys = KeySpace(namespace)
@@ -714,7 +730,9 @@ class Cache:
                 try:
                     kwargs.setdefault(name, float(env[var]))
                 except ValueError:
-                    raise ConfigError(f"{var} must be a number of seconds, got {env[var]!r}") from None
+                    raise ConfigError(
+                        f"{var} must be a number of seconds, got {env[var]!r}"
+                    ) from None
         return cls.from_url(url, **kwargs)
 
     # -- lifecycle -----------------------------------------------------------
@@ -841,7 +859,9 @@ class Cache:
         await self.invalidate_identities(list(identities), list(tags))
         return len(identities)
 
-    async def invalidate_identities(self, identities: Sequence[str], tags: Sequence[str] = ()) -> None:
+    async def invalidate_identities(
+        self, identities: Sequence[str], tags: Sequence[str] = ()
+    ) -> None:
         """Invalidate entries by identity and purge tags, failing loudly."""
         ks = self._keys
         triples = [(ks.entry(i), ks.lease(i), ks.fence(i)) for i in identities]
@@ -870,7 +890,9 @@ class Cache:
         try:
             await self._purge(tag_list)
         except (RedisError, OSError) as exc:
-            raise InvalidationError(f"could not purge tags {tag_list!r}: {exc}", keys=tag_list) from exc
+            raise InvalidationError(
+                f"could not purge tags {tag_list!r}: {exc}", keys=tag_list
+            ) from exc
 
     async def _purge(self, tags: Sequence[str]) -> None:
         ks = self._keys
@@ -1085,9 +1107,7 @@ class Cache:
         result = await self._flight(req)
         return result.take()
 
-    def _judge(
-        self, req: _Request, snap: _Snap, now: float
-    ) -> tuple[str, Any] | _Plan | None:
+    def _judge(self, req: _Request, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
         """Decide what a snapshot gives this request.
 
         Returns ``(state, value)`` when it answers the request, a ``_Plan``
@@ -1263,7 +1283,8 @@ class Cache:
         while True:
             try:
                 got, raw = await self._guard(
-                    req, lambda: store.acquire_and_read(lease, token, self.lease_ms, req.entry, fields)
+                    req,
+                    lambda: store.acquire_and_read(lease, token, self.lease_ms, req.entry, fields),
                 )
             except _Bypass:
                 if background:  # nothing to store the refresh in: keep serving stale
@@ -1439,7 +1460,16 @@ class Cache:
             # by the call timeouts.
             with anyio.CancelScope(shield=True):
                 superseded = await self._fill(
-                    req, token, attrs, value, merge_version, prior_absent, delta_ms, tags, start_ms, policy
+                    req,
+                    token,
+                    attrs,
+                    value,
+                    merge_version,
+                    prior_absent,
+                    delta_ms,
+                    tags,
+                    start_ms,
+                    policy,
                 )
         else:
             await self._release(lease, token)
@@ -1546,7 +1576,9 @@ class Cache:
                 newly = [a for a in attrs or () if a not in value]
                 fields[M_ABSENT] = _codec.encode(sorted(set(prior_absent).union(newly)))
         except CodecError as exc:
-            log.warning("swr_cache: %s returned a value that cannot be cached: %s", req.metrics.name, exc)
+            log.warning(
+                "swr_cache: %s returned a value that cannot be cached: %s", req.metrics.name, exc
+            )
             counts["fills_rejected"] += 1
             await self._release(lease, token)
             return False
@@ -1564,7 +1596,14 @@ class Cache:
                 check = None if vfield is None or vfield not in fields else (vfield, fields[vfield])
                 async with self._slots.hold(self.call_timeout):
                     outcome = await store.merge(
-                        req.entry, lease, req.fence, token, merge_version, fields, not req.consistent, check
+                        req.entry,
+                        lease,
+                        req.fence,
+                        token,
+                        merge_version,
+                        fields,
+                        not req.consistent,
+                        check,
                     )
             else:
                 negative = req.is_item and value is None
@@ -1592,13 +1631,17 @@ class Cache:
             return await self._check_tags(req, tags, start_ms, expire_ms)
         return False
 
-    async def _check_tags(self, req: _Request, tags: list[str], start_ms: float, expire_ms: int) -> bool:
+    async def _check_tags(
+        self, req: _Request, tags: list[str], start_ms: float, expire_ms: int
+    ) -> bool:
         """Join the tags' member sets, then undo the fill if any tag was purged since the load began."""
         ks = self._keys
         raced = True
         try:
             async with self._slots.hold(self.call_timeout):
-                await self._store.add_tag_members([ks.tag_members(t) for t in tags], req.entry, expire_ms)
+                await self._store.add_tag_members(
+                    [ks.tag_members(t) for t in tags], req.entry, expire_ms
+                )
                 stamps = await self._store.tag_generations([ks.tag_gen(t) for t in tags])
             newer = [float(s) for s in stamps if s is not None and float(s) >= start_ms]
             raced = bool(newer)

@@ -59,7 +59,9 @@ class Policy:
         hard = _positive("hard_ttl", self.hard_ttl)
         if soft > hard:
             raise ConfigError(f"soft_ttl ({soft}) must not exceed hard_ttl ({hard})")
-        negative = soft if self.negative_ttl is None else _positive("negative_ttl", self.negative_ttl)
+        negative = (
+            soft if self.negative_ttl is None else _positive("negative_ttl", self.negative_ttl)
+        )
         if not (0.0 <= float(self.jitter) < 1.0):
             raise ConfigError(f"jitter must be in [0, 1), got {self.jitter!r}")
         if not (math.isfinite(float(self.early_refresh)) and self.early_refresh >= 0):

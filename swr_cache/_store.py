@@ -80,7 +80,9 @@ end
 # 1 stored; 0 lease lost (invalidated or taken over); -1 fenced by a recent invalidation.
 # A load that read consistently after taking its lease may skip the fence: the
 # lease itself proves it began after any invalidation (which deletes leases).
-_FILL = _HSET_CHUNKED + """
+_FILL = (
+    _HSET_CHUNKED
+    + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[2])
@@ -92,6 +94,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
 """
+)
 
 # KEYS: entry, lease, fence. ARGV: token, expected version, check fence (1/0),
 # item version attribute and its loaded value (both '' when unchecked), field, value, ...
@@ -99,7 +102,9 @@ return 1
 # -1 fenced; -2 the entry changed or vanished since it was read; -3 the entry
 # holds another version of the item than the load read (entry and lease deleted:
 # it is older than the table, or the load is; either way not to be mixed).
-_MERGE = _HSET_CHUNKED + """
+_MERGE = (
+    _HSET_CHUNKED
+    + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[2])
@@ -117,6 +122,7 @@ hset_all(KEYS[1], 6)
 redis.call('DEL', KEYS[2])
 return 1
 """
+)
 
 # KEYS: lease. ARGV: token, pexpire ms. Renews a lease this process still holds.
 _RENEW = """
@@ -427,7 +433,9 @@ class Store:
 
     async def stream_put_many(
         self,
-        puts: Sequence[tuple[tuple[str, str, str, str], str, int, int, bytes, Mapping[bytes, bytes]]],
+        puts: Sequence[
+            tuple[tuple[str, str, str, str], str, int, int, bytes, Mapping[bytes, bytes]]
+        ],
     ) -> list[int | BaseException]:
         """Apply refresh-mode records in one pipeline, each guarded by its sequence number.
 
@@ -450,7 +458,13 @@ class Store:
         return bool(await _claim(self.client, (lease_key,), (token, lease_ms)))
 
     async def write_checkpoint(
-        self, checkpoint_key: str, lease_key: str, token: str, value: str, ttl_ms: int, lease_ms: int
+        self,
+        checkpoint_key: str,
+        lease_key: str,
+        token: str,
+        value: str,
+        ttl_ms: int,
+        lease_ms: int,
     ) -> bool:
         """Store a shard's checkpoint if we still hold its lease (renewing it)."""
         return bool(
@@ -536,7 +550,10 @@ end
 # its write): the entry was deleted instead; 3 deleted (op 'd').
 # The lease goes in every applied case, so a load in flight cannot fill over
 # the record.
-_STREAM_PUT = _HSET_CHUNKED + _SEQ_NEWER + """
+_STREAM_PUT = (
+    _HSET_CHUNKED
+    + _SEQ_NEWER
+    + """
 local cur = redis.call('GET', KEYS[4])
 if cur and not seq_newer(ARGV[1], cur) then return 0 end
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
@@ -548,6 +565,7 @@ hset_all(KEYS[1], 5)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+)
 
 # KEYS: shard lease. ARGV: token, pexpire ms. Takes a free lease or renews
 # our own; 1 held, 0 another consumer holds it.
@@ -644,7 +662,9 @@ async def _run_script_many(
 # smaller than the new one. The cached version is a msgpack Decimal
 # (extension type 1 holding its text) and is compared as a big integer
 # (length, then digits), never through Lua's doubles.
-_WRITE_THROUGH = _HSET_CHUNKED + """
+_WRITE_THROUGH = (
+    _HSET_CHUNKED
+    + """
 local function cached_version(raw)
   if not raw then return nil end
   local b = string.byte(raw, 1)
@@ -680,5 +700,6 @@ hset_all(KEYS[1], 4)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+)
 
 _write_through = Script(_WRITE_THROUGH)

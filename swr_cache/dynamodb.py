@@ -342,9 +342,7 @@ class _Search:
     expression_values: Mapping[str, Any] | None
     attributes: Sequence[str] | None
 
-    def described(
-        self, table: str, query: Mapping[str, Any], limit: int | None
-    ) -> dict[str, Any]:
+    def described(self, table: str, query: Mapping[str, Any], limit: int | None) -> dict[str, Any]:
         """Everything that shapes a result, for its cache key (``query``: a Query's
         partition, sort and direction). The order is part of the key: keep it."""
         out: dict[str, Any] = {"table": table, "index": self.index_name}
@@ -570,9 +568,7 @@ class DynamoTable:
             reply = await self._call(op, {"RequestItems": pending}, counts)
             if on_reply is not None:
                 on_reply(reply)
-            pending = {
-                t: r for t, r in (reply.get(unprocessed) or {}).items() if _has_requests(r)
-            }
+            pending = {t: r for t, r in (reply.get(unprocessed) or {}).items() if _has_requests(r)}
             if not pending:
                 return
             if attempt >= self.unprocessed_retries:
@@ -1345,7 +1341,9 @@ class CachedTable:
                     replace.append((req, value))
             if merges:
                 superseded = await _first_error_gather(merges, _FILLS_IN_FLIGHT)
-                await self._reload_torn([r for r, s in zip(merged, superseded, strict=True) if s], keymap, results)
+                await self._reload_torn(
+                    [r for r, s in zip(merged, superseded, strict=True) if s], keymap, results
+                )
             if replace:
                 await self._fill_many(replace, load_attrs, tokens, delta_ms)
         finally:
@@ -1369,7 +1367,9 @@ class CachedTable:
             names.update(req.attrs or ())
         whole = any(req.attrs is None for req in reqs)
         again = await self._timed_batch_get(
-            [keymap[req.identity] for req in reqs], None if whole else tuple(sorted(names)), len(reqs)
+            [keymap[req.identity] for req in reqs],
+            None if whole else tuple(sorted(names)),
+            len(reqs),
         )
         for req in reqs:
             results[req.identity] = _answer(again.get(req.identity), req.attrs, None)

@@ -115,7 +115,8 @@ class SwrCacheCollector:
             [(c.namespace, c.stats()) for c in self.caches] if with_samples else []
         )
         counters: dict[str, CounterMetricFamily] = {
-            name: CounterMetricFamily(f"{p}_{name}", _help(name), labels=_LABELS) for name in COUNTERS
+            name: CounterMetricFamily(f"{p}_{name}", _help(name), labels=_LABELS)
+            for name in COUNTERS
         }
         histograms = {
             name: HistogramMetricFamily(f"{p}_{name}_seconds", text, labels=_LABELS)
@@ -190,7 +191,9 @@ def register(*caches: Cache, registry: Any = None, prefix: str = "swr_cache") ->
 _EMF_MAX_VALUES: Final = 100
 
 
-def _latency_values(buckets: Mapping[float, int], previous: Mapping[float, int] | None) -> list[float]:
+def _latency_values(
+    buckets: Mapping[float, int], previous: Mapping[float, int] | None
+) -> list[float]:
     """The new observations of a histogram as values in ms (bucket upper bounds).
 
     At most 100 values, as EMF allows; when more arrived, each bucket keeps its
@@ -282,7 +285,11 @@ class EmfReporter:
             doc["_aws"] = {
                 "Timestamp": now_ms,
                 "CloudWatchMetrics": [
-                    {"Namespace": self.namespace, "Dimensions": self.dimensions, "Metrics": definitions}
+                    {
+                        "Namespace": self.namespace,
+                        "Dimensions": self.dimensions,
+                        "Metrics": definitions,
+                    }
                 ],
             }
             out.append(json.dumps(doc, separators=(",", ":"), sort_keys=True))

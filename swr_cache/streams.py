@@ -327,7 +327,9 @@ def _plain_binary(av: Any) -> Any:
     if kind == "B" and isinstance(raw, str):
         return {"B": base64.b64decode(raw, validate=True)}
     if kind == "BS" and isinstance(raw, list):
-        return {"BS": [base64.b64decode(v, validate=True) if isinstance(v, str) else v for v in raw]}
+        return {
+            "BS": [base64.b64decode(v, validate=True) if isinstance(v, str) else v for v in raw]
+        }
     if kind == "M" and isinstance(raw, Mapping):
         return {"M": {k: _plain_binary(v) for k, v in raw.items()}}
     if kind == "L" and isinstance(raw, list):
@@ -520,7 +522,9 @@ class StreamInvalidator:
             except StreamRecordError as exc:
                 report.skipped += 1
                 counts["stream_records_malformed"] += 1
-                log.warning("swr_cache: skipping malformed stream record %s: %s", _describe(raw), exc)
+                log.warning(
+                    "swr_cache: skipping malformed stream record %s: %s", _describe(raw), exc
+                )
         await self._apply(parsed, report)
         return report
 
@@ -609,7 +613,9 @@ class StreamInvalidator:
                 value = _deserialize_image(record.new_image)
             except Exception as exc:  # a bad image still invalidates
                 log.warning(
-                    "swr_cache: NewImage of %s cannot be read (%s); invalidating", record.identity, exc
+                    "swr_cache: NewImage of %s cannot be read (%s); invalidating",
+                    record.identity,
+                    exc,
                 )
                 return _DELETE, {}, 1, seq_ms
         req = _Request(cache, self.metrics, policy, record.identity, True, None, _no_loader, None)
@@ -617,7 +623,11 @@ class StreamInvalidator:
             # What an engine fill writes; no load time, so no early refresh.
             fields, expire_ms = _whole_entry(cache, req, None, value, cache._now_ms(), None)
         except CodecError as exc:
-            log.warning("swr_cache: NewImage of %s cannot be cached (%s); invalidating", record.identity, exc)
+            log.warning(
+                "swr_cache: NewImage of %s cannot be cached (%s); invalidating",
+                record.identity,
+                exc,
+            )
             return _DELETE, {}, 1, seq_ms
         except _EntryTooLarge:
             self.metrics.counts["fills_skipped_too_large"] += 1
@@ -798,7 +808,9 @@ class StreamConsumer:
 
     async def _claim(self, shard_id: str) -> bool:
         key = self.cache._keys.shard_lease(self.stream_arn, shard_id)
-        got = await self._redis(lambda: self.cache._store.claim_shard(key, self.token, self.lease_ms))
+        got = await self._redis(
+            lambda: self.cache._store.claim_shard(key, self.token, self.lease_ms)
+        )
         if got:
             self._held.add(shard_id)
         else:
@@ -811,7 +823,10 @@ class StreamConsumer:
 
     async def _checkpoint(self, shard_id: str, value: str) -> None:
         ks = self.cache._keys
-        ck, lease = ks.checkpoint(self.stream_arn, shard_id), ks.shard_lease(self.stream_arn, shard_id)
+        ck, lease = (
+            ks.checkpoint(self.stream_arn, shard_id),
+            ks.shard_lease(self.stream_arn, shard_id),
+        )
         ok = await self._redis(
             lambda: self.cache._store.write_checkpoint(
                 ck, lease, self.token, value, self.checkpoint_ms, self.lease_ms
@@ -833,7 +848,9 @@ class StreamConsumer:
         while True:
             await anyio.sleep(self.lease_ms / 3000.0)
             with contextlib.suppress(RedisError, OSError):
-                await self._redis(lambda: self.cache._store.renew_lease(key, self.token, self.lease_ms))
+                await self._redis(
+                    lambda: self.cache._store.renew_lease(key, self.token, self.lease_ms)
+                )
 
     # -- AWS -------------------------------------------------------------------
 
@@ -965,7 +982,9 @@ class StreamConsumer:
                 return applied, False
             batches += 1
             try:
-                reply = await self.client.get_records(ShardIterator=iterator, Limit=self.batch_limit)
+                reply = await self.client.get_records(
+                    ShardIterator=iterator, Limit=self.batch_limit
+                )
             except Exception as exc:
                 code = _error_code(exc)
                 if code == "ExpiredIteratorException" and not fresh:
@@ -983,9 +1002,7 @@ class StreamConsumer:
             next_iterator = reply.get("NextShardIterator")
             if records:
                 report = await self._apply_renewing(shard_id, records)
-                cut = (
-                    report.failed_records[0].position if report.failed_records else len(records)
-                )
+                cut = report.failed_records[0].position if report.failed_records else len(records)
                 seq = _last_sequence(records[:cut])
                 if seq is not None:
                     await self._checkpoint(shard_id, seq)
@@ -1075,4 +1092,3 @@ def _last_sequence(records: Sequence[Any]) -> str | None:
                 if seq is not None and _DIGITS.fullmatch(seq):
                     return seq
     return None
-

@@ -75,4 +75,3 @@ class RecordingOrigin:
         if attributes is None:
             return dict(item)
         return {name: item[name] for name in attributes if name in item}
-

@@ -113,9 +113,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     opt_out = definition.get_closest_marker("standalone_only")
     if opt_out is not None:
         if not (opt_out.kwargs.get("reason") or opt_out.args):
-            raise pytest.UsageError(
-                f"{definition.nodeid}: standalone_only needs a reason=\"...\""
-            )
+            raise pytest.UsageError(f'{definition.nodeid}: standalone_only needs a reason="..."')
         return
     if _STANDALONE_FIXTURES & set(metafunc.fixturenames):
         return

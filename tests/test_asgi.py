@@ -328,7 +328,9 @@ async def test_vary_pairs_are_unambiguous(client: httpx.AsyncClient, origin: Ori
     assert (await client.get("/v", headers={"x-b": "1"})).text == b.text
 
 
-async def test_a_changed_vary_retires_old_variants(client: httpx.AsyncClient, origin: Origin, cache: Cache) -> None:
+async def test_a_changed_vary_retires_old_variants(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache
+) -> None:
     """When a URL's responses start to vary on another field, entries keyed the old way stop matching."""
     origin.handler = lambda scope, n: (200, [(b"vary", b"X-A")], b"#%d" % n)
     await client.get("/v", headers={"x-a": "1"})

@@ -269,7 +269,17 @@ def test_example_app_settings_from_the_environment() -> None:
     from examples.app import Settings
 
     s = Settings.from_env(
-        {"REDIS_URL": "redis://r:1/0", "APP_MAX_AGE": "30", "APP_STALE_WHILE_REVALIDATE": "300", "APP_CREATE_TABLES": "1"}
+        {
+            "REDIS_URL": "redis://r:1/0",
+            "APP_MAX_AGE": "30",
+            "APP_STALE_WHILE_REVALIDATE": "300",
+            "APP_CREATE_TABLES": "1",
+        }
     )
-    assert (s.redis_url, s.max_age, s.stale_while_revalidate, s.create_tables) == ("redis://r:1/0", 30, 300, True)
+    assert (s.redis_url, s.max_age, s.stale_while_revalidate, s.create_tables) == (
+        "redis://r:1/0",
+        30,
+        300,
+        True,
+    )
     assert (Settings.from_env({}).max_age, Settings.from_env({}).stale_while_revalidate) == (5, 55)

@@ -81,7 +81,9 @@ HIT_PATH = {
 }
 
 
-def test_readme_block_is_a_side_by_side_table_of_the_run(run_all: ModuleType, tmp_path: Path) -> None:
+def test_readme_block_is_a_side_by_side_table_of_the_run(
+    run_all: ModuleType, tmp_path: Path
+) -> None:
     """The README block holds the machine line and one column per library, filled from the run's JSON."""
     readme = tmp_path / "README.md"
     runs = [
@@ -91,16 +93,30 @@ def test_readme_block_is_a_side_by_side_table_of_the_run(run_all: ModuleType, tm
         {**fake_run("asgi", {}), "status": "exit code 1"},
         {**fake_run("batch", {}), "status": "missing"},
     ]
-    block = run_all.readme_block(fake_info(), runs, False, tmp_path / "benchmarks" / "results", readme)
+    block = run_all.readme_block(
+        fake_info(), runs, False, tmp_path / "benchmarks" / "results", readme
+    )
     text = "\n".join(block)
     assert block[0] == run_all.BEGIN and block[-1] == run_all.END
     assert "2030-01-02 03:04:05 UTC, Test CPU, 2 cores" in text and "redis-server 7.2.0" in text
     assert "| measure | swr_cache | aiocache | cashews | reference |" in text
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in block if line.startswith("| ")}
-    stampede_1 = next(v for k, v in rows.items() if k.startswith("cold stampede, 1000 callers in 1 process"))
-    assert stampede_1[0] == "1" and stampede_1[1] == "cached: 980" and stampede_1[2] == "cache(lock=True): 1"
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+        for line in block
+        if line.startswith("| ")
+    }
+    stampede_1 = next(
+        v for k, v in rows.items() if k.startswith("cold stampede, 1000 callers in 1 process")
+    )
+    assert (
+        stampede_1[0] == "1"
+        and stampede_1[1] == "cached: 980"
+        and stampede_1[2] == "cache(lock=True): 1"
+    )
     hit = next(v for k, v in rows.items() if k.startswith("hit, one ~1 KB item"))
-    assert hit[0] == "60.0 (1.20x), p99 120" and hit[3].startswith("raw GET + unpackb: 50.0 (1.00x)")
+    assert hit[0] == "60.0 (1.20x), p99 120" and hit[3].startswith(
+        "raw GET + unpackb: 50.0 (1.00x)"
+    )
     concurrent = next(v for k, v in rows.items() if k.startswith("100 concurrent hits"))
     assert concurrent[0] == "80,000"  # a rate shows as an integer
     assert any("failed in this run (exit code 1)" in line for line in block)
@@ -116,7 +132,9 @@ def test_write_readme_replaces_only_the_marked_block(run_all: ModuleType, tmp_pa
     assert run_all.write_readme(readme, [run_all.BEGIN, "new table", run_all.END])
     text = readme.read_text()
     assert "new table" in text and "old table" not in text
-    assert text.startswith("# App\n\nIntro.\n\n") and text.endswith("\n\n## Redis Cluster\n\nKept.\n")
+    assert text.startswith("# App\n\nIntro.\n\n") and text.endswith(
+        "\n\n## Redis Cluster\n\nKept.\n"
+    )
     plain = tmp_path / "PLAIN.md"
     plain.write_text("# no markers\n")
     assert not run_all.write_readme(plain, [run_all.BEGIN, "x", run_all.END])
@@ -125,12 +143,20 @@ def test_write_readme_replaces_only_the_marked_block(run_all: ModuleType, tmp_pa
 
 def test_table_cells_have_the_digits_their_size_needs(run_all: ModuleType) -> None:
     """Rates print as integers, microseconds with one decimal, ratios with two; counts stay counts."""
-    rows = run_all.md_table({"title": "t", "columns": ["a", "b", "c", "d", "e"], "rows": [["x", 18887.8, 56.71, 0.891, 1000]]})
+    rows = run_all.md_table(
+        {
+            "title": "t",
+            "columns": ["a", "b", "c", "d", "e"],
+            "rows": [["x", 18887.8, 56.71, 0.891, 1000]],
+        }
+    )
     assert "| x | 18,888 | 56.7 | 0.89 | 1,000 |" in rows
     assert run_all.fmt(float("nan")) == "-"
 
 
-def test_unknown_benchmarks_are_titled_by_their_docstring(run_all: ModuleType, tmp_path: Path) -> None:
+def test_unknown_benchmarks_are_titled_by_their_docstring(
+    run_all: ModuleType, tmp_path: Path
+) -> None:
     """A script run_all does not know is headed by the first line of its docstring."""
     script = tmp_path / "lag_probe.py"
     script.write_text('"""Replica reads: how far behind they are.\n\nMore.\n"""\n')
@@ -138,13 +164,35 @@ def test_unknown_benchmarks_are_titled_by_their_docstring(run_all: ModuleType, t
     assert run_all.title_of("stampede", None) == run_all.KNOWN["stampede"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs the bench extra (matplotlib)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="needs the bench extra (matplotlib)"
+)
 def test_every_chart_kind_renders(run_all: ModuleType, tmp_path: Path) -> None:
     """Bar, horizontal bar and line charts, linear and log, NaN values included, all become PNGs."""
     specs = [
-        {"file": "a.png", "title": "bars " * 30, "kind": "bar", "categories": ["x", "y"], "series": {"p50": [1.0, 2.0], "p99": [3.0, None]}, "log": True},
-        {"file": "b.png", "title": "barh", "kind": "barh", "categories": ["x", "y", "z"], "series": {"r": [1000.0, 20.0, 5.0]}},
-        {"file": "c.png", "title": "line", "kind": "line", "x": [0, 1, 2], "series": {"s": [0.0, 5.0, 1.0]}, "xlabel": "t"},
+        {
+            "file": "a.png",
+            "title": "bars " * 30,
+            "kind": "bar",
+            "categories": ["x", "y"],
+            "series": {"p50": [1.0, 2.0], "p99": [3.0, None]},
+            "log": True,
+        },
+        {
+            "file": "b.png",
+            "title": "barh",
+            "kind": "barh",
+            "categories": ["x", "y", "z"],
+            "series": {"r": [1000.0, 20.0, 5.0]},
+        },
+        {
+            "file": "c.png",
+            "title": "line",
+            "kind": "line",
+            "x": [0, 1, 2],
+            "series": {"s": [0.0, 5.0, 1.0]},
+            "xlabel": "t",
+        },
     ]
     for spec in specs:
         assert run_all.draw(spec, tmp_path) == spec["file"]
@@ -159,8 +207,15 @@ def test_run_all_quick_stampede_writes_report(tmp_path: Path) -> None:
     readme.write_text(README_TEXT)
     proc = subprocess.run(
         [
-            sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", "stampede",
-            "--out", str(tmp_path), "--readme", str(readme),
+            sys.executable,
+            str(BENCH / "run_all.py"),
+            "--quick",
+            "--only",
+            "stampede",
+            "--out",
+            str(tmp_path),
+            "--readme",
+            str(readme),
         ],
         capture_output=True,
         text=True,
@@ -171,7 +226,14 @@ def test_run_all_quick_stampede_writes_report(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/1] stampede" in proc.stdout and "round 1/2" in proc.stdout  # progress is shown
     report = (tmp_path / "RESULTS.md").read_text()
-    for expected in ("## Machine", "| CPU |", "| redis-server |", "| Python |", "Cold stampede", "| swr_cache |"):
+    for expected in (
+        "## Machine",
+        "| CPU |",
+        "| redis-server |",
+        "| Python |",
+        "Cold stampede",
+        "| swr_cache |",
+    ):
         assert expected in report
     data = json.loads((tmp_path / "results" / "stampede.json").read_text())
     # Behaviour, not speed: 1000 cold callers cost one origin call, in one process and across four.
@@ -180,7 +242,11 @@ def test_run_all_quick_stampede_writes_report(tmp_path: Path) -> None:
     assert data["one_process"]["swr_cache"]["errors"] == 0
     text = readme.read_text()
     assert "old table" not in text and "## Redis Cluster\n\nKept." in text
-    row = next(line for line in text.splitlines() if line.startswith("| cold stampede, 1000 callers in 4 processes"))
+    row = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("| cold stampede, 1000 callers in 4 processes")
+    )
     assert row.split(" | ")[1] == "1"  # the swr_cache column
     if importlib.util.find_spec("matplotlib") is not None:
         for chart in ("stampede_origin_calls.png", "stampede_latency.png"):
@@ -208,7 +274,13 @@ def test_tables_without_charts_get_one(run_all: ModuleType) -> None:
         {"title": "notes only", "columns": ["a", "b"], "rows": [["x", "y"]]},
         {
             "title": "windows",
-            "columns": ["condition", "trials", "window p50 µs", "window p99 µs", "first poll stale"],
+            "columns": [
+                "condition",
+                "trials",
+                "window p50 µs",
+                "window p99 µs",
+                "first poll stale",
+            ],
             "rows": [["idle", 100, 10.0, 40.0, "1/100"], ["loaded", 100, 30.0, 90.0, "5/100"]],
         },
     ]

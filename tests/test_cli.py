@@ -48,7 +48,9 @@ def origin() -> RecordingOrigin:
 
 def users(cache: Cache, origin: RecordingOrigin) -> Any:
     @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, name="get_user")
-    async def get_user(user_id: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+    async def get_user(
+        user_id: str, *, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
         return await origin.get(user_id, attributes)
 
     return get_user
@@ -71,7 +73,9 @@ async def test_inspect_fresh_whole_item(
 ) -> None:
     """inspect reports a fresh whole item with its deadlines, attribute fields and a free lease."""
     await users(cache, origin)("u1")
-    code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}', "--json")
+    code, out, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}', "--json"
+    )
     assert code == 0
     data = json.loads(out)
     assert data["state"] == "fresh"
@@ -79,18 +83,28 @@ async def test_inspect_fresh_whole_item(
     assert data["fields"] == ["age", "name", "pk", "roles"] and data["whole"] is True
     assert 0 < data["soft_remaining_ms"] <= 10_000 < data["hard_remaining_ms"] <= 100_000
     assert data["lease_held"] is False and data["fence_ttl_s"] is None
-    code, text, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}')
+    code, text, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}'
+    )
     assert code == 0
     assert "state     fresh" in text and "whole item" in text and "lease     not held" in text
 
 
 async def test_inspect_stale_entry(
-    cache: Cache, origin: RecordingOrigin, clock: FakeClock, redis_url: str, capsys: pytest.CaptureFixture[str]
+    cache: Cache,
+    origin: RecordingOrigin,
+    clock: FakeClock,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """An entry past its soft deadline (in Redis server time) shows as stale, not yet gone."""
-    clock.advance(-20)  # this fill believes it is 20 s earlier: soft passed 10 s ago, hard 80 s ahead
+    clock.advance(
+        -20
+    )  # this fill believes it is 20 s earlier: soft passed 10 s ago, hard 80 s ahead
     await users(cache, origin)("u1")
-    code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}', "--json")
+    code, out, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}', "--json"
+    )
     data = json.loads(out)
     assert code == 0 and data["state"] == "stale"
     assert data["soft_remaining_ms"] < 0 < data["hard_remaining_ms"]
@@ -103,14 +117,27 @@ async def test_inspect_partial_negative_and_absent(
     get_user = users(cache, origin)
     await get_user("u2", attributes=["name", "email"])
     await get_user("ghost")
-    code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": {"S": "u2"}}', "--json")
+    code, out, _ = await cli(
+        capsys,
+        "inspect",
+        *at(redis_url),
+        "--table",
+        "Users",
+        "--key",
+        '{"pk": {"S": "u2"}}',
+        "--json",
+    )
     data = json.loads(out)
     assert code == 0 and data["fields"] == ["name"] and data["whole"] is False
     assert data["absent_attributes"] == ["email"]
-    code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "ghost"}', "--json")
+    code, out, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "ghost"}', "--json"
+    )
     data = json.loads(out)
     assert data["state"] == "fresh" and data["negative"] is True and data["fields"] == []
-    code, text, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "nobody"}')
+    code, text, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "nobody"}'
+    )
     assert code == 0 and "state     absent" in text
 
 
@@ -125,7 +152,9 @@ async def test_inspect_shows_lease_and_fence(
     code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--identity", ident, "--json")
     data = json.loads(out)
     assert code == 0 and data["lease_held"] is True and 0 < data["lease_ttl_s"] <= 4
-    code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Orders", "--key", '{"id": 1}', "--json")
+    code, out, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Orders", "--key", '{"id": 1}', "--json"
+    )
     data = json.loads(out)
     assert data["state"] == "absent" and data["fence_ttl_s"] is not None and data["fence_ttl_s"] > 0
 
@@ -134,15 +163,20 @@ async def test_inspect_numbers_name_the_same_item(
     cache: Cache, redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """JSON numbers and typed N values are normalised like the readers' keys (10.0 is N 10)."""
+
     @cached_item(cache, table="Orders", key=lambda n: {"id": n}, name="get_order")
     async def get_order(n: int, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
         return {"id": n}
 
     await get_order(10)
     for key in ('{"id": 10}', '{"id": 10.0}', '{"id": {"N": "1E+1"}}'):
-        code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Orders", "--key", key, "--json")
+        code, out, _ = await cli(
+            capsys, "inspect", *at(redis_url), "--table", "Orders", "--key", key, "--json"
+        )
         assert code == 0 and json.loads(out)["state"] == "fresh", key
-    code, out, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Orders", "--key", '{"id": "10"}', "--json")
+    code, out, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Orders", "--key", '{"id": "10"}', "--json"
+    )
     assert json.loads(out)["state"] == "absent"  # S "10" is another item
 
 
@@ -151,26 +185,38 @@ async def test_inspect_values_decodes_exact_types(
 ) -> None:
     """--values prints the cached attributes decoded (Decimal and set stay exact)."""
     await users(cache, origin)("u1")
-    code, text, _ = await cli(capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}', "--values")
+    code, text, _ = await cli(
+        capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}', "--values"
+    )
     assert code == 0
     assert "age = Decimal('36.5')" in text and "roles = {'admin'}" in text
 
 
 async def test_invalidate_item_and_tag(
-    cache: Cache, origin: RecordingOrigin, redis_client: aioredis.Redis, redis_url: str,
+    cache: Cache,
+    origin: RecordingOrigin,
+    redis_client: aioredis.Redis,
+    redis_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """invalidate removes an item's entry, and --tag purges what was stored with the tag."""
     get_user = users(cache, origin)
     await get_user("u1")
 
-    @cached(cache, key="orders:{customer}", tags=lambda customer: [f"customer:{customer}"], name="orders")
+    @cached(
+        cache,
+        key="orders:{customer}",
+        tags=lambda customer: [f"customer:{customer}"],
+        name="orders",
+    )
     async def orders(customer: str) -> list[int]:
         return [1, 2]
 
     await orders("c1")
     ks = cache._keys
-    code, out, _ = await cli(capsys, "invalidate", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}')
+    code, out, _ = await cli(
+        capsys, "invalidate", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}'
+    )
     assert code == 0 and "invalidated item Users|pk=S:u1" in out
     assert not await redis_client.exists(ks.entry("Users|pk=S:u1"))
     assert await get_user.peek("u1") is None
@@ -184,18 +230,29 @@ async def test_invalidate_item_purges_its_item_tag(
     cache: Cache, redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An item invalidated from the CLI purges results tagged with item_tag, like a write would."""
-    @cached(cache, key="orders:{customer}", tags=lambda customer: [item_tag("Orders", {"customer": customer})])
+
+    @cached(
+        cache,
+        key="orders:{customer}",
+        tags=lambda customer: [item_tag("Orders", {"customer": customer})],
+    )
     async def orders(customer: str) -> list[int]:
         return [1]
 
     await orders("c1")
-    code, _, _ = await cli(capsys, "invalidate", *at(redis_url), "--table", "Orders", "--key", '{"customer": "c1"}')
+    code, _, _ = await cli(
+        capsys, "invalidate", *at(redis_url), "--table", "Orders", "--key", '{"customer": "c1"}'
+    )
     assert code == 0
     assert await orders.peek("c1") is None
 
 
 async def test_stats_counts_by_kind_state_and_table(
-    cache: Cache, origin: RecordingOrigin, clock: FakeClock, redis_client: aioredis.Redis, redis_url: str,
+    cache: Cache,
+    origin: RecordingOrigin,
+    clock: FakeClock,
+    redis_client: aioredis.Redis,
+    redis_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """stats counts entries (fresh/stale/negative, per table), leases, fences and tag keys of one namespace only."""
@@ -206,7 +263,12 @@ async def test_stats_counts_by_kind_state_and_table(
     await get_user("u2")  # stale from the start
     clock.advance(20)
 
-    @cached(cache, key="orders:{customer}", tags=lambda customer: [f"customer:{customer}"], name="orders")
+    @cached(
+        cache,
+        key="orders:{customer}",
+        tags=lambda customer: [f"customer:{customer}"],
+        name="orders",
+    )
     async def orders(customer: str) -> list[int]:
         return [1]
 
@@ -241,14 +303,19 @@ async def test_stats_stops_at_max_keys(
 
 
 async def test_environment_supplies_url_and_namespace(
-    cache: Cache, origin: RecordingOrigin, redis_url: str, capsys: pytest.CaptureFixture[str],
+    cache: Cache,
+    origin: RecordingOrigin,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without --redis-url/--namespace the CLI reads SWR_CACHE_REDIS_URL and SWR_CACHE_NAMESPACE."""
     await users(cache, origin)("u1")
     monkeypatch.setenv("SWR_CACHE_REDIS_URL", redis_url)
     monkeypatch.setenv("SWR_CACHE_NAMESPACE", NS)
-    code, out, _ = await cli(capsys, "inspect", "--table", "Users", "--key", '{"pk": "u1"}', "--json")
+    code, out, _ = await cli(
+        capsys, "inspect", "--table", "Users", "--key", '{"pk": "u1"}', "--json"
+    )
     assert code == 0 and json.loads(out)["state"] == "fresh"
 
 
@@ -259,7 +326,10 @@ async def test_environment_supplies_url_and_namespace(
         (["inspect", "--table", "Users", "--key", '["u1"]'], "non-empty JSON object"),
         (["inspect", "--table", "Users", "--key", "{}"], "non-empty JSON object"),
         (["inspect", "--table", "Users", "--key", '{"pk": true}'], "must be a string, a number"),
-        (["inspect", "--table", "Users", "--key", '{"pk": {"X": "1"}}'], "not a DynamoDB key value"),
+        (
+            ["inspect", "--table", "Users", "--key", '{"pk": {"X": "1"}}'],
+            "not a DynamoDB key value",
+        ),
         (["inspect", "--table", "Users"], "--table and --key go together"),
         (["inspect"], "give --table and --key"),
         (["inspect", "--identity", "a", "--table", "T", "--key", '{"a": 1}'], "not both"),
@@ -312,7 +382,9 @@ async def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and out.startswith("swr-cache ")
 
 
-async def test_consume_stream_is_routed_to_its_own_parser(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_consume_stream_is_routed_to_its_own_parser(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """consume-stream hands the rest of the line to the streams consumer's own argparse."""
     code, out, _ = await cli(capsys, "consume-stream", "--help")
     assert code == 0 and "swr-cache consume-stream" in out and "--stream-arn" in out
@@ -324,7 +396,10 @@ def test_module_and_console_script_run_the_cli(redis_url: str) -> None:
     """`python -m swr_cache` and the installed `swr-cache` script both reach the CLI."""
     proc = subprocess.run(
         [sys.executable, "-m", "swr_cache", "stats", "--redis-url", redis_url, "--namespace", NS],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"namespace {NS!r}" in proc.stdout
@@ -333,7 +408,10 @@ def test_module_and_console_script_run_the_cli(redis_url: str) -> None:
         pytest.skip("the swr-cache console script is not installed in this environment")
     proc = subprocess.run(
         [str(script), "inspect", "--redis-url", redis_url, "--table", "T", "--key", "nope"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
 
@@ -347,8 +425,17 @@ async def test_consume_stream_failure_is_one_line_and_exit_1(
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     endpoint = f"http://127.0.0.1:{free_port()}"
     code, _, err = await cli(
-        capsys, "consume-stream", "--table", "Users", "--endpoint-url", endpoint,
-        "--region", "us-east-1", "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--once",
+        capsys,
+        "consume-stream",
+        "--table",
+        "Users",
+        "--endpoint-url",
+        endpoint,
+        "--region",
+        "us-east-1",
+        "--redis-url",
+        f"redis://127.0.0.1:{free_port()}/0",
+        "--once",
     )
     assert code == 1
     assert "swr-cache consume-stream: EndpointConnectionError" in err and "Traceback" not in err

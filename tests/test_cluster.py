@@ -32,7 +32,9 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def cache(cluster_client: Any, clock: FakeClock) -> AsyncIterator[Cache]:
-    c = Cache(cluster_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0)
+    c = Cache(
+        cluster_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0
+    )
     async with CacheHost(c) as entered:
         yield entered
 
@@ -64,7 +66,9 @@ async def flush_scripts(client: Any) -> None:
     """SCRIPT FLUSH on every node, as a restart of each would leave them."""
     await client.execute_command("SCRIPT FLUSH", target_nodes=client.ALL_NODES)
     for node in client.get_nodes():
-        exists = await client.execute_command("SCRIPT EXISTS", Script(_store._FILL).sha, target_nodes=node)
+        exists = await client.execute_command(
+            "SCRIPT EXISTS", Script(_store._FILL).sha, target_nodes=node
+        )
         assert not any(exists), exists
 
 
@@ -101,10 +105,15 @@ async def test_item_keys_share_a_slot_and_items_spread_over_masters(
         await get_user(f"u{i}")
         ident = f"Users|pk=S:u{i}"
         ks = cache._keys
-        slots = {key_slot(k.encode()) for k in (ks.entry(ident), ks.lease(ident), ks.fence(ident), ks.seq(ident))}
+        slots = {
+            key_slot(k.encode())
+            for k in (ks.entry(ident), ks.lease(ident), ks.fence(ident), ks.seq(ident))
+        }
         assert len(slots) == 1
     assert all(n > 0 for n in await keys_per_master(cluster_client))
-    assert [await get_user(f"u{i}") for i in range(60)] == [origin.items[f"u{i}"] for i in range(60)]
+    assert [await get_user(f"u{i}") for i in range(60)] == [
+        origin.items[f"u{i}"] for i in range(60)
+    ]
     assert origin.count == 60
 
 
@@ -148,7 +157,9 @@ async def test_tag_members_on_every_master_are_purged(cache: Cache, cluster_clie
     assert calls == 41
 
 
-async def test_scripts_reload_on_each_node_after_script_flush(cache: Cache, cluster_client: Any) -> None:
+async def test_scripts_reload_on_each_node_after_script_flush(
+    cache: Cache, cluster_client: Any
+) -> None:
     """After SCRIPT FLUSH on every node (a restart), fills, merges, multi-tag fills and purges still work."""
     origin = many_users(30)
     get_user = users(cache, origin)
@@ -204,7 +215,9 @@ async def test_stream_batch_on_cluster_in_a_few_pipelines(
     assert all([await get_item.peek(i) is None for i in range(200)])
 
 
-async def test_many_keys_at_once_on_a_small_cluster_pool(cluster_client: Any, redis_cluster: Any) -> None:
+async def test_many_keys_at_once_on_a_small_cluster_pool(
+    cluster_client: Any, redis_cluster: Any
+) -> None:
     """1000 concurrent distinct keys through a cluster client with 4 connections per node never fail."""
     from redis.asyncio.cluster import ClusterNode
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -298,7 +311,11 @@ def owner_index(cluster: Any, client: Any, key: str) -> int:
 
 
 async def serve_until(
-    get_user: Any, origin: RecordingOrigin, keys: list[str], done: Callable[[], bool], limit: float = 60.0
+    get_user: Any,
+    origin: RecordingOrigin,
+    keys: list[str],
+    done: Callable[[], bool],
+    limit: float = 60.0,
 ) -> int:
     """Read every key in passes until ``done()``; every read must succeed. Returns the passes made."""
     deadline = time.monotonic() + limit

@@ -79,8 +79,13 @@ def test_generate_tests_parametrizes_only_opted_in_tests() -> None:
     """The hook adds the cluster run for ``on_cluster``, not without it nor under a reasoned opt-out."""
     opted_in = _Metafunc(pytest.mark.on_cluster)
     conftest.pytest_generate_tests(opted_in)  # type: ignore[arg-type]
-    assert opted_in.parametrized == [("redis_backend", ["standalone", "cluster"], {"indirect": True})]
-    for marks in [(), (pytest.mark.on_cluster, pytest.mark.standalone_only(reason="kills the server"))]:
+    assert opted_in.parametrized == [
+        ("redis_backend", ["standalone", "cluster"], {"indirect": True})
+    ]
+    for marks in [
+        (),
+        (pytest.mark.on_cluster, pytest.mark.standalone_only(reason="kills the server")),
+    ]:
         metafunc = _Metafunc(*marks)
         conftest.pytest_generate_tests(metafunc)  # type: ignore[arg-type]
         assert metafunc.parametrized == []

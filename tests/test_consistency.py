@@ -39,7 +39,17 @@ Read, Write, Load, Config = checker.Read, checker.Write, checker.Load, checker.C
 
 
 def read(key: int, t0: float, got: int, t1: float | None = None) -> Any:
-    return Read(key, t0, t0 + 0.001 if t1 is None else t1, got, False, f"{got}/{got}", False, False, "accessor")
+    return Read(
+        key,
+        t0,
+        t0 + 0.001 if t1 is None else t1,
+        got,
+        False,
+        f"{got}/{got}",
+        False,
+        False,
+        "accessor",
+    )
 
 
 def write(key: int, version: int, t1: float, t0: float | None = None) -> Any:
@@ -171,7 +181,9 @@ async def test_stream_mode_converges(redis_url: str, dynamodb_endpoint: str) -> 
     assert result["errors"] == 0, result["error_samples"]
     assert result["origin_anomalies"] == 0
     assert result["writes_with_applied_record"] == result["writes"] > 100
-    assert result["stale_reads_after_applied_invalidation"] == 0, result["stale_after_applied_samples"]
+    assert result["stale_reads_after_applied_invalidation"] == 0, result[
+        "stale_after_applied_samples"
+    ]
     assert result["entries_not_equal_to_table"] == 0, result["mismatches"]
     assert result["lag_max_ms"] >= result["lag_p50_ms"] > 0
 
@@ -186,5 +198,7 @@ async def test_stream_mode_with_a_version_attribute_never_mixes_versions(
     assert result["errors"] == 0, result["error_samples"]
     assert result["origin_anomalies"] == 0
     assert result["torn_reads_not_from_origin"] == 0, result["torn_samples"]
-    assert result["stale_reads_after_applied_invalidation"] == 0, result["stale_after_applied_samples"]
+    assert result["stale_reads_after_applied_invalidation"] == 0, result[
+        "stale_after_applied_samples"
+    ]
     assert result["entries_not_equal_to_table"] == 0, result["mismatches"]

@@ -50,8 +50,12 @@ def test_demo_runs_and_reports() -> None:
     assert -1 not in positions, [s for s, p in zip(steps, positions, strict=True) if p == -1]
     assert positions == sorted(positions), out
     lines = out.splitlines()
-    reads_progress = [i for i, line in enumerate(lines) if " reads (" in line and "from cache" in line]
-    http_progress = [i for i, line in enumerate(lines) if " requests (" in line and "from cache" in line]
+    reads_progress = [
+        i for i, line in enumerate(lines) if " reads (" in line and "from cache" in line
+    ]
+    http_progress = [
+        i for i, line in enumerate(lines) if " requests (" in line and "from cache" in line
+    ]
     assert reads_progress and http_progress, out
     assert max(reads_progress) < min(http_progress)
     assert all("DynamoDB calls" in lines[i] for i in http_progress)
@@ -117,6 +121,8 @@ def test_cache_status_is_sorted_by_our_member(header: bytes, kind: str) -> None:
 
 def test_cli_rejects_unknown_commands() -> None:
     """An unknown subcommand exits non-zero with a message."""
-    proc = subprocess.run([sys.executable, "-m", "swr_cache", "nope"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "swr_cache", "nope"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 2
     assert "unknown command" in proc.stderr

@@ -265,7 +265,9 @@ def test_moto_process_serves_dynamodb_and_stops() -> None:
         moto = MotoProcess().start()
         try:
             assert moto.running and _accepts(moto.port)
-            client = boto3.client("dynamodb", endpoint_url=moto.endpoint_url, region_name="us-east-1")
+            client = boto3.client(
+                "dynamodb", endpoint_url=moto.endpoint_url, region_name="us-east-1"
+            )
             assert client.list_tables()["TableNames"] == []
         finally:
             moto.stop()

@@ -839,7 +839,9 @@ async def test_write_through_lua_compares_big_integers(
     async def attempt(cached: bytes, new: str) -> bool:
         await redis_client.delete("{w}e")
         await redis_client.hset("{w}e", b"version", cached)
-        return await store.write_through("{w}e", "{w}l", b"version", new, 10_000, {b"version": b"x"})
+        return await store.write_through(
+            "{w}e", "{w}l", b"version", new, 10_000, {b"version": b"x"}
+        )
 
     assert not await attempt(_codec.encode(Decimal(big)), "9" * 30)
     assert await attempt(_codec.encode(Decimal(big)), "1" + "0" * 29 + "1")
@@ -1129,7 +1131,11 @@ async def test_view_with_a_version_attribute_never_merges_two_versions(
     """A write that bypasses the view (its invalidation still to come) is not mixed into a cached projection."""
     view = users.cached(cache, version_attribute="version")
     assert await view.get_item({"pk": "u1"}, attributes=["name"]) == {"name": "Ada"}
-    await raw_put(dynamodb_client, "Users", {**ADA, "name": "Ada 2", "status": "retired", "version": Decimal(2)})
+    await raw_put(
+        dynamodb_client,
+        "Users",
+        {**ADA, "name": "Ada 2", "status": "retired", "version": Decimal(2)},
+    )
     if batch:
         got = (await view.batch_get_item([{"pk": "u1"}], attributes=["name", "status"]))[0]
     else:

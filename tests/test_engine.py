@@ -781,8 +781,17 @@ async def test_fill_wrapper_controls_storing_ttl_and_tags(cache: Cache, clock: F
 async def test_jitter_shortens_soft_ttl_within_bounds(redis_client: aioredis.Redis) -> None:
     """With jitter, each fill's soft deadline lies between (1 - jitter) x soft_ttl and soft_ttl."""
     clock = FakeClock()
-    c = Cache(redis_client, namespace="j", soft_ttl=100, hard_ttl=1000, jitter=0.5, clock=clock, early_refresh=0)
+    c = Cache(
+        redis_client,
+        namespace="j",
+        soft_ttl=100,
+        hard_ttl=1000,
+        jitter=0.5,
+        clock=clock,
+        early_refresh=0,
+    )
     async with c:
+
         @cached(c, key="k:{i}")
         async def f(i: int) -> int:
             return i
@@ -795,7 +804,9 @@ async def test_jitter_shortens_soft_ttl_within_bounds(redis_client: aioredis.Red
         assert [await f.peek(i) for i in range(20)] == [(i, "stale") for i in range(20)]
 
 
-async def test_exit_releases_held_leases(redis_client: aioredis.Redis, origin: RecordingOrigin) -> None:
+async def test_exit_releases_held_leases(
+    redis_client: aioredis.Redis, origin: RecordingOrigin
+) -> None:
     """Leaving the cache while a load holds a lease releases the lease (no one waits for a dead holder)."""
     c = Cache(redis_client, namespace="x1", drain_timeout=0.05)
     get_user = users(c, origin)
@@ -829,7 +840,9 @@ async def test_unusual_signatures_bind_like_inspect(cache: Cache) -> None:
     assert len(seen) == 3
 
     @cached_item(cache, table="K", key=lambda pk, *, region: {"pk": f"{region}#{pk}"})
-    async def g(pk: str, *, region: str, attributes: list[str] | None = None) -> dict[str, Any] | None:
+    async def g(
+        pk: str, *, region: str, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
         return {"pk": pk, "region": region}
 
     assert (await g("p", region="eu"))["region"] == "eu"
@@ -882,7 +895,9 @@ async def test_invalidate_item_purges_partition_and_table_results(cache: Cache) 
 
     loads: list[str] = []
 
-    @cached(cache, key="orders:{customer}", tags=lambda customer: [item_tag("Orders", {"c": customer})])
+    @cached(
+        cache, key="orders:{customer}", tags=lambda customer: [item_tag("Orders", {"c": customer})]
+    )
     async def orders(customer: str) -> list[str]:
         loads.append("orders:" + customer)
         return [customer]
@@ -905,7 +920,9 @@ async def test_invalidate_item_purges_partition_and_table_results(cache: Cache) 
     assert loads[4:] == ["orders:c1", "all"]  # c2's partition and the other table stay cached
 
 
-async def _projected_then_changed(cache: Cache, origin: RecordingOrigin, **kw: Any) -> tuple[Any, Any]:
+async def _projected_then_changed(
+    cache: Cache, origin: RecordingOrigin, **kw: Any
+) -> tuple[Any, Any]:
     """Cache {name, version} of u1, then change the item in the table without telling the cache."""
     origin.items["u1"]["version"] = Decimal(1)
     get_user = users(cache, origin, **kw)
@@ -936,7 +953,10 @@ async def test_version_attribute_refuses_to_merge_into_another_version(
     ]
     stats = cache.stats()[get_user.name]
     assert stats["merges_outdated"] == 1 and stats["reloads_after_invalidation"] == 1
-    assert await get_user("u1", attributes=["age", "name"]) == {"name": "Ada v2", "age": Decimal(37)}
+    assert await get_user("u1", attributes=["age", "name"]) == {
+        "name": "Ada v2",
+        "age": Decimal(37),
+    }
     assert origin.count == 3  # the replacement was stored
 
 

@@ -24,7 +24,9 @@ async def test_fresh_stale_absent_on_fakeredis(origin: RecordingOrigin) -> None:
     async with cache:
 
         @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id})
-        async def get_user(user_id: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+        async def get_user(
+            user_id: str, *, attributes: list[str] | None = None
+        ) -> dict[str, Any] | None:
             return await origin.get(user_id, attributes)
 
         assert (await get_user("u1"))["name"] == "Ada"

@@ -15,7 +15,14 @@ def test_all_is_sorted_and_importable() -> None:
 def test_private_modules_stay_private() -> None:
     """Nothing implementation-only leaks into the package namespace."""
     public = {n for n in dir(swr_cache) if not n.startswith("_")}
-    modules = {"testing", "devservers", "streams", "dynamodb", "metrics", "asgi"}  # importable submodules, not part of __all__
+    modules = {
+        "testing",
+        "devservers",
+        "streams",
+        "dynamodb",
+        "metrics",
+        "asgi",
+    }  # importable submodules, not part of __all__
     assert public - modules <= set(swr_cache.__all__) | {"annotations"}
 
 

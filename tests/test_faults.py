@@ -43,7 +43,9 @@ async def until(predicate: Any, limit: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_unreachable_redis_answers_from_origin_in_bounded_time(origin: RecordingOrigin) -> None:
+async def test_unreachable_redis_answers_from_origin_in_bounded_time(
+    origin: RecordingOrigin,
+) -> None:
     """With nothing listening, every call is answered by the origin, fast, and the breaker opens."""
     cache = Cache.from_url(f"redis://127.0.0.1:{closed_port()}/0", socket_connect_timeout=0.2)
     async with cache:
@@ -72,7 +74,9 @@ async def test_invalidation_fails_loudly_when_redis_is_down(origin: RecordingOri
             await cache.purge_tags(["t"])
 
 
-async def test_killed_and_restarted_redis_recovers(restartable_redis: Any, origin: RecordingOrigin) -> None:
+async def test_killed_and_restarted_redis_recovers(
+    restartable_redis: Any, origin: RecordingOrigin
+) -> None:
     """Redis killed mid-traffic: calls keep succeeding from the origin; after a restart the cache fills and hits again."""
     cache = Cache.from_url(restartable_redis.url, breaker_cooldown=0.1)
     async with cache:
@@ -83,7 +87,10 @@ async def test_killed_and_restarted_redis_recovers(restartable_redis: Any, origi
         restartable_redis.kill()
         for _ in range(20):
             assert (await get_user("u1"))["name"] == "Ada"
-        assert cache.stats()[get_user.name]["bypasses"] + cache.stats()[get_user.name]["redis_errors"] > 0
+        assert (
+            cache.stats()[get_user.name]["bypasses"] + cache.stats()[get_user.name]["redis_errors"]
+            > 0
+        )
         await restartable_redis.start_async()  # the cache's tasks keep running meanwhile
 
         async def hits_again() -> bool:
@@ -95,7 +102,9 @@ async def test_killed_and_restarted_redis_recovers(restartable_redis: Any, origi
         assert not cache.breaker.is_open
 
 
-async def test_stalled_redis_times_out_and_bypasses(restartable_redis: Any, origin: RecordingOrigin) -> None:
+async def test_stalled_redis_times_out_and_bypasses(
+    restartable_redis: Any, origin: RecordingOrigin
+) -> None:
     """A paused (stalled) Redis costs at most the socket timeout, then the breaker bypasses it."""
     cache = Cache.from_url(restartable_redis.url, socket_timeout=0.1, breaker_cooldown=0.2)
     async with cache:

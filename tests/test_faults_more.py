@@ -43,7 +43,9 @@ def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
 
 @pytest.fixture
 def origin() -> RecordingOrigin:
-    return RecordingOrigin({f"u{i}": {"pk": f"u{i}", "name": f"user {i}"} for i in range(20)} | {"u1": ITEM})
+    return RecordingOrigin(
+        {f"u{i}": {"pk": f"u{i}", "name": f"user {i}"} for i in range(20)} | {"u1": ITEM}
+    )
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
@@ -66,7 +68,9 @@ async def timed(call: Awaitable[Any], latencies: list[float]) -> Any:
 # --- Redis stopped or asleep ------------------------------------------------------------
 
 
-async def test_redis_stopped_mid_load(restartable_redis: RedisServer, origin: RecordingOrigin) -> None:
+async def test_redis_stopped_mid_load(
+    restartable_redis: RedisServer, origin: RecordingOrigin
+) -> None:
     """Redis stops while a load holds its lease: no call fails, few calls pay a timeout, and it recovers after a restart."""
     cache = Cache.from_url(
         restartable_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2, breaker_cooldown=0.2
@@ -81,7 +85,9 @@ async def test_redis_stopped_mid_load(restartable_redis: RedisServer, origin: Re
         assert all(r == ITEM for r in await asyncio.gather(*first))
         latencies: list[float] = []
         for _ in range(5):
-            results = await asyncio.gather(*(timed(get_user(f"u{i}"), latencies) for i in range(20)))
+            results = await asyncio.gather(
+                *(timed(get_user(f"u{i}"), latencies) for i in range(20))
+            )
             assert results == [origin.items[f"u{i}"] for i in range(20)]
         stats = cache.stats()[get_user.name]
         # The breaker bounds how many calls wait for a dead Redis: the reads in flight
@@ -117,7 +123,9 @@ async def test_redis_asleep_times_out_bypasses_without_pile_up(
     debug_redis: RedisServer, origin: RecordingOrigin
 ) -> None:
     """While Redis is blocked in DEBUG SLEEP, reads time out and bypass; loads stay coalesced and few calls touch Redis."""
-    cache = Cache.from_url(debug_redis.url, socket_timeout=0.1, breaker_cooldown=0.2, max_connections=16)
+    cache = Cache.from_url(
+        debug_redis.url, socket_timeout=0.1, breaker_cooldown=0.2, max_connections=16
+    )
     async with cache:
         get_user = users(cache, origin)
         for i in range(10):
@@ -160,7 +168,9 @@ async def test_redis_asleep_times_out_bypasses_without_pile_up(
 # --- the origin: slow, failing, throttled -------------------------------------------------
 
 
-async def test_slow_origin_one_call_per_process(redis_client: aioredis.Redis, origin: RecordingOrigin) -> None:
+async def test_slow_origin_one_call_per_process(
+    redis_client: aioredis.Redis, origin: RecordingOrigin
+) -> None:
     """A slow origin: 100 callers in each of two 'processes' make one call per process, never one per caller."""
     a = Cache(redis_client, namespace="slow", lease_ttl=0.3, lease_wait=0.1)
     b = Cache(redis_client, namespace="slow", lease_ttl=0.3, lease_wait=0.1)
@@ -177,7 +187,10 @@ async def test_slow_origin_one_call_per_process(redis_client: aioredis.Redis, or
         origin.release()
         assert all(r == ITEM for r in await asyncio.gather(*in_a, *in_b))
         assert b.stats()[get_b.name]["lease_waits"] == 1
-        assert await get_b.peek("u1") == (ITEM, "fresh")  # a's fill landed; b's answer was not stored
+        assert await get_b.peek("u1") == (
+            ITEM,
+            "fresh",
+        )  # a's fill landed; b's answer was not stored
         assert origin.count == 2
 
 
@@ -185,7 +198,9 @@ class Throttled(Exception):
     """Stands in for botocore's ProvisionedThroughputExceededException."""
 
 
-async def test_failing_and_throttled_origin(redis_client: aioredis.Redis, origin: RecordingOrigin) -> None:
+async def test_failing_and_throttled_origin(
+    redis_client: aioredis.Redis, origin: RecordingOrigin
+) -> None:
     """Foreground: one origin call per key raises to every coalesced caller. Background: stale keeps serving, backed off in every process."""
     clock = FakeClock()
     a = Cache(redis_client, namespace="thr", soft_ttl=1, hard_ttl=100, clock=clock, early_refresh=0)
@@ -200,7 +215,9 @@ async def test_failing_and_throttled_origin(redis_client: aioredis.Redis, origin
         outcomes = await asyncio.gather(*callers, return_exceptions=True)
         assert all(isinstance(o, Throttled) for o in outcomes)
         assert origin.count == 1
-        assert not await redis_client.exists(a._keys.lease("Users|pk=S:u1"))  # released: the next call may retry
+        assert not await redis_client.exists(
+            a._keys.lease("Users|pk=S:u1")
+        )  # released: the next call may retry
         origin.error = None
         assert await get_a("u1") == ITEM
         clock.advance(2)  # stale
@@ -208,6 +225,7 @@ async def test_failing_and_throttled_origin(redis_client: aioredis.Redis, origin
         calls = origin.count
         for _ in range(50):
             assert await get_a("u1") == ITEM
+
         async def refresh_failed() -> bool:
             return bool(a.stats()[get_a.name]["refresh_errors"] == 1)
 
@@ -313,7 +331,9 @@ class GateStore(Store):
     delete = _gated("delete")
 
 
-def gated_origin(store_ref: list[GateStore], origin: RecordingOrigin) -> Callable[..., Awaitable[Any]]:
+def gated_origin(
+    store_ref: list[GateStore], origin: RecordingOrigin
+) -> Callable[..., Awaitable[Any]]:
     async def load(user_id: str, attributes: list[str] | None = None) -> Any:
         await store_ref[0].gate("origin:before")
         value = await origin.get(user_id, attributes)
@@ -420,7 +440,9 @@ async def test_cancellation_at_every_await_of_the_load_path(
         namespace = f"c-{name}-{how}-{n}"
         # "caller": the load must outlive its cancelled caller, so the exit drains it.
         drain = 5.0 if how == "caller" else 0.0
-        cache = Cache(redis_client, namespace=namespace, fence_ttl=0, lease_ttl=0.3, drain_timeout=drain)
+        cache = Cache(
+            redis_client, namespace=namespace, fence_ttl=0, lease_ttl=0.3, drain_timeout=drain
+        )
         store = GateStore(redis_client, stop_at=n)
         cache._store = store
         origin = RecordingOrigin({"u1": ITEM})
@@ -464,7 +486,9 @@ async def test_shutdown_while_a_command_waits_at_the_server(
 ) -> None:
     """Shutting down while the lease SET or the fill script waits at a paused server leaves no half-written hash and no lasting lease."""
     client = aioredis.Redis.from_url(redis_url, socket_timeout=0.3)
-    cache = Cache(client, namespace=f"inflight-{stage}", fence_ttl=0, lease_ttl=0.5, drain_timeout=0)
+    cache = Cache(
+        client, namespace=f"inflight-{stage}", fence_ttl=0, lease_ttl=0.5, drain_timeout=0
+    )
     origin = RecordingOrigin({"u1": ITEM})
     store = GateStore(client, stop_at=-1)
     cache._store = store

@@ -130,7 +130,9 @@ async def test_flight_that_already_stored_is_not_joined_after_an_invalidation(
     assert origin.calls == 2
 
 
-async def test_tag_purge_during_a_load_makes_its_waiters_reload(caches: tuple[Cache, Cache]) -> None:
+async def test_tag_purge_during_a_load_makes_its_waiters_reload(
+    caches: tuple[Cache, Cache],
+) -> None:
     """A result whose tag is purged while it loads is taken back and its waiters get a new load."""
     cache, _ = caches
     origin = SnapshotOrigin()

@@ -28,7 +28,9 @@ async def cache(redis_client: aioredis.Redis) -> AsyncIterator[Cache]:
 
 def users(cache: Cache, origin: RecordingOrigin) -> Any:
     @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, name="get_user")
-    async def get_user(user_id: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+    async def get_user(
+        user_id: str, *, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
         return await origin.get(user_id, attributes)
 
     return get_user
@@ -81,8 +83,24 @@ async def test_scrape_exports_every_counter_and_histogram(cache: Cache) -> None:
         counts = [v for _, v in buckets]
         assert counts == sorted(counts), "buckets are cumulative"
         assert counts[-1] == sample(families, hist, f"{hist}_count", **labels)
-    assert sample(families, "swr_cache_load_latency_seconds", "swr_cache_load_latency_seconds_count", **labels) == 2
-    assert sample(families, "swr_cache_redis_latency_seconds", "swr_cache_redis_latency_seconds_count", **labels) == 3
+    assert (
+        sample(
+            families,
+            "swr_cache_load_latency_seconds",
+            "swr_cache_load_latency_seconds_count",
+            **labels,
+        )
+        == 2
+    )
+    assert (
+        sample(
+            families,
+            "swr_cache_redis_latency_seconds",
+            "swr_cache_redis_latency_seconds_count",
+            **labels,
+        )
+        == 3
+    )
 
 
 async def test_engine_values_are_exported(cache: Cache) -> None:
@@ -93,8 +111,14 @@ async def test_engine_values_are_exported(cache: Cache) -> None:
     engine = {"function": "swr_cache", "table": "", "namespace": "m"}
     assert families["swr_cache_breaker_open"].type == "gauge"
     assert sample(families, "swr_cache_breaker_open", "swr_cache_breaker_open", **engine) == 0
-    assert sample(families, "swr_cache_breaker_opened", "swr_cache_breaker_opened_total", **engine) == 0
-    assert sample(families, "swr_cache_refreshes_pending", "swr_cache_refreshes_pending", **engine) == 0
+    assert (
+        sample(families, "swr_cache_breaker_opened", "swr_cache_breaker_opened_total", **engine)
+        == 0
+    )
+    assert (
+        sample(families, "swr_cache_refreshes_pending", "swr_cache_refreshes_pending", **engine)
+        == 0
+    )
 
 
 async def test_scrapes_follow_the_counters(cache: Cache) -> None:
@@ -111,7 +135,9 @@ async def test_scrapes_follow_the_counters(cache: Cache) -> None:
     assert sample(scrape(registry), "swr_cache_hits", "swr_cache_hits_total", **labels) == 3
 
 
-async def test_two_caches_in_one_collector_differ_by_namespace(redis_client: aioredis.Redis) -> None:
+async def test_two_caches_in_one_collector_differ_by_namespace(
+    redis_client: aioredis.Redis,
+) -> None:
     """Caches given together export side by side, told apart by the namespace label."""
     a = Cache(redis_client, namespace="a")
     b = Cache(redis_client, namespace="b")
@@ -120,8 +146,12 @@ async def test_two_caches_in_one_collector_differ_by_namespace(redis_client: aio
     registry = CollectorRegistry()
     registry.register(SwrCacheCollector(a, b))
     families = scrape(registry)
-    assert sample(families, "swr_cache_hits", "swr_cache_hits_total", function="f", namespace="a") == 2
-    assert sample(families, "swr_cache_hits", "swr_cache_hits_total", function="f", namespace="b") == 5
+    assert (
+        sample(families, "swr_cache_hits", "swr_cache_hits_total", function="f", namespace="a") == 2
+    )
+    assert (
+        sample(families, "swr_cache_hits", "swr_cache_hits_total", function="f", namespace="b") == 5
+    )
 
 
 async def test_register_refuses_a_second_collector(redis_client: aioredis.Redis) -> None:
@@ -147,7 +177,9 @@ async def test_emf_lines_carry_deltas(cache: Cache) -> None:
     get_user = users(cache, origin)
     await get_user("u1")
     await get_user("u1")
-    emf = EmfReporter(cache, namespace="shop", properties={"service": "api"}, clock=lambda: 1700000000.5)
+    emf = EmfReporter(
+        cache, namespace="shop", properties={"service": "api"}, clock=lambda: 1700000000.5
+    )
     first = [json.loads(line) for line in emf.lines()]
     doc = next(d for d in first if d["function"] == "get_user")
     assert doc["hits"] == 1 and doc["misses"] == 1 and doc["loads"] == 1

@@ -161,9 +161,12 @@ def _write_pki(directory: Path) -> Pki:
                 ),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
             )
         )
         if server:
@@ -254,7 +257,9 @@ def _start_tls(pki: Pki, require_client_cert: bool) -> TlsRedisServer:
     except RuntimeError as exc:
         server.close()
         text = str(exc).lower()
-        if "tls" in text and ("bad directive" in text or "not supported" in text or "support" in text):
+        if "tls" in text and (
+            "bad directive" in text or "not supported" in text or "support" in text
+        ):
             pytest.skip(f"this redis-server was built without TLS support: {exc}")
         raise
     return server
@@ -320,7 +325,9 @@ async def test_tls_and_acl_user_together(tls_redis: TlsRedisServer) -> None:
     """``rediss://user:password@...``: an ACL user over TLS."""
     admin = aioredis.Redis.from_url(tls_redis.tls_url())
     try:
-        await admin.acl_setuser("tlsapp", enabled=True, passwords=["+tls-secret"], keys=["tlsacl:*"], commands=["+@all"])
+        await admin.acl_setuser(
+            "tlsapp", enabled=True, passwords=["+tls-secret"], keys=["tlsacl:*"], commands=["+@all"]
+        )
     finally:
         await admin.aclose()
     cache = Cache.from_url(tls_redis.tls_url(user="tlsapp:tls-secret"), namespace="tlsacl")
@@ -346,7 +353,9 @@ def acl_redis(restartable_redis: RedisServer) -> RedisServer:
 
 async def test_acl_user_with_password(acl_redis: RedisServer) -> None:
     """``redis://app:s3cret@host`` authenticates as that ACL user; the default user is off."""
-    cache = Cache.from_url(f"redis://app:s3cret@{acl_redis.host}:{acl_redis.port}/0", namespace="acl")
+    cache = Cache.from_url(
+        f"redis://app:s3cret@{acl_redis.host}:{acl_redis.port}/0", namespace="acl"
+    )
     async with cache:
         assert await cache.client.acl_whoami() == "app"
         await exercise(cache)
@@ -354,7 +363,9 @@ async def test_acl_user_with_password(acl_redis: RedisServer) -> None:
 
 async def test_wrong_password_fails_open_for_reads(acl_redis: RedisServer) -> None:
     """A rejected password never fails a read (origin answers, breaker opens); invalidation raises."""
-    cache = Cache.from_url(f"redis://app:wrong@{acl_redis.host}:{acl_redis.port}/0", namespace="acl")
+    cache = Cache.from_url(
+        f"redis://app:wrong@{acl_redis.host}:{acl_redis.port}/0", namespace="acl"
+    )
     origin = RecordingOrigin({"u1": {"pk": "u1"}})
     async with cache:
         get_user = users(cache, origin)
@@ -397,7 +408,15 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def signed(redis_client: aioredis.Redis, clock: FakeClock) -> AsyncIterator[Cache]:
-    c = Cache(redis_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0, signing_key=KEY)
+    c = Cache(
+        redis_client,
+        namespace="t",
+        soft_ttl=10,
+        hard_ttl=100,
+        clock=clock,
+        early_refresh=0,
+        signing_key=KEY,
+    )
     async with CacheHost(c) as entered:
         yield entered
 
@@ -520,7 +539,9 @@ async def test_signed_projection_loads_union_instead_of_merging(
     assert origin.count == 2 and signed.stats()[get_user.name]["bad_signatures"] == 0
 
 
-async def test_signed_stream_refresh_entries_are_served(signed: Cache, origin: RecordingOrigin) -> None:
+async def test_signed_stream_refresh_entries_are_served(
+    signed: Cache, origin: RecordingOrigin
+) -> None:
     """Entries written by the stream hook's refresh mode are signed and served without the origin."""
     get_user = users(signed, origin)
     record = {
@@ -590,7 +611,13 @@ _NOT_UNDER_SIGNING = {
 @pytest.fixture
 async def cache(redis_client: aioredis.Redis, clock: FakeClock) -> AsyncIterator[Cache]:
     c = Cache(
-        redis_client, namespace="t", soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=0, signing_key=KEY
+        redis_client,
+        namespace="t",
+        soft_ttl=10,
+        hard_ttl=100,
+        clock=clock,
+        early_refresh=0,
+        signing_key=KEY,
     )
     async with CacheHost(c) as entered:
         yield entered

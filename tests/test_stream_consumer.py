@@ -118,7 +118,11 @@ class FakeStreams:
         return {"StreamDescription": description}
 
     async def get_shard_iterator(
-        self, StreamArn: str, ShardId: str, ShardIteratorType: str, SequenceNumber: str | None = None
+        self,
+        StreamArn: str,
+        ShardId: str,
+        ShardIteratorType: str,
+        SequenceNumber: str | None = None,
     ) -> dict[str, Any]:
         self.calls.append(("get_shard_iterator", ShardId, f"{ShardIteratorType} {SequenceNumber}"))
         shard = self.shards.get(ShardId)
@@ -185,7 +189,9 @@ def fake() -> FakeStreams:
     return FakeStreams()
 
 
-def consumer(cache: Cache, fake: FakeStreams, **kwargs: Any) -> tuple[StreamConsumer, RecordingInvalidator]:
+def consumer(
+    cache: Cache, fake: FakeStreams, **kwargs: Any
+) -> tuple[StreamConsumer, RecordingInvalidator]:
     inv = RecordingInvalidator(cache, batch_size=kwargs.pop("batch_size", 500))
     return StreamConsumer(inv, fake, ARN, **kwargs), inv
 
@@ -242,7 +248,9 @@ async def test_children_wait_while_another_consumer_holds_the_parent(
     assert fake.reads() == ["p", "c", "c"]
 
 
-async def test_shard_gone_from_the_stream_lets_children_start(cache: Cache, fake: FakeStreams) -> None:
+async def test_shard_gone_from_the_stream_lets_children_start(
+    cache: Cache, fake: FakeStreams
+) -> None:
     """A listed shard that can no longer be read counts as finished, so its children proceed."""
     fake.add_shard("p").gone = True
     fake.add_shard("c", parent="p")
@@ -290,7 +298,9 @@ async def test_checkpoint_resumes_after_sequence_number(cache: Cache, fake: Fake
     assert await second.poll_once() == 1 and inv.seen == [new]
 
 
-async def test_expired_iterator_is_renewed_from_the_checkpoint(cache: Cache, fake: FakeStreams) -> None:
+async def test_expired_iterator_is_renewed_from_the_checkpoint(
+    cache: Cache, fake: FakeStreams
+) -> None:
     """An iterator that expired between polls is replaced; no record is lost or repeated."""
     fake.add_shard("a")
     fake.put("a", 1)
@@ -318,7 +328,9 @@ async def test_trimmed_checkpoint_restarts_at_trim_horizon(cache: Cache, fake: F
     assert cache.stats()["swr_cache.streams"]["stream_trimmed"] == 1
 
 
-async def test_trimmed_while_reading_restarts_at_trim_horizon(cache: Cache, fake: FakeStreams) -> None:
+async def test_trimmed_while_reading_restarts_at_trim_horizon(
+    cache: Cache, fake: FakeStreams
+) -> None:
     """A held iterator that now points into trimmed records restarts the shard at TRIM_HORIZON."""
     fake.add_shard("a")
     fake.put("a", 1)
@@ -417,7 +429,9 @@ async def test_lost_lease_stops_checkpointing(cache: Cache, fake: FakeStreams) -
     assert c.held_shards == frozenset()
 
 
-async def test_run_stops_after_the_current_batch_and_releases(cache: Cache, fake: FakeStreams) -> None:
+async def test_run_stops_after_the_current_batch_and_releases(
+    cache: Cache, fake: FakeStreams
+) -> None:
     """stop() during a batch lets that batch finish and checkpoint, then run() returns and lets go."""
     fake.add_shard("a")
     seq = fake.put("a", 1)
@@ -450,7 +464,9 @@ async def test_run_keeps_polling_until_stopped(cache: Cache, fake: FakeStreams) 
     await asyncio.wait_for(running, 10)
 
 
-async def test_records_carry_no_arn_the_consumer_knows_the_table(cache: Cache, fake: FakeStreams) -> None:
+async def test_records_carry_no_arn_the_consumer_knows_the_table(
+    cache: Cache, fake: FakeStreams
+) -> None:
     """Records from GetRecords name no table: the consumer applies them to its stream's table."""
     origin_calls = 0
 
@@ -498,14 +514,20 @@ class Reader:
         self.calls = 0
         deserializer = TypeDeserializer()
 
-        @cached_item(cache, table="Items", key=lambda item_id: {"Id": item_id}, consistent_reads=True)
-        async def get_item(item_id: int, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+        @cached_item(
+            cache, table="Items", key=lambda item_id: {"Id": item_id}, consistent_reads=True
+        )
+        async def get_item(
+            item_id: int, *, attributes: list[str] | None = None
+        ) -> dict[str, Any] | None:
             self.calls += 1
             reply = await dynamodb.get_item(
                 TableName="Items", Key={"Id": {"N": str(item_id)}}, ConsistentRead=True
             )
             item = reply.get("Item")
-            return None if item is None else {k: deserializer.deserialize(v) for k, v in item.items()}
+            return (
+                None if item is None else {k: deserializer.deserialize(v) for k, v in item.items()}
+            )
 
         self.get = get_item
 
@@ -542,7 +564,9 @@ async def test_moto_records_invalidate_through_handle(
     assert (await reader.get(1))["Message"] == "v1"
     await put(dynamodb_client, 1, "v2")
     assert (await reader.get(1))["Message"] == "v1"  # the cache does not know yet
-    shard = (await dynamodb_streams_client.describe_stream(StreamArn=table))["StreamDescription"]["Shards"][0]
+    shard = (await dynamodb_streams_client.describe_stream(StreamArn=table))["StreamDescription"][
+        "Shards"
+    ][0]
     iterator = (
         await dynamodb_streams_client.get_shard_iterator(
             StreamArn=table, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
@@ -631,7 +655,9 @@ async def test_moto_refresh_consumer_serves_new_image_without_origin(
     "(NewImage and real DynamoDB Streams are right); the bytes path is unit-tested in test_streams",
     strict=False,
 )
-async def test_moto_binary_keys(cache: Cache, dynamodb_client: Any, dynamodb_streams_client: Any) -> None:
+async def test_moto_binary_keys(
+    cache: Cache, dynamodb_client: Any, dynamodb_streams_client: Any
+) -> None:
     """A B key read from moto's stream as bytes invalidates the entry read with those bytes."""
     reply = await dynamodb_client.create_table(
         TableName="Blobs",
@@ -670,8 +696,19 @@ async def test_cli_consume_stream_once(
     await put(dynamodb_client, 1, "v1")
     await reader.get(1)
     await put(dynamodb_client, 1, "v2")
-    args = cli("--table", "Items", "--redis-url", redis_url, "--namespace", "t",
-               "--endpoint-url", dynamodb_endpoint, "--region", "us-east-1", "--once")
+    args = cli(
+        "--table",
+        "Items",
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        "t",
+        "--endpoint-url",
+        dynamodb_endpoint,
+        "--region",
+        "us-east-1",
+        "--once",
+    )
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -687,8 +724,18 @@ async def test_cli_stops_cleanly_on_sigterm(
 ) -> None:
     """SIGTERM stops the consumer after its batch; it releases its lease and exits 0."""
     await put(dynamodb_client, 1, "v1")
-    args = cli("--stream-arn", table, "--redis-url", redis_url, "--namespace", "t",
-               "--endpoint-url", dynamodb_endpoint, "--region", "us-east-1")
+    args = cli(
+        "--stream-arn",
+        table,
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        "t",
+        "--endpoint-url",
+        dynamodb_endpoint,
+        "--region",
+        "us-east-1",
+    )
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -697,6 +744,7 @@ async def test_cli_stops_cleanly_on_sigterm(
     assert first.startswith(b"consuming ")
     client = aioredis.Redis.from_url(redis_url)
     try:
+
         async def checkpointed() -> bool:
             keys = await client.keys("t:ck:*")
             return bool(keys)
@@ -728,7 +776,10 @@ def test_example_lambda_stream_handler_runs() -> None:
     """examples/lambda_stream_handler.py invokes its handler twice against its own Redis."""
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "lambda_stream_handler.py")],
-        capture_output=True, text=True, check=False, timeout=120,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("batchItemFailures: []") == 2
@@ -740,13 +791,18 @@ def test_example_stream_consumer_runs() -> None:
     """examples/stream_consumer.py shows a write behind the cache's back being invalidated."""
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "stream_consumer.py")],
-        capture_output=True, text=True, check=False, timeout=180,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     assert "after the stream: v2" in proc.stdout
 
 
-def test_example_lambda_module_handler_from_env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_lambda_module_handler_from_env(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The example's module-level ``handler``, configured from the environment, invalidates."""
     import importlib.util
 
@@ -771,7 +827,9 @@ def test_example_lambda_module_handler_from_env(redis_url: str, monkeypatch: pyt
         client.close()
 
 
-async def test_consumer_raises_apply_errors_unwrapped(redis_client: aioredis.Redis, fake: FakeStreams) -> None:
+async def test_consumer_raises_apply_errors_unwrapped(
+    redis_client: aioredis.Redis, fake: FakeStreams
+) -> None:
     """An error from applying a batch reaches poll_once's caller as itself, not in a group."""
     from swr_cache import CacheNotEnteredError
 

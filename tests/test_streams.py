@@ -107,7 +107,11 @@ def record(
     image: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A Lambda-shaped DynamoDB stream record."""
-    dynamodb: dict[str, Any] = {"Keys": key, "SequenceNumber": seq, "StreamViewType": "NEW_AND_OLD_IMAGES"}
+    dynamodb: dict[str, Any] = {
+        "Keys": key,
+        "SequenceNumber": seq,
+        "StreamViewType": "NEW_AND_OLD_IMAGES",
+    }
     if image is not None:
         dynamodb["NewImage"] = image
     return {
@@ -151,7 +155,9 @@ def example_table(cache: Cache, origin: RecordingOrigin, table: str = TABLE) -> 
     """A reader of ``table`` keyed by a numeric ``Id``."""
 
     @cached_item(cache, table=table, key=lambda item_id: {"Id": item_id}, name=f"get_{table}")
-    async def get_item(item_id: Any, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+    async def get_item(
+        item_id: Any, *, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
         return await origin.get(Decimal(item_id), attributes)
 
     return get_item
@@ -164,7 +170,13 @@ def test_table_from_arn() -> None:
     """The table name comes from the stream ARN; anything else is malformed."""
     assert table_from_arn(ARN) == TABLE
     assert table_from_arn("arn:aws-cn:dynamodb:cn-north-1:1:table/a.b-c_d/stream/x") == "a.b-c_d"
-    for bad in ("", "arn:aws:kinesis:us-east-1:1:stream/s", "arn:aws:dynamodb:r:1:table/T", None, 7):
+    for bad in (
+        "",
+        "arn:aws:kinesis:us-east-1:1:stream/s",
+        "arn:aws:dynamodb:r:1:table/T",
+        None,
+        7,
+    ):
         with pytest.raises(StreamRecordError):
             table_from_arn(bad)
 
@@ -194,7 +206,10 @@ def test_parse_binary_key_from_json_and_from_api() -> None:
     """B keys: base64 text in Lambda JSON and bytes from the API name the same item."""
     from_json = parse_record(record({"k": {"B": base64.b64encode(b"\x00\xff").decode()}}))
     from_api = parse_record(
-        {"eventName": "REMOVE", "dynamodb": {"Keys": {"k": {"B": b"\x00\xff"}}, "SequenceNumber": "5"}},
+        {
+            "eventName": "REMOVE",
+            "dynamodb": {"Keys": {"k": {"B": b"\x00\xff"}}, "SequenceNumber": "5"},
+        },
         table=TABLE,
     )
     assert from_json.identity == from_api.identity == item_identity(TABLE, {"k": b"\x00\xff"})
@@ -202,7 +217,11 @@ def test_parse_binary_key_from_json_and_from_api() -> None:
 
 def test_parse_kinesis_wrapped_record() -> None:
     """A Kinesis-wrapped record takes its table from tableName and reports the Kinesis sequence."""
-    parsed = parse_record(kinesis_record(sample(0), "Music", "49590338271490256608559692538361571095921575989136588898"))
+    parsed = parse_record(
+        kinesis_record(
+            sample(0), "Music", "49590338271490256608559692538361571095921575989136588898"
+        )
+    )
     assert parsed.table == "Music" and parsed.identity == item_identity("Music", {"Id": 101})
     assert parsed.sequence is None  # never orders a refresh
     assert parsed.item_identifier == "49590338271490256608559692538361571095921575989136588898"
@@ -212,14 +231,59 @@ def test_parse_kinesis_wrapped_record() -> None:
     ("raw", "message"),
     [
         ("not a record", "must be an object"),
-        ({"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": {"SequenceNumber": "1"}}, "no Keys"),
+        (
+            {"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": {"SequenceNumber": "1"}},
+            "no Keys",
+        ),
         ({"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": {"Keys": {}}}, "no Keys"),
-        ({"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": {"Keys": {"Id": {"X": "1"}}}}, "Id"),
-        ({"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": {"Keys": {"Id": {"N": "x"}}}}, "Id"),
-        ({"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": {"Keys": {"Id": {"N": "NaN"}}}}, "Id"),
-        ({"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": {"Keys": {"k": {"B": "%%%"}}}}, "k"),
-        ({"eventName": "INSERT", "eventSourceARN": "arn:aws:s3:::bucket", "dynamodb": {"Keys": {"Id": {"N": "1"}}}}, "ARN"),
-        ({"eventName": "UPSERT", "eventSourceARN": ARN, "dynamodb": {"Keys": {"Id": {"N": "1"}}}}, "eventName"),
+        (
+            {
+                "eventName": "INSERT",
+                "eventSourceARN": ARN,
+                "dynamodb": {"Keys": {"Id": {"X": "1"}}},
+            },
+            "Id",
+        ),
+        (
+            {
+                "eventName": "INSERT",
+                "eventSourceARN": ARN,
+                "dynamodb": {"Keys": {"Id": {"N": "x"}}},
+            },
+            "Id",
+        ),
+        (
+            {
+                "eventName": "INSERT",
+                "eventSourceARN": ARN,
+                "dynamodb": {"Keys": {"Id": {"N": "NaN"}}},
+            },
+            "Id",
+        ),
+        (
+            {
+                "eventName": "INSERT",
+                "eventSourceARN": ARN,
+                "dynamodb": {"Keys": {"k": {"B": "%%%"}}},
+            },
+            "k",
+        ),
+        (
+            {
+                "eventName": "INSERT",
+                "eventSourceARN": "arn:aws:s3:::bucket",
+                "dynamodb": {"Keys": {"Id": {"N": "1"}}},
+            },
+            "ARN",
+        ),
+        (
+            {
+                "eventName": "UPSERT",
+                "eventSourceARN": ARN,
+                "dynamodb": {"Keys": {"Id": {"N": "1"}}},
+            },
+            "eventName",
+        ),
         ({"eventName": "INSERT", "dynamodb": {"Keys": {"Id": {"N": "1"}}}}, "no table"),
         ({"eventName": "INSERT", "eventSourceARN": ARN, "dynamodb": []}, "dynamodb"),
         ({"kinesis": {"data": "not base64!"}}, "Kinesis"),
@@ -245,7 +309,9 @@ def test_options_are_validated(redis_client: aioredis.Redis) -> None:
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
-async def test_aws_sample_records_invalidate(cache: Cache, origin: RecordingOrigin, index: int) -> None:
+async def test_aws_sample_records_invalidate(
+    cache: Cache, origin: RecordingOrigin, index: int
+) -> None:
     """Each record of AWS's sample event (INSERT, MODIFY, REMOVE) removes the cached item."""
     get_item = example_table(cache, origin)
     await get_item(101)
@@ -308,9 +374,7 @@ async def test_insert_clears_negative_entry(cache: Cache, origin: RecordingOrigi
     assert await get_item(7) is None
     assert await get_item.peek(7) == (None, "fresh")
     origin.items[Decimal(7)] = {"Id": Decimal(7), "Message": "born"}
-    await StreamInvalidator(cache).handle(
-        {"Records": [record({"Id": {"N": "7"}}, event="INSERT")]}
-    )
+    await StreamInvalidator(cache).handle({"Records": [record({"Id": {"N": "7"}}, event="INSERT")]})
     assert await get_item(7) == {"Id": Decimal(7), "Message": "born"}
 
 
@@ -323,7 +387,9 @@ async def test_binary_key_record_invalidates_bytes_reader(cache: Cache) -> None:
         return await origin.get(k, attributes)
 
     await get_blob(b"\x01\x02")
-    event = {"Records": [record({"k": {"B": base64.b64encode(b"\x01\x02").decode()}}, table="Blobs")]}
+    event = {
+        "Records": [record({"k": {"B": base64.b64encode(b"\x01\x02").decode()}}, table="Blobs")]
+    }
     await StreamInvalidator(cache).handle(event)
     assert await get_blob.peek(b"\x01\x02") is None
 
@@ -340,7 +406,11 @@ async def test_malformed_records_are_skipped_and_good_ones_applied(
         sample(1),
         {"eventName": "MODIFY", "eventSourceARN": ARN, "dynamodb": {"SequenceNumber": "1"}},
         {"eventName": "MODIFY", "eventSourceARN": ARN, "dynamodb": {"Keys": {"Id": {"SS": ["x"]}}}},
-        {"eventName": "MODIFY", "eventSourceARN": "arn:nope", "dynamodb": {"Keys": {"Id": {"N": "1"}}}},
+        {
+            "eventName": "MODIFY",
+            "eventSourceARN": "arn:nope",
+            "dynamodb": {"Keys": {"Id": {"N": "1"}}},
+        },
         record({"Id": {"N": "10"}}, seq="400"),
     ]
     inv = StreamInvalidator(cache)
@@ -363,7 +433,9 @@ async def test_tags_of_the_item_and_its_partition_are_purged(cache: Cache) -> No
     """Results tagged with the item, or with its partition key alone, go with the record."""
     calls = {"by_customer": 0, "by_order": 0}
 
-    @cached(cache, key="orders:{customer}", tags=lambda customer: [item_tag("Orders", {"pk": customer})])
+    @cached(
+        cache, key="orders:{customer}", tags=lambda customer: [item_tag("Orders", {"pk": customer})]
+    )
     async def by_customer(customer: str) -> list[str]:
         calls["by_customer"] += 1
         return ["o1"]
@@ -433,7 +505,10 @@ async def test_batch_goes_to_redis_in_a_few_pipelines(
     assert report.applied == 200
     # invalidate: entries, purge stamps (+ their NOSCRIPT retry), tag members;
     # refresh: one script per record (+ retry), purge stamps (+ retry), tag members.
-    assert len(executed) <= (4 if mode == "invalidate" else 5) and not commands, (executed, commands)
+    assert len(executed) <= (4 if mode == "invalidate" else 5) and not commands, (
+        executed,
+        commands,
+    )
     assert sum(executed) >= 400
 
 
@@ -479,7 +554,10 @@ async def test_refresh_writes_new_image_served_without_origin(
     assert await get_item(101) == {"Id": Decimal(101), "Message": "This item has changed"}
     assert await get_item(101, attributes=["Message"]) == {"Message": "This item has changed"}
     assert origin.count == 0
-    assert await get_item.peek(101) == ({"Id": Decimal(101), "Message": "This item has changed"}, "fresh")
+    assert await get_item.peek(101) == (
+        {"Id": Decimal(101), "Message": "This item has changed"},
+        "fresh",
+    )
 
 
 async def test_refresh_entry_ages_with_cache_ttls(
@@ -527,8 +605,10 @@ async def test_refresh_ignores_older_and_repeated_sequence_numbers(
     [
         ("9", "10"),
         ("100000000000000000000", "100000000000000000001"),  # equal as doubles
-        ("49590338271490256608559692538361571095921575989136588898",
-         "49590338271490256608559692540925702759324208523137515618"),
+        (
+            "49590338271490256608559692538361571095921575989136588898",
+            "49590338271490256608559692540925702759324208523137515618",
+        ),
     ],
 )
 async def test_refresh_compares_sequence_numbers_as_big_integers(
@@ -541,8 +621,12 @@ async def test_refresh_compares_sequence_numbers_as_big_integers(
         await cache.invalidate_item(TABLE, {"Id": 5})
         await cache.client.delete(cache._keys.seq(item_identity(TABLE, {"Id": 5})))
         batch = [
-            record({"Id": {"N": "5"}}, seq=first, image=image(5, "high" if first == high else "low")),
-            record({"Id": {"N": "5"}}, seq=second, image=image(5, "high" if second == high else "low")),
+            record(
+                {"Id": {"N": "5"}}, seq=first, image=image(5, "high" if first == high else "low")
+            ),
+            record(
+                {"Id": {"N": "5"}}, seq=second, image=image(5, "high" if second == high else "low")
+            ),
         ]
         await cache.client.delete(cache._keys.fence(item_identity(TABLE, {"Id": 5})))
         await inv.handle({"Records": batch})
@@ -636,6 +720,7 @@ async def test_refresh_kinesis_records_invalidate(cache: Cache, origin: Recordin
 
 async def test_refresh_purges_item_tags(cache: Cache) -> None:
     """Refresh mode still purges results tagged with the item."""
+
     @cached(cache, key="msg:{item_id}", tags=lambda item_id: [item_tag(TABLE, {"Id": item_id})])
     async def message(item_id: int) -> str:
         return "cached"
@@ -645,7 +730,9 @@ async def test_refresh_purges_item_tags(cache: Cache) -> None:
     assert await message.peek(101) is None
 
 
-async def test_refresh_per_table_policy(cache: Cache, origin: RecordingOrigin, clock: FakeClock) -> None:
+async def test_refresh_per_table_policy(
+    cache: Cache, origin: RecordingOrigin, clock: FakeClock
+) -> None:
     """A policy given per table sets the TTLs of that table's refreshed entries."""
     from swr_cache import Policy
 
@@ -670,9 +757,7 @@ async def test_refresh_first_batch_after_script_flush(
     """A server that lost its script cache (restart) still applies every record, in order."""
     get_item = example_table(cache, origin)
     await redis_client.script_flush()
-    batch = [
-        record({"Id": {"N": "101"}}, seq=str(s), image=image(101, f"v{s}")) for s in (1, 3, 2)
-    ]
+    batch = [record({"Id": {"N": "101"}}, seq=str(s), image=image(101, f"v{s}")) for s in (1, 3, 2)]
     report = await StreamInvalidator(cache, mode="refresh").handle({"Records": batch})
     assert report.applied == 3 and report.superseded == 1
     assert (await get_item(101))["Message"] == "v3"
@@ -729,7 +814,11 @@ def test_lambda_handler_reports_failed_sequence_numbers_when_redis_is_unreachabl
     finally:
         inv.close()
     assert reply == {
-        "batchItemFailures": [{"itemIdentifier": "111"}, {"itemIdentifier": "222"}, {"itemIdentifier": "333"}]
+        "batchItemFailures": [
+            {"itemIdentifier": "111"},
+            {"itemIdentifier": "222"},
+            {"itemIdentifier": "333"},
+        ]
     }
     counts = cache.stats()["swr_cache.streams"]
     assert counts["stream_records_failed"] == 3 and counts["stream_records_malformed"] == 1

@@ -9,7 +9,9 @@ from swr_cache import Cache, cached, cached_item
 
 async def check(cache: Cache) -> None:
     @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id})
-    async def get_user(user_id: str, *, attributes: list[str] | None = None) -> dict[str, Any] | None:
+    async def get_user(
+        user_id: str, *, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
         return None
 
     assert_type(await get_user("u1"), dict[str, Any] | None)
