@@ -105,6 +105,21 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 # Snapshots: an entry as read, before it is judged against a request.
 
 
+def _settle(
+    reads: dict[Any, Any], rkey: Any, followers: list[asyncio.Future[Any]], answer: Any
+) -> None:
+    """Take a read off the read table and answer its followers (a snapshot, an error or retry)."""
+    if reads.get(rkey) is followers:
+        del reads[rkey]
+    for f in followers:
+        if not f.done():
+            f.set_result(answer)
+
+
+def _closed() -> CacheNotEnteredError:
+    return CacheNotEnteredError("the cache was closed while this load ran")
+
+
 class _Snap:
     """The metadata of one read entry and its raw attribute fields."""
 
@@ -296,17 +311,26 @@ class _Limiter:
 
     def __init__(self, size: int) -> None:
         self.free = size
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
 
     async def wait(self, limit: float) -> bool:
-        """Wait up to ``limit`` seconds for a slot (call only when ``free`` is 0)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Wait up to ``limit`` seconds for a slot (call only when ``free`` is 0).
+
+        True: the slot is ours (``release`` it). A waiter cancelled just as a
+        slot was handed to it passes the slot on, so no slot is ever lost.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
         self.waiters.append(fut)
+        timer = loop.call_later(limit, _expire, fut)
         try:
-            await asyncio.wait_for(fut, limit)
-        except TimeoutError:
-            return False
-        return True
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.result():
+                self.release()
+            raise
+        finally:
+            timer.cancel()
 
     def hold(self, timeout: float) -> _Slot:
         """``async with limiter.hold(t):`` one slot, or ``TimeoutError`` after ``t`` seconds."""
@@ -317,9 +341,14 @@ class _Limiter:
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(True)
                 return
         self.free += 1
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
 
 class _NoSlot(TimeoutError):
@@ -782,11 +811,25 @@ class Cache:
             finally:
                 self._tg = None
                 self._entered = False
+                self._abandon_background()
                 with anyio.CancelScope(shield=True):
                     await self._release_held()
                     if self._owns_client:
                         await self.client.aclose()
         return None
+
+    def _abandon_background(self) -> None:
+        """Answer callers of loads that the closed task group never ran (or cut short).
+
+        A task cancelled before its first step never runs its own cleanup, so
+        without this its callers would wait forever.
+        """
+        flights, self._flights = self._flights, {}
+        for fut, _ in flights.values():
+            if not fut.done():
+                fut.set_exception(_closed())
+        self._refreshing.clear()
+        self._pending = 0
 
     async def _release_held(self) -> None:
         held, self._held = self._held, {}
@@ -985,33 +1028,33 @@ class Cache:
         failure: BaseException | None = None
         if slots.free:
             slots.free -= 1
-        elif not await slots.wait(self.call_timeout):
-            # Every slot stayed busy for as long as a call may take. A pool
-            # wait says nothing about Redis' health: not a breaker failure.
-            metrics.counts["pool_waits_timed_out"] += 1
-            failure = _Bypass()
+        else:
+            try:
+                got_slot = await slots.wait(self.call_timeout)
+            except BaseException:
+                # Cancelled while registered: followers must not wait on a
+                # leader that will never read (one of them reads instead).
+                _settle(reads, rkey, followers, _RETRY)
+                raise
+            if not got_slot:
+                # Every slot stayed busy for as long as a call may take. A pool
+                # wait says nothing about Redis' health: not a breaker failure.
+                metrics.counts["pool_waits_timed_out"] += 1
+                failure = _Bypass()
         if failure is None and not breaker.allow():
             slots.release()
             failure = _Bypass()
         if failure is not None:
             metrics.counts["bypasses"] += 1
-            if reads.get(rkey) is followers:
-                del reads[rkey]
-            for f in followers:
-                if not f.done():
-                    f.set_result(failure)
+            _settle(reads, rkey, followers, failure)
             raise failure
         t0 = time.perf_counter()
         try:
             raw: Any = await self._store.read_entry(req.entry, fields)
         except BaseException as exc:
             slots.release()
-            if reads.get(rkey) is followers:
-                del reads[rkey]
             mapped = self._read_failed(metrics, exc)
-            for f in followers:
-                if not f.done():
-                    f.set_result(_RETRY if mapped is None else mapped)
+            _settle(reads, rkey, followers, _RETRY if mapped is None else mapped)
             if mapped is None:
                 breaker.abandon()  # cancelled (perhaps mid-probe): let another probe go
                 raise
@@ -1214,8 +1257,10 @@ class Cache:
             if not fut.done():
                 fut.set_exception(exc)
         except BaseException:
+            # Only the closing cache cancels a flight: its callers were not
+            # cancelled themselves, so they get an error, not a CancelledError.
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(_closed())
             raise
         else:
             if not fut.done():

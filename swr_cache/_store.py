@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
+import anyio
 from redis.exceptions import NoScriptError, ResponseError
 
 __all__ = [
@@ -264,8 +265,14 @@ class Store:
             else:
                 await conn.send_command("HMGET", key, *fields)
             raw = await conn.read_response()
-        finally:
-            await pool.release(conn)
+        except BaseException:
+            # (redis-py closed the connection if a reply may be left unread.)
+            # Shielded: a cancel scope that re-raises at every await must not
+            # keep the connection from going back, or the pool shrinks for good.
+            with anyio.CancelScope(shield=True):
+                await pool.release(conn)
+            raise
+        await pool.release(conn)
         if fields is None and type(raw) is list:  # RESP2 gives pairs, RESP3 a map
             it = iter(raw)
             return dict(zip(it, it, strict=True))

@@ -1,0 +1,167 @@
+"""Engine faults that must heal themselves: cancelled reads, failed refreshes, foreign
+leases and fences, poisoned tag member sets, tag keys of the wrong type.
+
+Each test injects one fault against a real redis-server (and, where marked
+``on_cluster``, the 3-master cluster too) and checks that the key keeps
+answering and that the repair is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from swr_cache import Cache, cached_item
+from swr_cache.devservers import RedisServer
+from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
+
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
+
+
+def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
+    @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, **kw)
+    async def get_user(
+        user_id: str, *, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
+        return await origin.get(user_id, attributes)
+
+    return get_user
+
+
+@pytest.fixture
+def origin() -> RecordingOrigin:
+    return RecordingOrigin({f"u{i}": {"pk": f"u{i}", "name": f"user {i}"} for i in range(16)})
+
+
+def assert_quiet(cache: Cache, slots: int) -> None:
+    """Nothing is left registered in the engine once every caller is done."""
+    assert cache._reads == {}
+    assert cache._flights == {}
+    assert cache._slots.free == slots
+    assert not any(not f.done() for f in cache._slots.waiters)
+
+
+# --- 1. a read cancelled while it waits for a Redis slot ------------------------------
+
+
+async def test_read_cancelled_waiting_for_a_slot_does_not_wedge_its_key(
+    redis_client: aioredis.Redis, clock: FakeClock, origin: RecordingOrigin
+) -> None:
+    """A first reader cancelled while every slot is busy hands the key on: its followers and later reads answer."""
+    cache = Cache(redis_client, namespace="t", clock=clock, max_in_flight=1, early_refresh=0)
+    async with CacheHost(cache):
+        get_user = users(cache, origin)
+        assert await get_user("u1") == origin.items["u1"]
+        async with cache._slots.hold(1.0):  # every slot busy, as under a slow Redis
+            leader = asyncio.create_task(get_user("u1"))
+            await asyncio.sleep(0)  # the leader registers the read and waits for a slot
+            followers = [asyncio.create_task(get_user("u1")) for _ in range(3)]
+            await asyncio.sleep(0)
+            leader.cancel()
+            await asyncio.sleep(0)
+        assert leader.cancelled()
+        assert await asyncio.wait_for(asyncio.gather(*followers), 5) == [origin.items["u1"]] * 3
+        assert await asyncio.wait_for(get_user("u1"), 5) == origin.items["u1"]
+        assert_quiet(cache, 1)
+
+
+@pytest.fixture
+def debug_redis() -> Iterator[RedisServer]:
+    """A private server that accepts DEBUG (to make it sleep)."""
+    with RedisServer(extra_args=["--enable-debug-command", "yes"]) as server:
+        yield server
+
+
+@pytest.mark.standalone_only(reason="DEBUG SLEEP on a private server")
+async def test_wait_for_timeout_during_debug_sleep_leaves_key_readable(
+    debug_redis: RedisServer, origin: RecordingOrigin
+) -> None:
+    """The issue's reproduction: a pool of one, Redis asleep, the waiting reader times out; the key reads again."""
+    cache = Cache.from_url(debug_redis.url, max_connections=1, socket_timeout=3.0)
+    async with cache:
+        get_user = users(cache, origin)
+        assert await get_user("u1") == origin.items["u1"]
+        sleeper = asyncio.create_task(
+            asyncio.to_thread(debug_redis.command, "DEBUG", "SLEEP", "1", timeout=10)
+        )
+        await asyncio.sleep(0.1)
+        blocked = asyncio.create_task(get_user("u2"))  # holds the only slot while Redis sleeps
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(get_user("u1"), 0.1)  # waiting for the slot
+        await sleeper
+        assert await blocked == origin.items["u2"]
+        assert await asyncio.wait_for(get_user("u1"), 5) == origin.items["u1"]
+        assert_quiet(cache, 1)
+
+
+@pytest.mark.standalone_only(reason="a pool of 4 built by from_url on the standalone server")
+async def test_cancellation_storm_leaves_every_key_answering(
+    redis_url: str, origin: RecordingOrigin
+) -> None:
+    """1,200 random cancellations over 16 keys and a pool of 4: no wrong reply, every key answers, nothing left over."""
+    await _storm(Cache.from_url(redis_url, max_connections=4), origin, slots=4)
+
+
+async def test_cancellation_storm_on_any_backend(
+    redis_client: aioredis.Redis, origin: RecordingOrigin
+) -> None:
+    """The storm again on the test's client (the cluster in its [cluster] run), four slots."""
+    await _storm(Cache(redis_client, namespace="t", max_in_flight=4), origin, slots=4)
+
+
+async def _storm(cache: Cache, origin: RecordingOrigin, slots: int) -> None:
+    rng = random.Random(11)
+    wrong: list[tuple[str, Any]] = []
+
+    async with cache:
+        get_user = users(cache, origin, soft_ttl=0.05, hard_ttl=0.2)
+
+        async def one(key: str) -> None:
+            got = await get_user(key)
+            if got != origin.items[key]:
+                wrong.append((key, got))
+
+        for round_ in range(12):
+            tasks = [asyncio.create_task(one(f"u{rng.randrange(16)}")) for _ in range(100 + round_)]
+            for _ in range(rng.randrange(1, 4)):
+                await asyncio.sleep(0)
+            await asyncio.sleep(rng.random() * 0.003)
+            for t in tasks:
+                if rng.random() < 0.9:
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if round_ % 4 == 0:
+                await cache.invalidate_item("Users", {"pk": f"u{rng.randrange(16)}"})
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(get_user(f"u{i}") for i in range(16))), 10
+        )
+        assert answers == [origin.items[f"u{i}"] for i in range(16)]
+        assert wrong == []
+        assert cache._reads == {}
+        assert cache._slots.free == slots
+        pool = getattr(cache.client, "connection_pool", None)
+        if pool is not None and hasattr(pool, "_in_use_connections"):
+            assert len(pool._in_use_connections) == 0
+
+
+async def test_cache_closed_under_a_load_answers_its_callers(
+    redis_client: aioredis.Redis, origin: RecordingOrigin
+) -> None:
+    """Callers of a load that the closing cache cut short get an error, never a hang."""
+    cache = Cache(redis_client, namespace="t", drain_timeout=0.05)
+    get_user = users(cache, origin)
+    origin.hold()
+    waiting: asyncio.Task[Any] | None = None
+    async with cache:
+        waiting = asyncio.create_task(get_user("u3"))
+        await origin.entered.wait()
+    origin.release()
+    with pytest.raises(Exception, match="closed"):
+        await asyncio.wait_for(waiting, 5)
+    assert cache._flights == {}
