@@ -1440,6 +1440,23 @@ class Cache:
             async with self._slots.hold(self.call_timeout):
                 await self._store.release_lease(lease, token)
 
+    async def _release_all(self, held: Mapping[str, str]) -> None:
+        """Give back leases that may still be ours, even while being cancelled.
+
+        Shielded and bounded: a caller cancelled after taking leases must not
+        leave other readers waiting for their TTL. (A lease already consumed
+        by its fill, or taken over, is left alone: the script checks tokens.)
+        """
+        if not held:
+            return
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(2 * self.call_timeout),
+            contextlib.suppress(RedisError, OSError),
+        ):
+            async with self._slots.hold(self.call_timeout):
+                await self._store.release_leases(held)
+
     async def _renew_forever(self, lease: str, token: str) -> None:
         interval = self.lease_ms / 3000.0
         while True:

@@ -333,6 +333,11 @@ class Store:
     async def release_lease(self, lease_key: str, token: str) -> bool:
         return bool(await _release(self.client, (lease_key,), (token,)))
 
+    async def release_leases(self, held: Mapping[str, str]) -> None:
+        """Release many leases (``lease key -> token``) that may still be ours, in one pipeline."""
+        calls = [((lease,), (token,)) for lease, token in held.items()]
+        await _run_script_many(self.client, _release, calls)
+
     async def hold_lease(self, lease_key: str, token: str, hold_ms: int) -> bool:
         """Keep a lease we hold for ``hold_ms`` more: a failed refresh backs off everywhere."""
         return await self.renew_lease(lease_key, token, hold_ms)

@@ -1004,9 +1004,12 @@ class CachedTable:
                     await cache._release(lease, token)
                 raise
             delta_ms = (time.perf_counter() - t0) * 1000.0
-            await cache._fill(
-                req, token, req.attrs, value, None, [], delta_ms, [], start_ms, req.policy
-            )
+            # Shielded like the engine's fills: a fill cut short could leave its
+            # lease behind or skip its tag bookkeeping. Each step is bounded.
+            with anyio.CancelScope(shield=True):
+                await cache._fill(
+                    req, token, req.attrs, value, None, [], delta_ms, [], start_ms, req.policy
+                )
         finally:
             cache._held.pop(lease, None)
         return value  # type: ignore[no-any-return]
@@ -1267,7 +1270,16 @@ class CachedTable:
                 results[req.identity] = await cache._get(req)
 
             thunks.append(wait_for_theirs)
-        await _first_error_gather(thunks)
+        try:
+            await _first_error_gather(thunks)
+        except BaseException:
+            # Cancelled (or failed) before every lease we took was filled or
+            # released: give them back now rather than at their TTL.
+            await cache._release_all(
+                {req.lease: tokens[req.identity] for req, _ in mine}
+                | {req.lease: tokens[req.identity] for req in release}
+            )
+            raise
         return len(mine)
 
     async def _load_mine(
@@ -1301,10 +1313,7 @@ class CachedTable:
                     partial(self._renew, held),
                 )
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await _first_error_gather(
-                        [partial(cache._release, lease, token) for lease, token in held.items()]
-                    )
+                await cache._release_all(held)
                 raise
             delta_ms = (time.perf_counter() - t0) * 1000.0
             replace: list[tuple[_Request, Item | None]] = []

@@ -1142,3 +1142,29 @@ async def test_view_with_a_version_attribute_never_merges_two_versions(
         got = await view.get_item({"pk": "u1"}, attributes=["name", "status"])
     assert got == {"name": "Ada 2", "status": "retired"}  # never "Ada" with "retired"
     assert cache.stats()[view.name]["merges_outdated"] == 1
+
+
+async def test_batch_cancelled_during_its_load_gives_back_its_leases(
+    view: CachedTable, users: DynamoTable, redis_client: aioredis.Redis, monkeypatch: Any
+) -> None:
+    """A batch cancelled while BatchGetItem runs releases the leases it took: later reads never wait for them."""
+    entered = asyncio.Event()
+    real = users._batch_get
+
+    async def stuck(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await asyncio.Event().wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(users, "_batch_get", stuck)
+    batch = asyncio.create_task(view.batch_get_item([{"pk": "u1"}, {"pk": "u2"}]))
+    await entered.wait()
+    leases = [view.cache._keys.lease(f"Users|pk=S:{pk}") for pk in ("u1", "u2")]
+    assert await redis_client.exists(*leases) == 2
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    assert await redis_client.exists(*leases) == 0
+    monkeypatch.setattr(users, "_batch_get", real)
+    assert await view.get_item({"pk": "u1"}) == ADA
+    assert view.cache.stats()[view.name]["lease_waits"] == 0
