@@ -454,6 +454,10 @@ class _Request:
     def fence(self) -> str:
         return self.cache._keys.fence(self.identity)
 
+    @property
+    def backoff(self) -> str:
+        return self.cache._keys.backoff(self.identity)
+
     def read_fields(self) -> tuple[bytes, ...] | None:
         return self.fields
 
@@ -1325,16 +1329,31 @@ class Cache:
         deadline = time.monotonic() + self.lease_wait
         delay = 0.002
         waited = False
+        # Only background refreshes heed a back-off: a foreground miss never waits on one.
+        backoff_key = req.backoff if background else None
         while True:
             try:
-                got, raw = await self._guard(
+                got, raw, backoff_left = await self._guard(
                     req,
-                    lambda: store.acquire_and_read(lease, token, self.lease_ms, req.entry, fields),
+                    lambda: store.acquire_and_read(
+                        lease, token, self.lease_ms, req.entry, fields, backoff_key
+                    ),
                 )
             except _Bypass:
                 if background:  # nothing to store the refresh in: keep serving stale
                     return _LoadResult(None)
                 return _LoadResult(await self._call_loader(req, req.attrs))
+            if backoff_left:
+                # A refresh failed lately (here or in another process): keep
+                # serving stale. Remember it briefly, so stale hits do not ask
+                # Redis again each time, yet a success elsewhere ends it soon.
+                now = time.monotonic()
+                mirror = min(backoff_left / 1000.0, self.refresh_backoff)
+                prev = self._backoff.get(req.entry)
+                self._backoff[req.entry] = (now + mirror, prev[1] if prev else 0.0)
+                if got:
+                    await self._release(lease, token)
+                return _LoadResult(None)
             # (A bad signature seen again here was counted by the read that led here.)
             snap = None if raw is None else self._snap(req, raw, fields, count=False)
             verdict: tuple[str, Any] | _Plan | None = None
@@ -1565,16 +1584,24 @@ class Cache:
         return tuple(sorted(cached.union(attrs)))
 
     async def _back_off(self, req: _Request, lease: str, token: str) -> None:
-        """A refresh failed: keep the stale entry and hold the lease for the back-off."""
+        """A refresh failed: keep serving stale, and back off further refreshes only.
+
+        The back-off (doubling up to ``max_refresh_backoff``) is marked in
+        Redis for every process's background refreshes; the lease is given
+        back, so a foreground miss loads at once. A stored fill ends it.
+        """
         prev = self._backoff.get(req.entry)
-        step = self.refresh_backoff if prev is None else min(prev[1] * 2, self.max_refresh_backoff)
+        step = self.refresh_backoff if not prev else min(prev[1] * 2, self.max_refresh_backoff)
+        step = max(step, self.refresh_backoff)
         self._backoff[req.entry] = (time.monotonic() + step, step)
         if len(self._backoff) > 10_000:
             now = time.monotonic()
             self._backoff = {k: v for k, v in self._backoff.items() if v[0] > now}
-        with contextlib.suppress(RedisError, OSError):
+        try:
             async with self._slots.hold(self.call_timeout):
-                await self._store.hold_lease(lease, token, max(1, round(step * 1000)))
+                await self._store.back_off(lease, req.backoff, token, max(1, round(step * 1000)))
+        except (RedisError, OSError):
+            await self._release(lease, token)
 
     def _encode_fields(
         self, req: _Request, attrs: tuple[str, ...] | None, value: Any, merging: bool
@@ -1666,13 +1693,21 @@ class Cache:
                         fields,
                         not req.consistent,
                         check,
+                        req.backoff,
                     )
             else:
                 negative = req.is_item and value is None
                 expire_ms = stamp_entry(fields, policy, negative, self._now_ms(), delta_ms)
                 async with self._slots.hold(self.call_timeout):
                     outcome = await store.fill(
-                        req.entry, lease, req.fence, token, expire_ms, fields, not req.consistent
+                        req.entry,
+                        lease,
+                        req.fence,
+                        token,
+                        expire_ms,
+                        fields,
+                        not req.consistent,
+                        req.backoff,
                     )
         except (RedisError, OSError) as exc:
             counts["redis_errors"] += 1
@@ -1689,6 +1724,7 @@ class Cache:
             return outcome in (FillOutcome.LEASE_LOST, FillOutcome.CHANGED, FillOutcome.OUTDATED)
         counts["fills"] += 1
         req.landed = True
+        self._backoff.pop(req.entry, None)  # (the fill script ended it in Redis)
         if tags:
             return await self._check_tags(req, tags, start_ms, expire_ms)
         return False

@@ -412,6 +412,7 @@ class KeySpace:
     _entry: str = field(init=False, repr=False, compare=False)
     _lease: str = field(init=False, repr=False, compare=False)
     _fence: str = field(init=False, repr=False, compare=False)
+    _backoff: str = field(init=False, repr=False, compare=False)
     _seq: str = field(init=False, repr=False, compare=False)
     _tag_gen: str = field(init=False, repr=False, compare=False)
     _tag_members: str = field(init=False, repr=False, compare=False)
@@ -427,6 +428,7 @@ class KeySpace:
         set_(self, "_entry", prefix + "e:{")
         set_(self, "_lease", prefix + "l:{")
         set_(self, "_fence", prefix + "f:{")
+        set_(self, "_backoff", prefix + "b:{")
         set_(self, "_seq", prefix + "q:{")
         set_(self, "_tag_gen", prefix + "tg:{")
         set_(self, "_tag_members", prefix + "tm:{")
@@ -444,6 +446,10 @@ class KeySpace:
     def fence(self, identity: str) -> str:
         """The post-invalidation fence of an identity: ``<ns>:f:{<identity>}``."""
         return self._fence + identity + "}"
+
+    def backoff(self, identity: str) -> str:
+        """The refresh back-off mark of an identity, set after a failed refresh: ``<ns>:b:{<identity>}``."""
+        return self._backoff + identity + "}"
 
     def seq(self, identity: str) -> str:
         """The stream sequence high-water mark: ``<ns>:q:{<identity>}``."""

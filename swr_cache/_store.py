@@ -77,8 +77,8 @@ local function hset_all(key, first)
 end
 """
 
-# KEYS: entry, lease, fence. ARGV: token, pexpire ms, check fence (1/0), field, value, ...
-# 1 stored; 0 lease lost (invalidated or taken over); -1 fenced by a recent invalidation.
+# KEYS: entry, lease, fence[, refresh back-off mark]. ARGV: token, pexpire ms,
+# check fence (1/0), field, value, ... A stored fill ends the back-off. 1 stored; 0 lease lost (invalidated or taken over); -1 fenced by a recent invalidation.
 # A load that read consistently after taking its lease may skip the fence: the
 # lease itself proves it began after any invalidation (which deletes leases).
 _FILL = (
@@ -93,11 +93,12 @@ redis.call('DEL', KEYS[1])
 hset_all(KEYS[1], 4)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
+if KEYS[4] then redis.call('DEL', KEYS[4]) end
 return 1
 """
 )
 
-# KEYS: entry, lease, fence. ARGV: token, expected version, check fence (1/0),
+# KEYS: entry, lease, fence[, back-off mark]. ARGV: token, expected version, check fence (1/0),
 # item version attribute and its loaded value (both '' when unchecked), field, value, ...
 # Adds fields to the hash it read, keeping its deadlines. 1 merged; 0 lease lost;
 # -1 fenced; -2 the entry changed or vanished since it was read; -3 the entry
@@ -121,6 +122,7 @@ if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], ARGV[4]) ~= ARGV[5] then
 end
 hset_all(KEYS[1], 6)
 redis.call('DEL', KEYS[2])
+if KEYS[4] then redis.call('DEL', KEYS[4]) end
 return 1
 """
 )
@@ -147,6 +149,16 @@ _ADD_MEMBER = """
 redis.call('SADD', KEYS[1], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
+# KEYS: lease, refresh back-off mark. ARGV: token, back-off ms. A refresh
+# failed: mark the item backed off (background refreshes everywhere skip it)
+# and give the lease back, so foreground misses load at once.
+_BACK_OFF = """
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
@@ -197,6 +209,7 @@ _renew = Script(_RENEW)
 _release = Script(_RELEASE)
 _add_member = Script(_ADD_MEMBER)
 _mark_purged = Script(_MARK_PURGED)
+_back_off = Script(_BACK_OFF)
 
 
 def _with_fields(args: list[Any], fields: Mapping[bytes, bytes]) -> list[Any]:
@@ -305,27 +318,37 @@ class Store:
         lease_ms: int,
         entry_key: str,
         fields: Sequence[bytes] | None,
-    ) -> tuple[bool, dict[bytes, bytes] | list[bytes | None] | None]:
+        backoff_key: str | None = None,
+    ) -> tuple[bool, dict[bytes, bytes] | list[bytes | None] | None, int]:
         """Try to take the lease and re-read the entry in one round trip.
 
         The re-read closes the race where another process filled the entry
-        between our miss and our lease attempt. Both keys share a slot, so the
-        pipeline goes to one node. A WRONGTYPE entry reads as ``None``.
+        between our miss and our lease attempt. Every key shares a slot, so the
+        pipeline goes to one node. A WRONGTYPE entry reads as ``None``. With
+        ``backoff_key`` (background refreshes), the third value is the ms left
+        of the item's refresh back-off (0: none).
         """
         pipe = self.client.pipeline(transaction=False)
+        if backoff_key is not None:
+            pipe.pttl(backoff_key)
         pipe.set(lease_key, token, nx=True, px=lease_ms)
         if fields is None:
             pipe.hgetall(entry_key)
         else:
             pipe.hmget(entry_key, fields)
-        got, current = await pipe.execute(raise_on_error=False)
+        replies = await pipe.execute(raise_on_error=False)
+        backoff_left = 0
+        if backoff_key is not None:
+            left = replies.pop(0)
+            backoff_left = left if type(left) is int and left > 0 else 0
+        got, current = replies
         if isinstance(got, BaseException):
             raise got
         if isinstance(current, BaseException):
             if not is_wrongtype(current):
                 raise current
             current = None
-        return bool(got), current
+        return bool(got), current, backoff_left
 
     async def renew_lease(self, lease_key: str, token: str, lease_ms: int) -> bool:
         return bool(await _renew(self.client, (lease_key,), (token, lease_ms)))
@@ -338,9 +361,9 @@ class Store:
         calls = [((lease,), (token,)) for lease, token in held.items()]
         await _run_script_many(self.client, _release, calls)
 
-    async def hold_lease(self, lease_key: str, token: str, hold_ms: int) -> bool:
-        """Keep a lease we hold for ``hold_ms`` more: a failed refresh backs off everywhere."""
-        return await self.renew_lease(lease_key, token, hold_ms)
+    async def back_off(self, lease_key: str, backoff_key: str, token: str, backoff_ms: int) -> None:
+        """Mark an item's refreshes backed off for ``backoff_ms`` and give back our lease."""
+        await _back_off(self.client, (lease_key, backoff_key), (token, backoff_ms))
 
     # -- writes ----------------------------------------------------------------
 
@@ -353,12 +376,17 @@ class Store:
         expire_ms: int,
         mapping: Mapping[bytes, bytes],
         check_fence: bool = True,
+        backoff_key: str | None = None,
     ) -> int:
-        """Replace the entry with ``mapping`` if our lease is valid and no fence stands."""
+        """Replace the entry with ``mapping`` if our lease is valid and no fence stands.
+
+        A stored fill also ends the item's refresh back-off (``backoff_key``).
+        """
         if self.signer is not None:
             mapping = self.signer.signed(entry_key, mapping)
         args = _with_fields([token, expire_ms, b"1" if check_fence else b"0"], mapping)
-        return int(await _fill(self.client, (entry_key, lease_key, fence_key), args))
+        keys = (entry_key, lease_key, fence_key) + (() if backoff_key is None else (backoff_key,))
+        return int(await _fill(self.client, keys, args))
 
     async def merge(
         self,
@@ -370,6 +398,7 @@ class Store:
         mapping: Mapping[bytes, bytes],
         check_fence: bool = True,
         item_version: tuple[bytes, bytes] | None = None,
+        backoff_key: str | None = None,
     ) -> int:
         """Add fields to the entry version we read, if our lease is valid and no fence stands.
 
@@ -378,7 +407,8 @@ class Store:
         """
         name, value = item_version if item_version is not None else (b"", b"")
         args = _with_fields([token, version, b"1" if check_fence else b"0", name, value], mapping)
-        return int(await _merge(self.client, (entry_key, lease_key, fence_key), args))
+        keys = (entry_key, lease_key, fence_key) + (() if backoff_key is None else (backoff_key,))
+        return int(await _merge(self.client, keys, args))
 
     async def delete(self, *keys: str) -> None:
         """Delete keys (one by one on a cluster: they may live in different slots)."""

@@ -165,3 +165,89 @@ async def test_cache_closed_under_a_load_answers_its_callers(
     with pytest.raises(Exception, match="closed"):
         await asyncio.wait_for(waiting, 5)
     assert cache._flights == {}
+
+
+# --- 2. a failed background refresh -----------------------------------------------------
+
+
+class FlakyOrigin(RecordingOrigin):
+    """An origin that fails while ``failing`` is set."""
+
+    failing = False
+
+    async def get(self, key: Any, attributes: list[str] | None = None) -> dict[str, Any] | None:
+        if self.failing:
+            self.calls.append((key, attributes))
+            raise RuntimeError("origin down")
+        return await super().get(key, attributes)
+
+
+async def refreshes_done(cache: Cache) -> None:
+    while cache._refreshing:
+        await asyncio.sleep(0.005)
+
+
+async def test_failed_refresh_backs_off_refreshes_only(
+    redis_client: aioredis.Redis, clock: FakeClock
+) -> None:
+    """After a failed refresh, a foreground miss loads at once and stores; the first success ends the back-off."""
+    origin = FlakyOrigin({"u1": {"pk": "u1", "name": "Ada"}})
+    cache = Cache(
+        redis_client, namespace="t", clock=clock, early_refresh=0, refresh_backoff=30, lease_ttl=2
+    )
+    async with CacheHost(cache):
+        get_user = users(cache, origin, soft_ttl=1, hard_ttl=5)
+        assert await get_user("u1") == {"pk": "u1", "name": "Ada"}
+        origin.failing = True
+        clock.advance(2)  # stale: the refresh fails and backs off
+        assert await get_user("u1") == {"pk": "u1", "name": "Ada"}
+        await refreshes_done(cache)
+        stats = cache.stats()[get_user.name]
+        assert stats["refresh_errors"] == 1
+        assert not await redis_client.exists(cache._keys.lease("Users|pk=S:u1"))
+        # Backed off: more stale hits start no refresh.
+        calls = origin.count
+        for _ in range(5):
+            await get_user("u1")
+        await refreshes_done(cache)
+        assert origin.count == calls
+        # Past the hard deadline the origin is back: a foreground miss loads at once
+        # (no lease to wait for) and its fill is stored and ends the back-off.
+        origin.failing = False
+        clock.advance(5)
+        assert await get_user("u1") == {"pk": "u1", "name": "Ada"}
+        stats = cache.stats()[get_user.name]
+        assert stats["lease_waits"] == 0
+        calls = origin.count
+        assert await get_user("u1") == {"pk": "u1", "name": "Ada"}
+        assert origin.count == calls  # stored: a hit
+        assert not await redis_client.exists(cache._keys.backoff("Users|pk=S:u1"))
+        # The back-off is over: the next stale hit refreshes again.
+        clock.advance(2)
+        await get_user("u1")
+        await refreshes_done(cache)
+        assert origin.count == calls + 1
+        assert cache.stats()[get_user.name]["refreshes"] == 2
+
+
+async def test_back_off_is_shared_across_processes(
+    redis_client: aioredis.Redis, clock: FakeClock
+) -> None:
+    """A refresh that failed in one process backs off the other's refreshes, not its reads."""
+    origin = FlakyOrigin({"u1": {"pk": "u1", "name": "Ada"}})
+    kw: dict[str, Any] = {"namespace": "t", "clock": clock, "early_refresh": 0}
+    one = Cache(redis_client, refresh_backoff=30, **kw)
+    two = Cache(redis_client, refresh_backoff=30, **kw)
+    async with CacheHost(one), CacheHost(two):
+        get_one = users(one, origin, soft_ttl=1, hard_ttl=50)
+        get_two = users(two, origin, soft_ttl=1, hard_ttl=50)
+        await get_one("u1")
+        origin.failing = True
+        clock.advance(2)
+        await get_one("u1")
+        await refreshes_done(one)
+        calls = origin.count
+        await get_two("u1")  # stale in the other process too: its refresh is skipped
+        await refreshes_done(two)
+        assert origin.count == calls
+        assert two.stats()[get_two.name]["refresh_errors"] == 0
