@@ -59,6 +59,7 @@ from ._store import (
     M_VERSION,
     M_WHOLE,
     FillOutcome,
+    LeaseOutcome,
     Store,
     is_wrongtype,
 )
@@ -1343,6 +1344,8 @@ class Cache:
                 if background:  # nothing to store the refresh in: keep serving stale
                     return _LoadResult(None)
                 return _LoadResult(await self._call_loader(req, req.attrs))
+            if got == LeaseOutcome.REPAIRED:
+                req.metrics.counts["leases_repaired"] += 1
             if backoff_left:
                 # A refresh failed lately (here or in another process): keep
                 # serving stale. Remember it briefly, so stale hits do not ask
@@ -1713,6 +1716,9 @@ class Cache:
             counts["redis_errors"] += 1
             log.debug("swr_cache: fill failed: %r", exc)
             return False
+        if outcome == FillOutcome.STORED_FENCE_REPAIRED:
+            counts["fences_repaired"] += 1
+            outcome = FillOutcome.STORED
         if outcome != FillOutcome.STORED:
             counts["fills_rejected"] += 1
             if outcome == FillOutcome.OUTDATED:

@@ -39,6 +39,11 @@ COUNTERS: Final = (
     "bypasses",
     "pool_waits_timed_out",
     "invalidations",
+    # Keys of ours found broken and repaired (see README, "Faults that heal")
+    "leases_repaired",
+    "fences_repaired",
+    "tag_members_dropped",
+    "tag_keys_repaired",
     # DynamoDB Streams (StreamInvalidator / StreamConsumer)
     "stream_records_applied",
     "stream_records_superseded",

@@ -77,15 +77,32 @@ local function hset_all(key, first)
 end
 """
 
+# A fence set by an invalidation always has a TTL; one without (set by hand,
+# or left by a foreign writer) would refuse every fill for ever: it is
+# nobody's, so it is deleted and does not count as a fence.
+_FENCE_CHECK = """
+local fence_repaired = 0
+local function fenced(key)
+  local t = redis.call('PTTL', key)
+  if t == -1 then
+    redis.call('DEL', key)
+    fence_repaired = 100
+    return false
+  end
+  return t ~= -2
+end
+"""
+
 # KEYS: entry, lease, fence[, refresh back-off mark]. ARGV: token, pexpire ms,
 # check fence (1/0), field, value, ... A stored fill ends the back-off. 1 stored; 0 lease lost (invalidated or taken over); -1 fenced by a recent invalidation.
 # A load that read consistently after taking its lease may skip the fence: the
 # lease itself proves it began after any invalidation (which deletes leases).
 _FILL = (
     _HSET_CHUNKED
+    + _FENCE_CHECK
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+if ARGV[3] == '1' and fenced(KEYS[3]) then
   redis.call('DEL', KEYS[2])
   return -1
 end
@@ -94,7 +111,7 @@ hset_all(KEYS[1], 4)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
 if KEYS[4] then redis.call('DEL', KEYS[4]) end
-return 1
+return 1 + fence_repaired
 """
 )
 
@@ -106,9 +123,10 @@ return 1
 # it is older than the table, or the load is; either way not to be mixed).
 _MERGE = (
     _HSET_CHUNKED
+    + _FENCE_CHECK
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+if ARGV[3] == '1' and fenced(KEYS[3]) then
   redis.call('DEL', KEYS[2])
   return -1
 end
@@ -123,9 +141,23 @@ end
 hset_all(KEYS[1], 6)
 redis.call('DEL', KEYS[2])
 if KEYS[4] then redis.call('DEL', KEYS[4]) end
-return 1
+return 1 + fence_repaired
 """
 )
+
+# KEYS: lease. ARGV: token, lease ms. Takes a free lease: 1 taken, 0 another
+# holder has it, 2 taken over from a lease nobody can hold (no TTL, a TTL
+# longer than any lease, or not a string): such a key never expires by
+# itself and would keep the item uncacheable and slow for good.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local t = redis.call('PTTL', KEYS[1])
+if t == -1 or t > tonumber(ARGV[2]) or redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+return 0
+"""
 
 # KEYS: lease. ARGV: token, pexpire ms. Renews a lease this process still holds.
 _RENEW = """
@@ -193,10 +225,20 @@ class Script:
             return await client.eval(self.source, len(keys), *keys, *args)
 
 
+class LeaseOutcome:
+    """Reply codes of the lease script."""
+
+    HELD_ELSEWHERE: Final = 0
+    TAKEN: Final = 1
+    REPAIRED: Final = 2  # taken over from a lease key nobody can hold
+
+
 class FillOutcome:
     """Reply codes of the fill and merge scripts."""
 
     STORED: Final = 1
+    #: Stored after deleting a fence that had no TTL (nobody's): count, then treat as STORED.
+    STORED_FENCE_REPAIRED: Final = 101
     LEASE_LOST: Final = 0
     FENCED: Final = -1
     CHANGED: Final = -2
@@ -205,6 +247,7 @@ class FillOutcome:
 
 _fill = Script(_FILL)
 _merge = Script(_MERGE)
+_acquire = Script(_ACQUIRE)
 _renew = Script(_RENEW)
 _release = Script(_RELEASE)
 _add_member = Script(_ADD_MEMBER)
@@ -217,6 +260,17 @@ def _with_fields(args: list[Any], fields: Mapping[bytes, bytes]) -> list[Any]:
     for item in fields.items():
         args.extend(item)
     return args
+
+
+def queue_acquire(pipe: Any, lease_key: str, token: str, lease_ms: int, sha: str | None) -> None:
+    """Queue the lease script on a pipeline (EVAL when ``sha`` is ``None``).
+
+    A raw command: redis-py's cluster pipeline routes it by its first key.
+    """
+    if sha is None:
+        pipe.execute_command("EVAL", _ACQUIRE, 1, lease_key, token, lease_ms)
+    else:
+        pipe.execute_command("EVALSHA", sha, 1, lease_key, token, lease_ms)
 
 
 def is_wrongtype(exc: BaseException) -> bool:
@@ -319,8 +373,8 @@ class Store:
         entry_key: str,
         fields: Sequence[bytes] | None,
         backoff_key: str | None = None,
-    ) -> tuple[bool, dict[bytes, bytes] | list[bytes | None] | None, int]:
-        """Try to take the lease and re-read the entry in one round trip.
+    ) -> tuple[int, dict[bytes, bytes] | list[bytes | None] | None, int]:
+        """Try to take the lease (a :class:`LeaseOutcome`) and re-read the entry in one round trip.
 
         The re-read closes the race where another process filled the entry
         between our miss and our lease attempt. Every key shares a slot, so the
@@ -328,15 +382,13 @@ class Store:
         ``backoff_key`` (background refreshes), the third value is the ms left
         of the item's refresh back-off (0: none).
         """
-        pipe = self.client.pipeline(transaction=False)
-        if backoff_key is not None:
-            pipe.pttl(backoff_key)
-        pipe.set(lease_key, token, nx=True, px=lease_ms)
-        if fields is None:
-            pipe.hgetall(entry_key)
-        else:
-            pipe.hmget(entry_key, fields)
-        replies = await pipe.execute(raise_on_error=False)
+        replies = await self._acquire_pipeline(
+            lease_key, token, lease_ms, entry_key, fields, backoff_key, _acquire.sha
+        )
+        if isinstance(replies[-2], NoScriptError):  # a restarted server: EVAL caches it again
+            replies = await self._acquire_pipeline(
+                lease_key, token, lease_ms, entry_key, fields, backoff_key, None
+            )
         backoff_left = 0
         if backoff_key is not None:
             left = replies.pop(0)
@@ -348,7 +400,32 @@ class Store:
             if not is_wrongtype(current):
                 raise current
             current = None
-        return bool(got), current, backoff_left
+        return int(got), current, backoff_left
+
+    async def _acquire_pipeline(
+        self,
+        lease_key: str,
+        token: str,
+        lease_ms: int,
+        entry_key: str,
+        fields: Sequence[bytes] | None,
+        backoff_key: str | None,
+        sha: str | None,
+    ) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        if backoff_key is not None:
+            pipe.pttl(backoff_key)
+        queue_acquire(pipe, lease_key, token, lease_ms, sha)
+        if fields is None:
+            pipe.hgetall(entry_key)
+        else:
+            pipe.hmget(entry_key, fields)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def acquire(self, lease_key: str, token: str, lease_ms: int) -> int:
+        """Take a lease (a :class:`LeaseOutcome` code)."""
+        return int(await _acquire(self.client, (lease_key,), (token, lease_ms)))
 
     async def renew_lease(self, lease_key: str, token: str, lease_ms: int) -> bool:
         return bool(await _renew(self.client, (lease_key,), (token, lease_ms)))
@@ -595,6 +672,7 @@ end
 _STREAM_PUT = (
     _HSET_CHUNKED
     + _SEQ_NEWER
+    + _FENCE_CHECK
     + """
 local cur = redis.call('GET', KEYS[4])
 if cur and not seq_newer(ARGV[1], cur) then return 0 end
@@ -602,7 +680,7 @@ redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 redis.call('DEL', KEYS[1])
 if ARGV[4] ~= 'w' then return 3 end
-if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+if fenced(KEYS[3]) then return 2 end
 hset_all(KEYS[1], 5)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1

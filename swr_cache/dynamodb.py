@@ -81,7 +81,7 @@ from ._keys import (
 )
 from ._metrics import Metrics
 from ._policy import Policy
-from ._store import FillOutcome, is_wrongtype
+from ._store import FillOutcome, LeaseOutcome, is_wrongtype, queue_acquire
 
 __all__ = [
     "THROTTLE_CODES",
@@ -982,13 +982,14 @@ class CachedTable:
         token = os.urandom(12).hex()
         lease = req.lease
         try:
-            got = bool(
-                await cache._guard(
-                    req, lambda: cache.client.set(lease, token, nx=True, px=cache.lease_ms)
-                )
+            outcome = await cache._guard(
+                req, lambda: cache._store.acquire(lease, token, cache.lease_ms)
             )
         except _Bypass:
-            got = False  # Redis is unusable: read anyway, store nothing
+            outcome = LeaseOutcome.HELD_ELSEWHERE  # Redis is unusable: read anyway, store nothing
+        if outcome == LeaseOutcome.REPAIRED:
+            req.metrics.counts["leases_repaired"] += 1
+        got = outcome != LeaseOutcome.HELD_ELSEWHERE
         if not got:
             # Another load of this item is under way and will fill it.
             result: Item | None = await cache._call_loader(req, req.attrs)
@@ -1226,7 +1227,7 @@ class CachedTable:
 
         def build(pipe: Any) -> None:
             for req, _ in misses:
-                pipe.set(req.lease, tokens[req.identity], nx=True, px=cache.lease_ms)
+                queue_acquire(pipe, req.lease, tokens[req.identity], cache.lease_ms, None)
                 if req.fields is None:
                     pipe.hgetall(req.entry)
                 else:
@@ -1242,6 +1243,8 @@ class CachedTable:
         for i, (req, _) in enumerate(misses):
             reply, raw = replies[2 * i], replies[2 * i + 1]
             got = bool(reply) and not isinstance(reply, BaseException)
+            if got and reply == LeaseOutcome.REPAIRED:
+                req.metrics.counts["leases_repaired"] += 1
             # (A bad signature seen again here was counted by the first read.)
             snap = self._snap(req, raw, count=False)
             verdict: Any = None
@@ -1426,7 +1429,10 @@ class CachedTable:
             counts["redis_errors"] += 1  # the leases expire by themselves
             return
         for outcome in outcomes:
-            if outcome == FillOutcome.STORED:
+            if outcome == FillOutcome.STORED_FENCE_REPAIRED:
+                counts["fences_repaired"] += 1
+                counts["fills"] += 1
+            elif outcome == FillOutcome.STORED:
                 counts["fills"] += 1
             elif isinstance(outcome, BaseException):
                 counts["redis_errors"] += 1

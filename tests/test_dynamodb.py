@@ -1168,3 +1168,18 @@ async def test_batch_cancelled_during_its_load_gives_back_its_leases(
     monkeypatch.setattr(users, "_batch_get", real)
     assert await view.get_item({"pk": "u1"}) == ADA
     assert view.cache.stats()[view.name]["lease_waits"] == 0
+
+
+async def test_batch_and_consistent_reads_replace_leases_nobody_holds(
+    view: CachedTable, redis_client: aioredis.Redis, calls: Calls
+) -> None:
+    """A lease key without a TTL is taken over by the batch path and by consistent reads (counted)."""
+    lease = view.cache._keys.lease("Users|pk=S:u1")
+    await redis_client.set(lease, b"someone")
+    assert await view.batch_get_item([{"pk": "u1"}]) == [ADA]
+    await view.batch_get_item([{"pk": "u1"}])
+    assert calls["BatchGetItem"] == 1  # stored by the batch, then a hit
+    await redis_client.hset(lease, mapping={b"x": b"1"})
+    assert await view.get_item({"pk": "u1"}, consistent_read=True) == ADA
+    assert view.cache.stats()[view.name]["leases_repaired"] == 2
+    assert not await redis_client.exists(lease)

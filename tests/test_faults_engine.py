@@ -251,3 +251,72 @@ async def test_back_off_is_shared_across_processes(
         await refreshes_done(two)
         assert origin.count == calls
         assert two.stats()[get_two.name]["refresh_errors"] == 0
+
+
+# --- 3. lease and fence keys nobody holds ------------------------------------------------
+
+LEASE = "Users|pk=S:u1"
+
+
+async def plant_lease(client: aioredis.Redis, key: str, kind: str) -> None:
+    if kind == "no_ttl":
+        await client.set(key, b"someone")
+    elif kind == "too_long":
+        await client.set(key, b"someone", px=3_600_000)
+    elif kind == "hash":
+        await client.hset(key, mapping={b"x": b"1"})
+    else:
+        await client.rpush(key, b"x")
+
+
+@pytest.mark.parametrize("kind", ["no_ttl", "too_long", "hash", "list"])
+async def test_lease_nobody_holds_is_replaced(
+    redis_client: aioredis.Redis, clock: FakeClock, origin: RecordingOrigin, kind: str
+) -> None:
+    """A lease key without a TTL, longer than any lease, or of another type is taken over (counted): the item is cached again at once."""
+    cache = Cache(redis_client, namespace="t", clock=clock, early_refresh=0, lease_wait=5)
+    async with CacheHost(cache):
+        get_user = users(cache, origin)
+        await plant_lease(redis_client, cache._keys.lease(LEASE), kind)
+        assert await asyncio.wait_for(get_user("u1"), 2) == origin.items["u1"]
+        assert await get_user("u1") == origin.items["u1"]
+        assert origin.count == 1  # stored, then a hit
+        stats = cache.stats()[get_user.name]
+        assert stats["leases_repaired"] == 1
+        assert stats["lease_waits"] == 0
+        assert not await redis_client.exists(cache._keys.lease(LEASE))
+
+
+async def test_lease_held_by_a_live_holder_is_respected(
+    redis_client: aioredis.Redis, clock: FakeClock, origin: RecordingOrigin
+) -> None:
+    """A lease with a TTL within the lease time is someone's load: it is waited for, not taken."""
+    cache = Cache(redis_client, namespace="t", clock=clock, lease_ttl=5, lease_wait=0.2)
+    async with CacheHost(cache):
+        get_user = users(cache, origin)
+        await redis_client.set(cache._keys.lease(LEASE), b"someone", px=4000)
+        assert await get_user("u1") == origin.items["u1"]
+        stats = cache.stats()[get_user.name]
+        assert stats["leases_repaired"] == 0
+        assert stats["lease_waits"] == 1
+        assert await redis_client.get(cache._keys.lease(LEASE)) == b"someone"
+
+
+async def test_fence_without_ttl_is_removed_and_the_fill_stored(
+    redis_client: aioredis.Redis, clock: FakeClock, origin: RecordingOrigin
+) -> None:
+    """A fence key with no TTL would refuse every fill for good: it is deleted (counted) and the fill lands."""
+    cache = Cache(redis_client, namespace="t", clock=clock, early_refresh=0)
+    async with CacheHost(cache):
+        get_user = users(cache, origin)
+        await redis_client.set(cache._keys.fence(LEASE), b"1")
+        assert await get_user("u1") == origin.items["u1"]
+        assert await get_user("u1") == origin.items["u1"]
+        assert origin.count == 1
+        assert cache.stats()[get_user.name]["fences_repaired"] == 1
+        assert not await redis_client.exists(cache._keys.fence(LEASE))
+        # A real fence (with its TTL) still refuses fills.
+        await cache.invalidate_item("Users", {"pk": "u1"})
+        await get_user("u1")
+        await get_user("u1")
+        assert origin.count == 3
