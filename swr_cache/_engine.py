@@ -42,7 +42,13 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import _codec
 from ._breaker import Breaker
-from ._errors import CacheNotEnteredError, CodecError, ConfigError, InvalidationError
+from ._errors import (
+    CacheNotEnteredError,
+    CodecError,
+    ConfigError,
+    InvalidationError,
+    KeyEncodingError,
+)
 from ._keys import KeySpace, change_tags, item_identity
 from ._metrics import Metrics, MetricsRegistry
 from ._policy import Policy
@@ -948,25 +954,37 @@ class Cache:
         member_keys = [ks.tag_members(t) for t in tags]
         # Stamp first, members second: a fill either sees the stamp (newer
         # than its load's start) when it checks, or is already a member we delete.
+        counts = self._engine_metrics.counts
         async with self._slots.hold(self._invalidation_wait):
-            await self._store.mark_purged(gen_keys, self.tag_stamp_ms)
-            member_sets = await self._store.tag_members(member_keys)
+            _, broken_stamps = await self._store.mark_purged(gen_keys, self.tag_stamp_ms)
+            member_sets, broken_sets = await self._store.tag_members(member_keys)
+        counts["tag_keys_repaired"] += broken_stamps + broken_sets
         triples: list[tuple[str, str, str]] = []
         for members in member_sets:
             for raw in members:
-                entry_key = raw.decode()
-                ident = ks.identity_of(entry_key)
-                triples.append((entry_key, ks.lease(ident), ks.fence(ident)))
-        if triples:
-            async with self._slots.hold(self._invalidation_wait):
+                ident = self._member_identity(raw)
+                if ident is None:
+                    # Not an entry key of ours (undecodable, another namespace):
+                    # it cannot stand for an entry, so it must not stop the
+                    # purge of those that do. Removed below with the rest.
+                    counts["tag_members_dropped"] += 1
+                    continue
+                triples.append((ks.entry(ident), ks.lease(ident), ks.fence(ident)))
+        if not any(member_sets):
+            return
+        async with self._slots.hold(self._invalidation_wait):
+            if triples:
                 await self._store.invalidate(triples, self.fence_ms)
                 self._detach(t[0] for t in triples)
-                pipe = self.client.pipeline(transaction=False)
-                for key, members in zip(member_keys, member_sets, strict=True):
-                    if members:
-                        pipe.srem(key, *members)
-                await pipe.execute()
-            self._engine_metrics.counts["invalidations"] += len(triples)
+            await self._store.remove_tag_members(member_keys, member_sets)
+        counts["invalidations"] += len(triples)
+
+    def _member_identity(self, raw: bytes) -> str | None:
+        """The identity a tag member names, or ``None`` if it names no entry of this cache."""
+        try:
+            return self._keys.identity_of(raw.decode())
+        except (UnicodeDecodeError, KeyEncodingError):
+            return None
 
     def _note_hit(self, req: _Request, snap: _Snap, state: str, none: bool, now: float) -> None:
         """Count a usable entry and start its refresh when stale (or, by XFetch, nearly so)."""
@@ -1743,11 +1761,15 @@ class Cache:
         raced = True
         try:
             async with self._slots.hold(self.call_timeout):
-                await self._store.add_tag_members(
+                repaired = await self._store.add_tag_members(
                     [ks.tag_members(t) for t in tags], req.entry, expire_ms
                 )
-                stamps = await self._store.tag_generations([ks.tag_gen(t) for t in tags])
-            newer = [float(s) for s in stamps if s is not None and float(s) >= start_ms]
+                stamps, broken = await self._store.tag_generations(
+                    [ks.tag_gen(t) for t in tags], self.tag_stamp_ms
+                )
+            if repaired or broken:
+                self._engine_metrics.counts["tag_keys_repaired"] += repaired + broken
+            newer = [s for s in stamps if s is not None and s >= start_ms]
             raced = bool(newer)
             if newer:
                 # A load that starts after we saw these stamps need not lose to them again.

@@ -177,11 +177,19 @@ return 0
 
 # KEYS: member set. ARGV: member, pexpire ms. Adds a member and stretches the
 # set's TTL so it outlives its longest-lived member.
+# A key of another type where the set belongs cannot hold members (SADD would
+# fail for ever): it is replaced, and the reply says so (1 repaired, else 0).
 _ADD_MEMBER = """
+local repaired = 0
+local ty = redis.call('TYPE', KEYS[1])['ok']
+if ty ~= 'set' and ty ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  repaired = 1
+end
 redis.call('SADD', KEYS[1], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
+return repaired
 """
 
 
@@ -196,14 +204,25 @@ return 1
 
 
 # KEYS: a tag's purge stamp. ARGV: pexpire ms. Sets it to the server's time
-# in ms, never backwards. Fills compare their load's start with it.
+# in ms, never backwards. Fills compare their load's start with it. A key of
+# another type (or a string that is no number) is replaced, not fatal.
+# Reply: {stamp, 1 if the key was repaired else 0}.
 _MARK_PURGED = """
+local repaired = 0
+local ty = redis.call('TYPE', KEYS[1])['ok']
+local cur = 0
+if ty == 'string' then
+  cur = tonumber(redis.call('GET', KEYS[1]))
+  if not cur then repaired = 1; cur = 0 end
+elseif ty ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  repaired = 1
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if cur < now then cur = now end
 redis.call('SET', KEYS[1], string.format('%d', cur), 'PX', ARGV[1])
-return cur
+return {cur, repaired}
 """
 
 
@@ -525,28 +544,91 @@ class Store:
 
     # -- tags ------------------------------------------------------------------
 
-    async def tag_generations(self, gen_keys: Sequence[str]) -> list[bytes | None]:
-        """When each tag was last purged, ms of server time (``None``: never, or long ago)."""
-        return await self.read_many(gen_keys)
+    async def tag_generations(
+        self, gen_keys: Sequence[str], expire_ms: int
+    ) -> tuple[list[float | None], int]:
+        """When each tag was last purged, ms of server time (``None``: never, or long ago).
+
+        A stamp key that is broken (another type, not a number) cannot say
+        when its tag was purged: it is re-stamped now, as a purge would, so
+        the caller's load counts as raced once and the next one is stored.
+        Returns the stamps and how many keys were repaired.
+        """
+        if not gen_keys:
+            return [], 0
+        pipe = self.client.pipeline(transaction=False)
+        for key in gen_keys:
+            pipe.get(key)
+        replies = await pipe.execute(raise_on_error=False)
+        stamps: list[float | None] = []
+        broken: list[int] = []
+        for i, reply in enumerate(replies):
+            if isinstance(reply, BaseException):
+                if not is_wrongtype(reply):
+                    raise reply
+                broken.append(i)
+                stamps.append(None)
+                continue
+            try:
+                stamps.append(None if reply is None else float(reply))
+            except ValueError:
+                broken.append(i)
+                stamps.append(None)
+        if broken:
+            marked, _ = await self.mark_purged([gen_keys[i] for i in broken], expire_ms)
+            for i, stamp in zip(broken, marked, strict=True):
+                stamps[i] = stamp
+        return stamps, len(broken)
 
     async def add_tag_members(
         self, member_keys: Sequence[str], entry_key: str, expire_ms: int
-    ) -> None:
-        """Record ``entry_key`` in each tag's member set."""
+    ) -> int:
+        """Record ``entry_key`` in each tag's member set; how many sets were repaired."""
         calls = [((key,), (entry_key, expire_ms)) for key in member_keys]
-        await _run_each(self.client, _add_member, calls)
+        return sum(int(r) for r in await _run_each(self.client, _add_member, calls))
 
-    async def mark_purged(self, gen_keys: Sequence[str], expire_ms: int) -> None:
-        """Stamp each tag with the Redis server time of this purge (kept ``expire_ms``)."""
-        await _run_each(self.client, _mark_purged, [((key,), (expire_ms,)) for key in gen_keys])
+    async def mark_purged(self, gen_keys: Sequence[str], expire_ms: int) -> tuple[list[float], int]:
+        """Stamp each tag with the Redis server time of this purge (kept ``expire_ms``).
 
-    async def tag_members(self, member_keys: Sequence[str]) -> list[set[bytes]]:
-        """SMEMBERS of each member set."""
+        Returns the stamps and how many stamp keys were broken and replaced.
+        """
+        calls = [((key,), (expire_ms,)) for key in gen_keys]
+        replies = await _run_each(self.client, _mark_purged, calls)
+        return [float(r[0]) for r in replies], sum(int(r[1]) for r in replies)
+
+    async def tag_members(self, member_keys: Sequence[str]) -> tuple[list[set[bytes]], int]:
+        """SMEMBERS of each member set, and how many member keys were repaired.
+
+        A member key of another type holds no members we could read: it is
+        deleted (the next fill with the tag recreates it) rather than failing
+        every purge of the tag.
+        """
         pipe = self.client.pipeline(transaction=False)
         for key in member_keys:
             pipe.smembers(key)
-        reply: list[set[bytes]] = await pipe.execute()
-        return reply
+        replies = await pipe.execute(raise_on_error=False)
+        out: list[set[bytes]] = []
+        broken: list[str] = []
+        for key, reply in zip(member_keys, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not is_wrongtype(reply):
+                    raise reply
+                broken.append(key)
+                reply = set()
+            out.append(reply)
+        if broken:
+            await self.delete(*broken)
+        return out, len(broken)
+
+    async def remove_tag_members(
+        self, member_keys: Sequence[str], member_sets: Sequence[set[bytes]]
+    ) -> None:
+        """SREM what a purge read from each member set (members added since stay)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, members in zip(member_keys, member_sets, strict=True):
+            if members:
+                pipe.srem(key, *members)
+        await pipe.execute()
 
     # -- DynamoDB Streams (Lua below) -------------------------------------------
 
@@ -729,19 +811,20 @@ class StreamPut:
 
 async def _run_each(
     client: Any, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-) -> None:
+) -> list[Any]:
     """Run one script per call, raising the first error: one call alone, more in one pipeline.
 
-    (NOSCRIPT after a restart is then retried as one pipeline of EVALs, not a
-    round trip per call.)
+    Returns the replies in order. (NOSCRIPT after a restart is then retried
+    as one pipeline of EVALs, not a round trip per call.)
     """
     if len(calls) == 1:
         ((keys, args),) = calls
-        await script(client, keys, args)
-        return
-    for result in await _run_script_many(client, script, calls):
+        return [await script(client, keys, args)]
+    results = await _run_script_many(client, script, calls)
+    for result in results:
         if isinstance(result, BaseException):
             raise result
+    return results
 
 
 async def _run_script_many(

@@ -1183,3 +1183,16 @@ async def test_batch_and_consistent_reads_replace_leases_nobody_holds(
     assert await view.get_item({"pk": "u1"}, consistent_read=True) == ADA
     assert view.cache.stats()[view.name]["leases_repaired"] == 2
     assert not await redis_client.exists(lease)
+
+
+async def test_write_purges_despite_a_poisoned_tag_member(
+    orders: CachedTable, calls: Calls, qclock: FakeClock, redis_client: aioredis.Redis
+) -> None:
+    """A write through the view purges a cached scan although the table tag's set holds an undecodable member."""
+    assert len(await orders.scan()) == 8
+    await redis_client.sadd(orders.cache._keys.tag_members(table_tag("Orders")), b"\xff\xfe")
+    await orders.delete_item({"customer_id": "c2", "order_id": 4})
+    settle(qclock)
+    assert len(await orders.scan()) == 7
+    assert calls["Scan"] == 2
+    assert orders.cache.stats()["swr_cache"]["tag_members_dropped"] == 1

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from swr_cache import Cache, cached_item
+from swr_cache import Cache, StreamInvalidator, cached, cached_item, item_tag
+from swr_cache._keys import table_tag
 from swr_cache.devservers import RedisServer
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
@@ -320,3 +321,104 @@ async def test_fence_without_ttl_is_removed_and_the_fill_stored(
         await get_user("u1")
         await get_user("u1")
         assert origin.count == 3
+
+
+# --- 4. poisoned tag member sets, 5. tag keys of the wrong type -----------------------
+
+
+def orders(cache: Cache, origin: RecordingOrigin) -> Any:
+    @cached(
+        cache,
+        key="orders:{customer}",
+        tags=lambda customer: [item_tag("Orders", {"customer": customer}), "all-orders"],
+    )
+    async def list_orders(customer: str) -> list[str]:
+        origin.calls.append((customer, None))
+        return [f"{customer}-{len(origin.calls)}"]
+
+    return list_orders
+
+
+POISON = [b"\xff\xfe not utf-8", b"other:e:{Users|pk=S:u1}", b"t:e:{no-closing-brace", b""]
+
+
+async def test_poisoned_tag_members_are_dropped_and_valid_ones_purged(
+    redis_client: aioredis.Redis, clock: FakeClock, origin: RecordingOrigin
+) -> None:
+    """Undecodable or foreign members of a tag's set are skipped and removed (counted); every valid member is purged."""
+    cache = Cache(redis_client, namespace="t", clock=clock, early_refresh=0)
+    async with CacheHost(cache):
+        list_orders = orders(cache, origin)
+        first = {c: await list_orders(c) for c in ("a", "b")}
+        members = cache._keys.tag_members("all-orders")
+        await redis_client.sadd(members, *[p for p in POISON if p])
+        await cache.purge_tags(["all-orders"])
+        assert {c: await list_orders(c) for c in ("a", "b")} != first  # both reloaded
+        assert cache.stats()["swr_cache"]["tag_members_dropped"] == len([p for p in POISON if p])
+        assert not set(await redis_client.smembers(members)) & set(POISON)
+        # invalidate_item purges the item's tags the same way.
+        await redis_client.sadd(
+            cache._keys.tag_members(item_tag("Orders", {"customer": "a"})), POISON[0]
+        )
+        before = await list_orders("a")
+        await cache.invalidate_item("Orders", {"customer": "a"})
+        assert await list_orders("a") != before
+
+
+async def test_tag_keys_of_the_wrong_type_are_repaired(
+    redis_client: aioredis.Redis, clock: FakeClock, origin: RecordingOrigin
+) -> None:
+    """A tag's stamp or member key of another type is replaced (counted) instead of failing every purge and fill."""
+    cache = Cache(redis_client, namespace="t", clock=clock, early_refresh=0)
+    async with CacheHost(cache):
+        list_orders = orders(cache, origin)
+        gen = cache._keys.tag_gen("all-orders")
+        members = cache._keys.tag_members("all-orders")
+        await redis_client.hset(gen, mapping={b"x": b"1"})
+        await redis_client.rpush(members, b"x")
+        # A fill with the tag: repairs both keys; raced once (the stamp is unknown), then stored.
+        await list_orders("a")
+        clock.advance(1)
+        first = await list_orders("a")
+        assert await list_orders("a") == first
+        assert cache.stats()["swr_cache"]["tag_keys_repaired"] == 2
+        # Purges work again, however often the keys break.
+        for broken in ("hash", "junk"):
+            await redis_client.delete(gen)
+            if broken == "hash":
+                await redis_client.hset(gen, mapping={b"x": b"1"})
+            else:
+                await redis_client.set(gen, b"junk")
+            await redis_client.delete(members)
+            await redis_client.rpush(members, b"x")
+            await cache.purge_tags(["all-orders"])
+        assert cache.stats()["swr_cache"]["tag_keys_repaired"] == 6
+        before = await list_orders("b")
+        await cache.purge_tags(["all-orders"])
+        assert await list_orders("b") != before
+
+
+async def test_stream_record_with_a_poisoned_tag_is_not_retried(
+    redis_client: aioredis.Redis, clock: FakeClock
+) -> None:
+    """A stream record whose item's tags hold poisoned members applies (no batchItemFailures, so no endless Lambda retries)."""
+    cache = Cache(redis_client, namespace="t", clock=clock, early_refresh=0)
+    async with CacheHost(cache):
+        for tag in (table_tag("Users"), item_tag("Users", {"pk": "u1"})):
+            await redis_client.sadd(cache._keys.tag_members(tag), POISON[0], POISON[1])
+        await redis_client.hset(cache._keys.tag_gen(table_tag("Users")), mapping={b"x": b"1"})
+        event = {
+            "Records": [
+                {
+                    "eventID": "e1",
+                    "eventName": "MODIFY",
+                    "eventSource": "aws:dynamodb",
+                    "eventSourceARN": "arn:aws:dynamodb:us-east-1:123456789012:table/Users/stream/2024-01-01T00:00:00.000",
+                    "dynamodb": {"Keys": {"pk": {"S": "u1"}}, "SequenceNumber": "100"},
+                }
+            ]
+        }
+        report = await StreamInvalidator(cache).handle(event)
+        assert report.batch_item_failures() == {"batchItemFailures": []}
+        assert report.applied == 1
+        assert cache.stats()["swr_cache"]["tag_members_dropped"] == 4
