@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from swr_cache import Cache, StreamInvalidator, cached, cached_item, item_tag
 from swr_cache._keys import table_tag
+from swr_cache._store import Store
 from swr_cache.devservers import RedisServer
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
@@ -422,3 +423,54 @@ async def test_stream_record_with_a_poisoned_tag_is_not_retried(
         assert report.batch_item_failures() == {"batchItemFailures": []}
         assert report.applied == 1
         assert cache.stats()["swr_cache"]["tag_members_dropped"] == 4
+
+
+# --- cancellation at each await of the read path ------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["leader", "follower"])
+@pytest.mark.parametrize("where", ["redis_read", "load"])
+async def test_cancellation_at_each_await_of_the_read_path(
+    redis_client: aioredis.Redis,
+    clock: FakeClock,
+    origin: RecordingOrigin,
+    monkeypatch: pytest.MonkeyPatch,
+    who: str,
+    where: str,
+) -> None:
+    """Cancelling the first or a later caller mid Redis read or mid load leaves the others answered and nothing registered."""
+    cache = Cache(redis_client, namespace="t", clock=clock, early_refresh=0)
+    async with CacheHost(cache):
+        get_user = users(cache, origin)
+        if where == "redis_read":
+            await get_user("u1")  # cached: the read path ends at the Redis read
+            entered, gate = asyncio.Event(), asyncio.Event()
+            real = Store.read_entry
+
+            async def held_read(self: Store, key: str, fields: Any) -> Any:
+                entered.set()
+                await gate.wait()
+                return await real(self, key, fields)
+
+            monkeypatch.setattr(Store, "read_entry", held_read)
+        else:
+            origin.hold()
+            entered = origin.entered
+        tasks = [asyncio.create_task(get_user("u1")) for _ in range(4)]
+        await entered.wait()
+        victim = tasks[0] if who == "leader" else tasks[2]
+        victim.cancel()
+        await asyncio.sleep(0)
+        if where == "redis_read":
+            monkeypatch.setattr(Store, "read_entry", real)
+            gate.set()
+        else:
+            origin.release()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        assert victim.cancelled()
+        assert [r for t, r in zip(tasks, results, strict=True) if t is not victim] == [
+            origin.items["u1"]
+        ] * 3
+        assert await get_user("u1") == origin.items["u1"]
+        assert_quiet(cache, cache._slots.free)
+        assert origin.count == 1
