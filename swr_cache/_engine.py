@@ -1816,8 +1816,7 @@ class Cache:
                 except Exception as exc:
                     req.metrics.counts["refresh_errors"] += 1
                     log.warning("swr_cache: background refresh of %s failed: %r", req.entry, exc)
-                else:
-                    self._backoff.pop(req.entry, None)
+                # (A stored fill ends the back-off; a refresh that found one stays backed off.)
         finally:
             self._pending -= 1
             self._refreshing.discard(rkey)

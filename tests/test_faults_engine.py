@@ -253,6 +253,13 @@ async def test_back_off_is_shared_across_processes(
         await refreshes_done(two)
         assert origin.count == calls
         assert two.stats()[get_two.name]["refresh_errors"] == 0
+        # It remembers the back-off for a while: more stale hits do not ask Redis again.
+        assert "Users|pk=S:u1" in next(iter(two._backoff))
+        refreshes = two.stats()[get_two.name]["refreshes"]
+        for _ in range(3):
+            await get_two("u1")
+        await refreshes_done(two)
+        assert two.stats()[get_two.name]["refreshes"] == refreshes
 
 
 # --- 3. lease and fence keys nobody holds ------------------------------------------------
