@@ -7,7 +7,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from ._engine import Cache, _Request, normalize_attributes
+from ._engine import Cache, _Request
+from ._entry import normalize_attributes
 from ._errors import ConfigError
 from ._keys import KeyTemplate, encode_args, escape, item_identity, result_identity
 from ._metrics import Metrics

@@ -58,16 +58,12 @@ from ._engine import (
     _PURGE_MARGIN_MS,
     Cache,
     _Bypass,
-    _Corrupt,
     _is_pool_exhausted,
     _NoSlot,
-    _Plan,
     _Request,
     _while_renewing,
-    normalize_attributes,
-    stamp_entry,
-    with_version,
 )
+from ._entry import _Corrupt, _Plan, normalize_attributes, stamp_entry, with_version
 from ._errors import CodecError, ConfigError, KeyEncodingError
 from ._keys import (
     change_tags,
