@@ -54,17 +54,10 @@ import anyio
 from redis.exceptions import RedisError, ResponseError
 
 from . import _codec
-from ._engine import (
-    _PURGE_MARGIN_MS,
-    Cache,
-    _Bypass,
-    _is_pool_exhausted,
-    _NoSlot,
-    _Request,
-    _while_renewing,
-)
+from ._engine import _PURGE_MARGIN_MS, Cache, _Request, _while_renewing
 from ._entry import _Corrupt, _Plan, normalize_attributes, stamp_entry, with_version
 from ._errors import CodecError, ConfigError, KeyEncodingError
+from ._gate import _Bypass, _is_pool_exhausted, _NoSlot
 from ._keys import (
     change_tags,
     encode_args,
