@@ -572,7 +572,7 @@ def _stats(ns: argparse.Namespace) -> int:
 
 
 def _demo(argv: Sequence[str]) -> int:
-    from ._demo import main as demo
+    from devtools.demo import main as demo
 
     return demo(list(argv))
 

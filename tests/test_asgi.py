@@ -1041,7 +1041,7 @@ async def test_cache_not_entered_is_a_clear_error(
 
 async def test_redis_down_fails_open(origin: Origin) -> None:
     """With Redis unreachable every GET is answered by the app."""
-    from swr_cache.devservers import free_port
+    from devtools.devservers import free_port
 
     dead = aioredis.Redis(port=free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
     cache = Cache(dead, namespace="h", breaker_threshold=1)

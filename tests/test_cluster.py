@@ -255,7 +255,7 @@ async def private_cluster(
     from redis.asyncio.cluster import ClusterNode
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-    from swr_cache.devservers import RedisCluster
+    from devtools.devservers import RedisCluster
 
     cluster = RedisCluster(**kwargs)
     await asyncio.to_thread(cluster.start)

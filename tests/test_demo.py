@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swr_cache import _demo
+from devtools import demo as _demo
 
 
 def _number(out: str, row: str) -> int:

@@ -16,8 +16,8 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from swr_cache import devservers
-from swr_cache.devservers import (
+from devtools import devservers
+from devtools.devservers import (
     CLUSTER_MAX_PORT,
     ENV_REDIS_SERVER,
     MotoServer,
@@ -258,7 +258,7 @@ def test_moto_process_serves_dynamodb_and_stops() -> None:
     """MotoProcess answers DynamoDB calls over HTTP in a child process and frees its port on stop."""
     import boto3
 
-    from swr_cache.devservers import MotoProcess, _accepts, set_dummy_aws_env
+    from devtools.devservers import MotoProcess, _accepts, set_dummy_aws_env
 
     added = set_dummy_aws_env()
     try:

@@ -15,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from devtools.devservers import RedisServer, free_port
 from swr_cache import (
     Cache,
     CacheNotEnteredError,
@@ -26,7 +27,6 @@ from swr_cache import (
     item_tag,
 )
 from swr_cache._keys import KeySpace, item_identity
-from swr_cache.devservers import RedisServer, free_port
 from swr_cache.streams import StreamRecord, parse_record, table_from_arn
 from swr_cache.testing import FakeClock, RecordingOrigin
 

@@ -32,7 +32,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import Cache, cached_item
+from swr_cache import Cache, cached_item
 
 if TYPE_CHECKING:
     from .devservers import HttpConnection, UvicornServer
