@@ -52,7 +52,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 demo: venv
-	$(BIN)/python -m swr_cache demo
+	$(BIN)/python -m devtools.demo
 
 # Writes benchmarks/RESULTS.md, benchmarks/results/*.png and the README's table;
 # `make bench BENCH_ARGS=--quick` is a short first look (fewer rounds; README untouched).
