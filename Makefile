@@ -23,7 +23,8 @@ venv: $(STAMP)
 
 # Re-run only when the dependencies change; the stamp is written last, so a
 # failed install is retried next time.
-$(STAMP): pyproject.toml constraints.txt
+# swr_cache/__about__.py holds the version, which the installed metadata records.
+$(STAMP): pyproject.toml constraints.txt swr_cache/__about__.py
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "error: $(PY) is older than Python 3.11; run make PY=/path/to/python3.11" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
