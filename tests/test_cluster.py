@@ -296,7 +296,7 @@ def replicas_known(cluster: Any, limit: float = 30.0) -> None:
     while True:
         views = [node.command("CLUSTER", "SLOTS") for node in cluster.nodes]
         if all(
-            isinstance(view, list) and all(len(r) == 3 + cluster.replicas for r in view)  # type: ignore[arg-type]
+            isinstance(view, list) and all(len(r) == 3 + cluster.replicas for r in view)
             for view in views
         ):
             return
@@ -416,7 +416,7 @@ async def replicated(client: Any, key: str, limit: float = 10.0) -> None:
 async def test_reads_from_replicas_lag_only_until_replicated() -> None:
     """With replica reads, hits come from replicas; right after an invalidation a read
     may still see the old entry, but once the master's writes are replicated, never."""
-    from redis.asyncio.cluster import LoadBalancingStrategy
+    from redis.cluster import LoadBalancingStrategy
 
     async with private_cluster(
         masters=3,
