@@ -3,6 +3,7 @@
 #
 #   make test    ruff (lint + format check) + mypy --strict + pytest under coverage (real
 #                redis-server, Redis Cluster, moto), then the coverage report and its floor
+#   make unit    the pure tests only (tests/unit: no server, seconds)
 #   make demo    the demo against embedded servers
 #   make bench   benchmarks (installs the [bench] extra first)
 
@@ -18,7 +19,7 @@ SHELL := bash
 .DEFAULT_GOAL := test
 .DELETE_ON_ERROR:
 
-.PHONY: venv test lint typecheck pytest demo bench constraints clean
+.PHONY: venv test lint typecheck pytest unit demo bench constraints clean
 
 venv: $(STAMP)
 
@@ -46,6 +47,10 @@ typecheck: venv
 
 pytest: venv
 	$(BIN)/python -m pytest -q
+
+# The pure tests in tests/unit: no redis-server, no moto, a few seconds.
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
 
 # pytest under coverage; the report (files below 100% and the total) fails under
 # the floor set in pyproject.toml.
