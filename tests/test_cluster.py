@@ -226,7 +226,10 @@ async def test_many_keys_at_once_on_a_small_cluster_pool(
         startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes], max_connections=4
     )
     try:
-        c = Cache(client, namespace="small")
+        # 1000 reads queue for 4 slots: on a slow machine (shared CPUs, a run under
+        # coverage) the default 0.5 s slot wait runs out and reads bypass Redis, so
+        # fills go missing. Waiting as long as needed keeps the test about failures.
+        c = Cache(client, namespace="small", call_timeout=30)
         async with c:
 
             @cached_item(c, table="T", key=lambda k: {"pk": k})
@@ -237,7 +240,7 @@ async def test_many_keys_at_once_on_a_small_cluster_pool(
                 results = await asyncio.gather(*(get(f"k{i}") for i in range(1000)))
                 assert [r["pk"] for r in results] == [f"k{i}" for i in range(1000)]
             stats = c.stats()[get.name]
-            # A read that waited too long for one of the 4 slots bypasses; none fails.
+            # Every read waits for one of the 4 slots; none fails.
             assert stats["fills"] == 1000 and stats["hits"] + stats["bypasses"] == 1000
             assert stats["redis_errors"] == 0 and not c.breaker.is_open
     finally:
