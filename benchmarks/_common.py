@@ -24,8 +24,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from devtools.devservers import MotoProcess as MotoProcess  # noqa: E402  (for the scripts)
 from swr_cache import _codec  # noqa: E402
-from swr_cache.devservers import MotoProcess as MotoProcess  # noqa: E402  (for the scripts)
 
 
 def make_item(pk: str) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def start_redis(url: str | None) -> tuple[str, Any]:
     """The Redis to use: ``url``, else a redis-server started on a free port (returned to stop)."""
     if url:
         return url, None
-    from swr_cache.devservers import RedisServer
+    from devtools.devservers import RedisServer
 
     server = RedisServer().start()
     return server.url, server

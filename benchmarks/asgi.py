@@ -37,8 +37,8 @@ from typing import Any
 import httpx
 from _common import MotoProcess, finish, median, percentile, say, start_redis, table
 
-from swr_cache._demo import example_app
-from swr_cache.devservers import HttpConnection, UvicornServer, set_dummy_aws_env
+from devtools.demo import example_app
+from devtools.devservers import HttpConnection, UvicornServer, set_dummy_aws_env
 
 
 async def drive_raw(

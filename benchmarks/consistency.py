@@ -1382,7 +1382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         version_attribute=args.version_attribute,
     )
-    from swr_cache.devservers import MotoServer, set_dummy_aws_env
+    from devtools.devservers import MotoServer, set_dummy_aws_env
 
     set_dummy_aws_env()
     with contextlib.ExitStack() as stack:

@@ -46,8 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import finish, say, table
 
+from devtools.devservers import MotoProcess, MotoServer, RedisServer, set_dummy_aws_env
 from swr_cache import Cache, DynamoTable
-from swr_cache.devservers import MotoProcess, MotoServer, RedisServer, set_dummy_aws_env
 
 TABLE = "BenchUsers"
 Fn = Callable[[], Awaitable[Any]]

@@ -45,8 +45,8 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import LoadBalancingStrategy
 
+from devtools.devservers import RedisCluster
 from swr_cache import Cache, cached_item
-from swr_cache.devservers import RedisCluster
 
 POLL_LIMIT_S = 5.0
 

@@ -119,7 +119,7 @@ def machine() -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         info["load"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     try:
-        from swr_cache.devservers import find_redis_server, redis_server_version
+        from devtools.devservers import find_redis_server, redis_server_version
 
         binary = find_redis_server()
         info["redis_server"] = f"{redis_server_version(binary)} ({binary})"

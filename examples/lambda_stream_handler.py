@@ -99,7 +99,7 @@ async def _read_through_cache(redis_url: str, *, fill: bool) -> bool:
 
 
 def _demo() -> None:
-    from swr_cache.devservers import RedisServer
+    from devtools.devservers import RedisServer
 
     with RedisServer() as server:
         demo = StreamInvalidator(Cache.from_url(server.url, namespace="example"))

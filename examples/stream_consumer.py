@@ -111,7 +111,7 @@ def main() -> None:
         aws = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
         asyncio.run(consume(args.table, args.redis_url, args.namespace, **aws))
         return
-    from swr_cache.devservers import MotoServer, RedisServer
+    from devtools.devservers import MotoServer, RedisServer
 
     with RedisServer() as redis_server, MotoServer() as moto:
         asyncio.run(demo(redis_server.url, moto.endpoint_url))

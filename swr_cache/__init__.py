@@ -5,6 +5,7 @@ across processes (leases), no stale sets (fenced compare-and-write fills),
 items as Redis hashes one field per attribute, and invalidation by key or tag.
 """
 
+from .__about__ import __version__ as __version__
 from ._decorators import CachedFunction, CachedItemFunction, cached, cached_item
 from ._engine import Cache, EntryState
 from ._errors import (
@@ -43,5 +44,3 @@ __all__ = [
     "cached_item",
     "item_tag",
 ]
-
-__version__ = "0.1.0.dev0"

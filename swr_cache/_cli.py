@@ -2,7 +2,7 @@
 
 Commands:
 
-* ``demo`` — the demo on embedded servers (``make demo``);
+* ``demo`` — the repository's demo on embedded servers (``make demo``; needs a clone);
 * ``inspect --table T --key JSON`` — one entry's state, deadlines, fields, lease;
 * ``invalidate --table T --key JSON`` / ``--tag TAG`` — what a write would do;
 * ``stats`` — entries (fresh/stale/negative), leases, fences and tags of a
@@ -26,6 +26,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -55,7 +56,7 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 
 _COMMANDS: Final = {
-    "demo": "run a workload against embedded Redis and DynamoDB (moto) and print a report",
+    "demo": "from a clone: a workload on embedded Redis and DynamoDB (moto), with a report",
     "inspect": "show one entry: state, soft/hard TTL left, cached fields, lease",
     "invalidate": "invalidate an item (entry, lease and its tags) or purge tags",
     "stats": "count a namespace's entries, leases, fences and tags (SCAN, bounded)",
@@ -571,10 +572,27 @@ def _stats(ns: argparse.Namespace) -> int:
 # -- commands with parsers of their own ---------------------------------------------
 
 
-def _demo(argv: Sequence[str]) -> int:
-    from ._demo import main as demo
+def _checkout() -> Path | None:
+    """The repository this package runs from, if it is a checkout with the developer tools."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "devtools" / "demo.py").is_file() else None
 
-    return demo(list(argv))
+
+def _demo(argv: Sequence[str]) -> int:
+    """Run the repository's demo (devtools/demo.py): an installed package does not ship it."""
+    root = _checkout()
+    if root is None:
+        print(
+            f"{PROG} demo: the demo ships with the repository, not with the package; "
+            "run `make demo` in a clone of the repository",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from devtools.demo import main as demo
+
+    return demo(list(argv), prog=f"{PROG} demo")
 
 
 def _aws_errors() -> tuple[type[BaseException], ...]:

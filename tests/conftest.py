@@ -1,7 +1,7 @@
 """Shared fixtures: a real redis-server, a real Redis Cluster, moto's DynamoDB server.
 
 Servers are started once per session on free 127.0.0.1 ports (the cluster and
-moto only if a test asks for them) by :mod:`swr_cache.devservers`; state is wiped
+moto only if a test asks for them) by :mod:`devtools.devservers`; state is wiped
 before each test (FLUSHALL, moto reset). Tests that kill, restart or pause Redis
 take ``restartable_redis``, a private server, and leave the shared one alone.
 
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.devservers import MotoServer, RedisCluster, RedisServer, set_dummy_aws_env
 from swr_cache import Cache
-from swr_cache.devservers import MotoServer, RedisCluster, RedisServer, set_dummy_aws_env
 from swr_cache.testing import CacheHost, FakeClock
 
 if TYPE_CHECKING:

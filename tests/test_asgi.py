@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
 
 import httpx
@@ -16,7 +16,7 @@ from swr_cache import Cache, CacheMiddleware, CacheNotEnteredError, ConfigError,
 from swr_cache.streams import StreamInvalidator
 from swr_cache.testing import CacheHost, FakeClock
 
-Scope = dict[str, Any]
+Scope = MutableMapping[str, Any]
 Handler = Callable[[Scope, int], tuple[int, list[tuple[bytes, bytes]], bytes]]
 
 pytestmark = pytest.mark.redis
@@ -761,7 +761,7 @@ async def test_chunked_body_over_limit_is_not_stored(cache: Cache) -> None:
 async def test_large_entries_are_served_in_chunks(cache: Cache) -> None:
     """A stored body larger than one chunk is sent as several body messages."""
     body = bytes(range(256)) * 1000
-    messages: list[dict[str, Any]] = []
+    messages: list[MutableMapping[str, Any]] = []
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -774,7 +774,7 @@ async def test_large_entries_are_served_in_chunks(cache: Cache) -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         messages.append(message)
 
     scope = {
@@ -830,9 +830,9 @@ async def test_pathsend_is_removed_from_the_inner_scope(cache: Cache) -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     scope = {
@@ -1041,7 +1041,7 @@ async def test_cache_not_entered_is_a_clear_error(
 
 async def test_redis_down_fails_open(origin: Origin) -> None:
     """With Redis unreachable every GET is answered by the app."""
-    from swr_cache.devservers import free_port
+    from devtools.devservers import free_port
 
     dead = aioredis.Redis(port=free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
     cache = Cache(dead, namespace="h", breaker_threshold=1)
@@ -1060,7 +1060,7 @@ async def test_invalid_configuration(cache: Cache, origin: Origin) -> None:
         {"cache_status": "a b"},
     ):
         with pytest.raises(ConfigError):
-            CacheMiddleware(origin, cache=cache, **kwargs)  # type: ignore[arg-type]
+            CacheMiddleware(origin, cache=cache, **kwargs)
 
 
 # --- the rules, without Redis ----------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_unknown_benchmarks_are_titled_by_their_docstring(
 )
 def test_every_chart_kind_renders(run_all: ModuleType, tmp_path: Path) -> None:
     """Bar, horizontal bar and line charts, linear and log, NaN values included, all become PNGs."""
-    specs = [
+    specs: list[dict[str, Any]] = [
         {
             "file": "a.png",
             "title": "bars " * 30,

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.devservers import free_port
 from swr_cache import Cache, cached, cached_item, item_tag
 from swr_cache._cli import main
-from swr_cache.devservers import free_port
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
 pytestmark = pytest.mark.redis

@@ -226,7 +226,10 @@ async def test_many_keys_at_once_on_a_small_cluster_pool(
         startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes], max_connections=4
     )
     try:
-        c = Cache(client, namespace="small")
+        # 1000 reads queue for 4 slots: on a slow machine (shared CPUs, a run under
+        # coverage) the default 0.5 s slot wait runs out and reads bypass Redis, so
+        # fills go missing. Waiting as long as needed keeps the test about failures.
+        c = Cache(client, namespace="small", call_timeout=30)
         async with c:
 
             @cached_item(c, table="T", key=lambda k: {"pk": k})
@@ -237,7 +240,7 @@ async def test_many_keys_at_once_on_a_small_cluster_pool(
                 results = await asyncio.gather(*(get(f"k{i}") for i in range(1000)))
                 assert [r["pk"] for r in results] == [f"k{i}" for i in range(1000)]
             stats = c.stats()[get.name]
-            # A read that waited too long for one of the 4 slots bypasses; none fails.
+            # Every read waits for one of the 4 slots; none fails.
             assert stats["fills"] == 1000 and stats["hits"] + stats["bypasses"] == 1000
             assert stats["redis_errors"] == 0 and not c.breaker.is_open
     finally:
@@ -255,7 +258,7 @@ async def private_cluster(
     from redis.asyncio.cluster import ClusterNode
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-    from swr_cache.devservers import RedisCluster
+    from devtools.devservers import RedisCluster
 
     cluster = RedisCluster(**kwargs)
     await asyncio.to_thread(cluster.start)
@@ -296,7 +299,7 @@ def replicas_known(cluster: Any, limit: float = 30.0) -> None:
     while True:
         views = [node.command("CLUSTER", "SLOTS") for node in cluster.nodes]
         if all(
-            isinstance(view, list) and all(len(r) == 3 + cluster.replicas for r in view)  # type: ignore[arg-type]
+            isinstance(view, list) and all(len(r) == 3 + cluster.replicas for r in view)
             for view in views
         ):
             return
@@ -416,7 +419,7 @@ async def replicated(client: Any, key: str, limit: float = 10.0) -> None:
 async def test_reads_from_replicas_lag_only_until_replicated() -> None:
     """With replica reads, hits come from replicas; right after an invalidation a read
     may still see the old entry, but once the master's writes are replicated, never."""
-    from redis.asyncio.cluster import LoadBalancingStrategy
+    from redis.cluster import LoadBalancingStrategy
 
     async with private_cluster(
         masters=3,

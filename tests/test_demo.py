@@ -1,4 +1,5 @@
-"""``make demo`` keeps working: the demo runs end to end on its own servers, the example API included."""
+"""``make demo`` keeps working: the demo runs end to end on its own servers, the example API included;
+``swr-cache demo`` runs it from a clone and says where it is from an installed package."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from swr_cache import _demo
+from devtools import demo as _demo
+from swr_cache import _cli
 
 
 def _number(out: str, row: str) -> int:
@@ -21,10 +23,10 @@ def _number(out: str, row: str) -> int:
 
 @pytest.mark.slow
 def test_demo_runs_and_reports() -> None:
-    """``python -m swr_cache demo``: both loads show progress and report, with 0 stale reads after writes."""
+    """``python -m devtools.demo`` (``make demo``): both loads show progress and report, 0 stale reads after writes."""
     proc = subprocess.run(
         [
-            sys.executable, "-m", "swr_cache", "demo",
+            sys.executable, "-m", "devtools.demo",
             "--seconds", "2", "--readers", "10", "--keys", "50", "--clients", "4",
         ],
         capture_output=True,
@@ -117,6 +119,33 @@ def test_demo_without_the_examples_skips_the_http_load(
 def test_cache_status_is_sorted_by_our_member(header: bytes, kind: str) -> None:
     """The HTTP load counts a response as fresh, stale, collapsed or a miss by the last Cache-Status member."""
     assert _demo._cache_status({b"cache-status": header}) == kind
+
+
+def test_cli_demo_help_is_plain_text() -> None:
+    """``swr-cache demo --help`` in a checkout: the demo's options under its CLI name, no reST markup."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "swr_cache", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: swr-cache demo ")
+    assert "--redis-url" in proc.stdout and "--seconds" in proc.stdout
+    assert "``" not in proc.stdout and ":func:" not in proc.stdout
+    # The numbered list is laid out as written, not re-wrapped into one paragraph.
+    assert "\n  1. accessor:" in proc.stdout and "\n  2. HTTP:" in proc.stdout
+
+
+def test_cli_demo_outside_a_checkout_points_at_make_demo(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the repository's devtools/ beside the package, ``swr-cache demo`` explains instead of failing."""
+    monkeypatch.setattr(_cli, "_checkout", lambda: None)
+    assert _cli.main(["demo"]) == _cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "make demo" in err and "clone" in err and "Traceback" not in err
 
 
 def test_cli_rejects_unknown_commands() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +20,8 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from swr_cache import devservers
-from swr_cache.devservers import (
+from devtools import devservers
+from devtools.devservers import (
     CLUSTER_MAX_PORT,
     ENV_REDIS_SERVER,
     MotoServer,
@@ -104,6 +108,60 @@ def test_stop_is_idempotent_and_stops_a_paused_server() -> None:
         server.stop()
     finally:
         server.close()
+
+
+_EXIT_HOOK_SCRIPT = """
+import atexit
+
+hooks = []
+register = atexit.register
+
+
+def spy(func, *args, **kwargs):
+    hooks.append(f"{func.__module__}.{func.__qualname__}")
+    return register(func, *args, **kwargs)
+
+
+atexit.register = spy
+import devtools.demo
+import devtools.devservers
+
+print(hooks.count("devtools.devservers._stop_leftovers"))
+first = devtools.devservers.RedisServer().start()
+second = devtools.devservers.RedisServer().start()
+print(hooks.count("devtools.devservers._stop_leftovers"))
+print(first.pid, second.pid)  # both left running: the exit hook stops them
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_exit_hook_is_registered_by_the_first_server_not_by_import() -> None:
+    """Importing devtools registers no exit hook; the first server started does, once, and it stops leftovers."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_HOOK_SCRIPT],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    on_import, after_two_starts, pids = proc.stdout.splitlines()
+    left = [int(pid) for pid in pids.split()]
+    try:
+        assert (on_import, after_two_starts) == ("0", "1")
+        assert len(left) == 2 and not any(_alive(pid) for pid in left)
+    finally:
+        for pid in left:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_startup_failure_reports_the_log() -> None:
@@ -258,7 +316,7 @@ def test_moto_process_serves_dynamodb_and_stops() -> None:
     """MotoProcess answers DynamoDB calls over HTTP in a child process and frees its port on stop."""
     import boto3
 
-    from swr_cache.devservers import MotoProcess, _accepts, set_dummy_aws_env
+    from devtools.devservers import MotoProcess, _accepts, set_dummy_aws_env
 
     added = set_dummy_aws_env()
     try:

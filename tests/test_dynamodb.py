@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from botocore.exceptions import ClientError
 
+from devtools.devservers import RedisServer
 from swr_cache import (
     Cache,
     CacheNotEnteredError,
@@ -29,7 +30,6 @@ from swr_cache import (
     cached_item,
     item_tag,
 )
-from swr_cache.devservers import RedisServer
 from swr_cache.dynamodb import CachedTable, table_tag
 from swr_cache.testing import CacheHost, FakeClock
 

@@ -141,7 +141,7 @@ async def test_pool_exhausted_by_the_app_bypasses_without_tripping_breaker(
         async with cache:
             get_user = users(cache, origin)
             await get_user("u1")
-            held = [await client.connection_pool.get_connection() for _ in range(2)]
+            held = [await client.connection_pool.get_connection() for _ in range(2)]  # type: ignore[no-untyped-call]
             try:
                 for _ in range(10):
                     assert (await get_user("u1"))["name"] == "Ada"

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.devservers import RedisServer
 from swr_cache import Cache, CacheNotEnteredError, cached, cached_item
 from swr_cache._store import M_FORMAT, M_HARD, M_SOFT, M_VERSION, M_WHOLE, Store
-from swr_cache.devservers import RedisServer
 from swr_cache.testing import FakeClock, RecordingOrigin
 
 pytestmark = pytest.mark.redis

@@ -19,7 +19,7 @@ import base64
 import itertools
 import json
 import string
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from decimal import Decimal
 from typing import Any
 
@@ -91,7 +91,7 @@ items = st.dictionaries(names, values, min_size=1, max_size=6)
 @st.composite
 def deeply_nested(draw: st.DrawFn) -> Any:
     """A value nested as deep as DynamoDB allows (32 levels), maps and lists mixed."""
-    value = draw(scalars | sets)
+    value: Any = draw(scalars | sets)
     for _ in range(draw(st.integers(1, 32))):
         value = {draw(names): value} if draw(st.booleans()) else [value]
     return value
@@ -709,7 +709,7 @@ async def test_middleware_answers_any_header_values(
     """Whatever the request and response headers hold, each GET gets the app's answer or a 304."""
     calls = 0
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         nonlocal calls
         calls += 1
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
@@ -728,7 +728,7 @@ async def test_unsafe_request_purges_its_url_despite_a_malformed_location(cache:
     """A POST answered with an unparsable Location still reaches the client and purges its URL."""
     gets = 0
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         nonlocal gets
         if scope["method"] == "POST":
             headers = [(b"location", b"//[not-a-host")]

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import test_engine
 from redis.exceptions import NoPermissionError
 
+from devtools.devservers import RedisServer
 from swr_cache import (
     Cache,
     ConfigError,
@@ -33,7 +34,6 @@ from swr_cache import (
     item_tag,
 )
 from swr_cache._signing import M_SIG, Signer
-from swr_cache.devservers import RedisServer
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
 pytestmark = pytest.mark.redis

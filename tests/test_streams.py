@@ -15,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from devtools.devservers import RedisServer, free_port
 from swr_cache import (
     Cache,
     CacheNotEnteredError,
@@ -26,7 +27,6 @@ from swr_cache import (
     item_tag,
 )
 from swr_cache._keys import KeySpace, item_identity
-from swr_cache.devservers import RedisServer, free_port
 from swr_cache.streams import StreamRecord, parse_record, table_from_arn
 from swr_cache.testing import FakeClock, RecordingOrigin
 
@@ -490,7 +490,7 @@ async def test_batch_goes_to_redis_in_a_few_pipelines(
         return pipe
 
     commands = []
-    real_command = redis_client.execute_command
+    real_command: Any = redis_client.execute_command  # redis-py leaves it unannotated
 
     async def counting_command(*args: Any, **kwargs: Any) -> Any:
         commands.append(args[0])
@@ -913,7 +913,7 @@ async def test_record_purges_what_a_cached_view_write_purges(
     await view.invalidate(key)  # what put_item, update_item and delete_item end with
     typed_key = {"pk": {"S": "c1"}, "sk": {"N": "7.0"}}
     for mode in ("invalidate", "refresh"):
-        inv = StreamInvalidator(cache, mode=mode)  # type: ignore[arg-type]
+        inv = StreamInvalidator(cache, mode=mode)
         report = await inv.handle({"Records": [record(typed_key, table="Orders")]})
         assert report.applied == 1
     (view_ids, view_tags), (inv_ids, inv_tags), (_, refresh_tags) = seen

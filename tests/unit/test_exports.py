@@ -17,7 +17,6 @@ def test_private_modules_stay_private() -> None:
     public = {n for n in dir(swr_cache) if not n.startswith("_")}
     modules = {
         "testing",
-        "devservers",
         "streams",
         "dynamodb",
         "metrics",

@@ -1,4 +1,4 @@
-"""``swr-cache demo``: the main job on embedded defaults, with a printed report.
+"""``make demo`` (``python -m devtools.demo``): the main job on embedded defaults, with a printed report.
 
 Starts its own redis-server and moto's DynamoDB server on free loopback ports,
 then runs two short loads and reports on both:
@@ -12,8 +12,10 @@ then runs two short loads and reports on both:
    the same servers, and drives it with keep-alive clients: ``GET /users/{id}``
    on a skewed distribution, some ``GET /orders?customer=...``, and a writer
    whose ``PUT``/``POST`` invalidate; after every write it reads the data back.
-   The example ships with the repository, so an installed package without it
-   skips this phase.
+   A checkout without ``examples/`` skips this phase.
+
+It lives in the repository, not in the package: ``swr-cache demo`` runs it from
+a checkout (see :func:`swr_cache._cli.main`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import Cache, cached_item
+from swr_cache import Cache, cached_item
 
 if TYPE_CHECKING:
     from .devservers import HttpConnection, UvicornServer
@@ -461,11 +463,36 @@ def _http_report(r: dict[str, Any]) -> None:
     ])  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; ``--redis-url``/``--endpoint-url`` use running servers instead."""
+#: ``--help``'s text: plain words for a terminal (the module docstring is reST for the docs).
+DESCRIPTION = """\
+Run a short workload against embedded servers and print a report.
+
+Starts its own redis-server and moto's DynamoDB server on free loopback ports
+(or uses the ones --redis-url and --endpoint-url name), then runs two loads:
+
+  1. accessor: concurrent readers of a cached GetItem accessor on a skewed key
+     distribution, while a writer updates and invalidates items;
+  2. HTTP: the example API (examples/app.py, Starlette behind CacheMiddleware)
+     under uvicorn, driven by keep-alive clients, every write read back.
+
+For each load the report counts fresh and stale hits, misses, DynamoDB calls
+(and the share saved), writes, stale reads after a completed write (there should
+be none) and latency percentiles.
+"""
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m devtools.demo") -> int:
+    """Run the demo; ``--redis-url``/``--endpoint-url`` use running servers instead.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+        prog: the command name ``--help`` and errors show.
+    """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="swr-cache demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument(
         "--endpoint-url", help="use this DynamoDB endpoint instead of starting moto"
@@ -483,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .devservers import MotoProcess, RedisServer
     except ImportError as exc:  # pragma: no cover - the test extra is missing
         print(
-            f"swr-cache demo needs the test extra (pip install 'swr-cache[test]'): {exc}",
+            f"{prog} needs the test extra (make venv, or pip install -e '.[test]'): {exc}",
             file=sys.stderr,
         )
         return 2
@@ -548,3 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if http is not None:
         _http_report(http)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

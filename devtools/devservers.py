@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,11 +70,24 @@ Headers = Sequence[tuple[str, str]]
 
 
 # Servers still running, stopped at interpreter exit so an aborted test run
-# (an exception in a fixture, Ctrl-C) leaves no server process behind.
+# (an exception in a fixture, Ctrl-C) leaves no server process behind. The exit
+# hook is registered by the first server that starts, not on import: importing
+# this module changes nothing in the interpreter.
 _running: set[_ChildProcess] = set()
+_exit_hook_registered = False
+_exit_hook_lock = threading.Lock()  # servers also start in worker threads (start_async)
 
 
-@atexit.register
+def _track(server: _ChildProcess) -> None:
+    """Remember a started server so that interpreter exit stops it if its owner does not."""
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            atexit.register(_stop_leftovers)
+            _exit_hook_registered = True
+        _running.add(server)
+
+
 def _stop_leftovers() -> None:
     for server in list(_running):
         with contextlib.suppress(Exception):
@@ -341,7 +355,7 @@ class _ChildProcess(_Started):
         """Start ``argv`` and poll ``ready`` until it says yes; stop the process if it never does."""
         _not_on_an_event_loop(self.what)
         self._proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, **popen)
-        _running.add(self)
+        _track(self)
         deadline = time.monotonic() + timeout
         delay = 0.01
         try:
@@ -487,7 +501,7 @@ class RedisServer(_ChildProcess):
             self._argv(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
         self._paused = False
-        _running.add(self)
+        _track(self)
         deadline = time.monotonic() + self.startup_timeout
         delay = 0.005
         while True:

@@ -1,0 +1,1 @@
+"""Pure tests: no server, seconds (see conftest.py)."""
