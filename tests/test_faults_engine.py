@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.devservers import RedisServer
 from swr_cache import Cache, StreamInvalidator, cached, cached_item, item_tag
 from swr_cache._keys import table_tag
 from swr_cache._store import Store
-from swr_cache.devservers import RedisServer
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
 pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
