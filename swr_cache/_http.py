@@ -180,7 +180,8 @@ def parse_vary(values: Iterable[bytes]) -> tuple[str, ...] | None:
     names: set[str] = set()
     for value in values:
         for member in split_list(value):
-            name = member.decode("latin-1").strip().lower()
+            # `_` and `-` alike: servers and frameworks map both to one name.
+            name = member.decode("latin-1").strip().lower().replace("_", "-")
             if name == "*":
                 return None
             if name:
@@ -382,6 +383,43 @@ def _joined(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
 
 
+_SF_KEY: Final = re.compile(r"^[a-z*][a-z0-9_\-.*]*$")
+_SF_ITEM: Final = re.compile(
+    r'^(?:-?\d{1,15}(?:\.\d{1,3})?|"(?:[^"\\]|\\.)*"|[A-Za-z*][!#$%&\'*+\-.^_`|~:/0-9A-Za-z]*|\?[01])$'
+)
+
+
+def targeted_cache_control(
+    headers: Sequence[tuple[bytes, bytes]], names: Sequence[bytes]
+) -> dict[str, str | None] | None:
+    """The directives of the first targeted field (RFC 9213) with a valid, non-empty value.
+
+    ``names`` are lower-case field names in priority order (``cdn-cache-control``,
+    say). A targeted field is a Structured Fields Dictionary (RFC 8941):
+    lower-case keys, values that are integers, strings, tokens or booleans; a
+    field that does not parse as one is skipped. ``None``: no field applies,
+    and ``Cache-Control``/``Expires`` decide.
+    """
+    for target in names:
+        lines = _joined(headers, target)
+        if not lines:
+            continue
+        directives: dict[str, str | None] = {}
+        valid = True
+        for member in split_list(b", ".join(lines)):
+            name, eq, arg = member.decode("latin-1").partition("=")
+            name, arg = name.strip(), arg.strip()
+            if not _SF_KEY.match(name) or (eq and not _SF_ITEM.match(arg)):
+                valid = False
+                break
+            if eq and arg == "?0":
+                continue  # a false boolean is the directive's absence
+            directives[name] = None if not eq or arg == "?1" else _unquote(arg)
+        if valid and directives:
+            return directives
+    return None
+
+
 def judge_response(
     status: int,
     headers: Sequence[tuple[bytes, bytes]],
@@ -395,6 +433,8 @@ def judge_response(
     grace_explicit: bool,
     max_ttl: float,
     max_stale: float,
+    cache_by_default: bool = True,
+    targeted: Sequence[bytes] = (),
 ) -> Judgement:
     """Decide whether a response to a GET may be stored, and its freshness.
 
@@ -417,6 +457,11 @@ def judge_response(
         grace_explicit: Whether ``grace`` also applies to explicit freshness.
         max_ttl: Cap on the freshness lifetime.
         max_stale: Cap on the stale window.
+        cache_by_default: ``False`` stores only responses marked shareable:
+            ``public``, ``s-maxage`` or ``max-age`` (in the field that decides).
+        targeted: Targeted cache-control field names (RFC 9213), lower-case, in
+            priority order; the first present with a valid value replaces
+            ``Cache-Control`` and ``Expires``.
 
     Returns:
         The judgement.
@@ -426,7 +471,10 @@ def judge_response(
         # 1xx/101 are not final, 206/304 are not understood as entries here
         # (no range merging), and 5xx are never replayed (CPDoS).
         return j.refused(f"status {status}")
-    cc = parse_cache_control(_joined(headers, b"cache-control"))
+    cc = targeted_cache_control(headers, targeted) if targeted else None
+    use_expires = cc is None
+    if cc is None:
+        cc = parse_cache_control(_joined(headers, b"cache-control"))
     if "no-store" in cc:
         return j.refused("no-store")
     if "private" in cc:
@@ -461,7 +509,7 @@ def judge_response(
         lifetime = max(s_maxage, 0)
     elif (max_age := seconds(cc, "max-age")) is not None:
         lifetime = max(max_age, 0)
-    elif expires_lines := _joined(headers, b"expires"):
+    elif use_expires and (expires_lines := _joined(headers, b"expires")):
         expires = parse_http_date(expires_lines[0])
         # An invalid Expires (or "0") means already expired (RFC 9111 §5.3).
         lifetime = (
@@ -470,6 +518,8 @@ def judge_response(
     else:
         lifetime = None
     explicit = lifetime is not None
+    if not cache_by_default and not (j.shared or "max-age" in cc):
+        return j.refused("not marked shareable")
     if lifetime is None:
         if has_cookie or has_auth:
             # The default TTL never applies to a request with credentials.
@@ -477,16 +527,28 @@ def judge_response(
         if status not in DEFAULT_TTL_STATUSES:
             return j.refused(f"status {status} without explicit freshness")
         lifetime = default_ttl
-    j.freshness = min(float(lifetime), max_ttl)
 
     # RFC 9111 §4.2.3: the age the response already had when it arrived.
+    # Age is a single delta-seconds; of a list (`7200, 0`, or two lines) the
+    # first member counts, and a value that is not delta-seconds makes the
+    # response stale rather than fresh (§5.1).
     age_lines = _joined(headers, b"age")
-    age_value = 0
-    if age_lines and age_lines[0].strip().isdigit():
-        age_value = saturated(age_lines[0].strip())
+    age_value: float = 0
+    if age_lines:
+        first = age_lines[0].split(b",", 1)[0].strip()
+        age_value = saturated(first) if first.isdigit() else float(_MAX_DELTA)
     apparent = max(0.0, response_time - date) if date is not None else 0.0
     corrected = age_value + max(0.0, response_time - request_time)
     j.initial_age = max(apparent, corrected)
+    if explicit:
+        j.freshness = min(float(lifetime), max_ttl)
+    elif age_value >= _MAX_DELTA:
+        return j.refused("invalid or huge Age without explicit freshness")
+    else:
+        # This cache's own lifetime for the response runs from its arrival: a
+        # slow origin (or an upstream Age) must not leave it expired on arrival,
+        # or the endpoints that most need stale-while-revalidate never get it.
+        j.freshness = min(float(lifetime), max_ttl) + j.initial_age
 
     swr = seconds(cc, "stale-while-revalidate")
     sie = seconds(cc, "stale-if-error")
@@ -494,12 +556,12 @@ def judge_response(
     explicit_stale = swr > 0 or (sie is not None and sie > 0)
     if must_revalidate:
         window = 0.0
-    elif j.soft <= 0:
-        # Arrived already expired: only the response's own stale-while-revalidate
-        # permits serving it, never our grace (HTTP-CACHE C.27).
-        window = float(swr)
     elif not explicit:
         window = grace
+    elif j.soft <= 0:
+        # Arrived with its explicit freshness used up: only its own
+        # stale-while-revalidate permits serving it, never our grace.
+        window = float(swr)
     elif s_maxage is not None and not explicit_stale:
         window = 0.0  # s-maxage implies proxy-revalidate (RFC 9111 §5.2.2.10)
     else:

@@ -131,6 +131,9 @@ _CHUNK: Final = 64 * 1024
 # A Content-Length beyond any body this cache would keep (it saturates here).
 _MAX_CONTENT_LENGTH: Final = 1 << 62
 _MEMO_LIMIT: Final = 10_000
+# Bytes an entry holds besides its body, header lines, key and tags (field
+# names, times, a generated ETag and Date), rounded well up.
+_ENTRY_OVERHEAD: Final = 512
 
 # Phases of a request's load, as its loader sees them.
 _LOOKUP: Final = 0  # the request waits on the engine: the loader may stream to it
@@ -155,17 +158,66 @@ async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
     await app(scope, receive, send)
 
 
+def _field_name(name: str) -> bytes:
+    """A configured field name as :func:`_request_headers` spells it."""
+    return name.strip().lower().replace("_", "-").encode("latin-1")
+
+
 def _request_headers(scope: Scope) -> dict[bytes, bytes]:
-    """Request fields by lower-case name, repeated lines combined (``Cookie`` with ``; ``)."""
+    """Request fields by lower-case name, repeated lines combined (``Cookie`` with ``; ``).
+
+    ``_`` in a name counts as ``-``: servers pass ``X_Forwarded_Host`` on and
+    frameworks read it as ``X-Forwarded-Host`` (both become
+    ``HTTP_X_FORWARDED_HOST``), so every field the key holds, that a Vary
+    names or that makes a request bypass is matched in both spellings.
+    """
     out: dict[bytes, bytes] = {}
     for raw_name, value in scope["headers"]:
         name = bytes(raw_name).lower()
+        if b"_" in name:
+            name = name.replace(b"_", b"-")
         prev = out.get(name)
         if prev is None:
             out[name] = bytes(value).strip()
         else:
             out[name] = prev + (b"; " if name == b"cookie" else b", ") + bytes(value).strip()
     return out
+
+
+class _Replay:
+    """A ``receive`` that first hands back the messages the middleware already read."""
+
+    __slots__ = ("has_body", "messages", "receive")
+
+    def __init__(self, messages: list[Message], receive: Receive) -> None:
+        self.messages = messages
+        self.receive = receive
+        self.has_body = False
+
+    @classmethod
+    async def read(cls, first: Message, receive: Receive) -> _Replay:
+        """Read until the request's body is known to be empty or not (one non-empty chunk)."""
+        replay = cls([first], receive)
+        message = first
+        has_body = bool(first.get("body"))
+        while not has_body and message["type"] == "http.request" and message.get("more_body"):
+            message = await receive()
+            replay.messages.append(message)
+            has_body = message["type"] == "http.request" and bool(message.get("body"))
+        replay.has_body = has_body
+        return replay
+
+    def settled(self) -> Message:
+        """For a request without a body: the one message that stands for all those read."""
+        last = self.messages[-1]
+        if last["type"] != "http.request":
+            return last  # the client left
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def __call__(self) -> Message:
+        if self.messages:
+            return self.messages.pop(0)
+        return await self.receive()
 
 
 class _Key:
@@ -229,7 +281,9 @@ class CacheMiddleware:
             ``proxy-revalidate``, nor ``s-maxage`` without a ``stale-*``).
         max_ttl: Cap on any freshness lifetime, seconds.
         max_stale: Cap on any stale window, seconds.
-        max_body_size: Larger bodies stream through unstored.
+        max_body_size: Larger bodies stream through unstored. Capped at the
+            cache's ``max_entry_bytes``: a response is labelled ``stored``
+            only when its whole entry fits what the engine stores.
         lock_timeout: How long a request waits for another's load of the same
             key before asking the app itself (``None``: no bound).
         refresh_timeout: A background refresh that takes longer counts as
@@ -256,6 +310,21 @@ class CacheMiddleware:
             adds none, e.g. ``uvicorn --no-date-header``).
         bypass: ``bypass(scope) -> bool``: requests for which it is true pass
             straight through.
+        cache_by_default: ``True`` (the default) stores any storable
+            response, giving those without explicit freshness ``soft_ttl``.
+            ``False`` stores only responses the app marks as shareable:
+            ``public``, ``s-maxage``, or ``max-age`` (without ``private`` or
+            ``no-store``); ``/openapi.json`` and friends then pass through.
+        targeted_fields: Targeted cache-control fields (RFC 9213) this cache
+            obeys, highest priority first (a name of your own, then
+            ``CDN-Cache-Control``, say). The first one a response carries with
+            a valid value replaces its ``Cache-Control`` and ``Expires`` here;
+            ``()`` ignores them all.
+        revalidate_window: Seconds a stale response with validators (an
+            ``ETag`` from the app, or ``Last-Modified``) is kept past its stale
+            window, so that the next request revalidates it (a conditional
+            request to the app; a ``304`` serves the stored body) instead of
+            fetching it whole. ``0`` drops it at the end of its stale window.
         name: The metrics name in ``cache.stats()``.
 
     Raises:
@@ -287,6 +356,9 @@ class CacheMiddleware:
         add_date: bool = False,
         bypass: Callable[[Scope], bool] | None = None,
         name: str = "http",
+        cache_by_default: bool = True,
+        targeted_fields: Iterable[str] = ("CDN-Cache-Control",),
+        revalidate_window: float | None = None,
     ) -> None:
         self.app = app
         self.cache = cache
@@ -306,12 +378,22 @@ class CacheMiddleware:
         self.grace_for_explicit = grace_for_explicit
         self.max_ttl = float(max_ttl)
         self.max_stale = float(max_stale)
-        self.max_body_size = max_body_size
+        # What the engine would refuse to store is never labelled stored.
+        self.max_body_size = min(max_body_size, cache.max_entry_bytes)
+        self.cache_by_default = cache_by_default
+        self.targeted_fields: tuple[bytes, ...] = tuple(
+            _field_name(n) for n in targeted_fields if n.strip()
+        )
+        if revalidate_window is None:
+            revalidate_window = self.policy.hard_ttl
+        if revalidate_window < 0:
+            raise ConfigError("revalidate_window must be >= 0")
+        self.revalidate_window = float(revalidate_window)
         self.lock_timeout = lock_timeout
         self.refresh_timeout = float(refresh_timeout)
         self.request_directives = request_directives
         self.ignore_cookies = tuple(ignore_cookies)
-        extra = {h.strip().lower().encode("latin-1") for h in key_headers}
+        extra = {_field_name(h) for h in key_headers}
         self.key_headers: tuple[bytes, ...] = tuple(sorted(set(_KEYED) | extra))
         self.cache_status = cache_status
         self.strip_surrogate_keys = strip_surrogate_keys
@@ -474,16 +556,27 @@ class CacheMiddleware:
         ):
             await self._pass(scope, receive, send, "fwd=bypass")
             return
+        # What the request's framing says is not enough: an HTTP/2 or HTTP/3
+        # request may carry a body with neither Content-Length nor
+        # Transfer-Encoding. Its first message tells (for HTTP/1.x it is
+        # already complete, so this costs no wait).
+        first = await receive()
+        if first["type"] == "http.request" and (first.get("body") or first.get("more_body")):
+            replay = await _Replay.read(first, receive)
+            if replay.has_body:
+                await self._pass(scope, replay, send, "fwd=bypass")
+                return
+            first = replay.settled()
         directives = _http.RequestDirectives()
         if b"cache-control" in h or b"pragma" in h:
             directives = _http.RequestDirectives.parse(h.get(b"cache-control"), h.get(b"pragma"))
             if directives.no_store:
-                await self._pass(scope, receive, send, "fwd=bypass")  # E.43
+                await self._pass(scope, _Replay([first], receive), send, "fwd=bypass")  # E.43
                 return
             if not self.request_directives:
                 directives = _http.RequestDirectives()
             elif directives.no_cache:
-                await self._pass(scope, receive, send, "fwd=request")  # E.41
+                await self._pass(scope, _Replay([first], receive), send, "fwd=request")  # E.41
                 return
         # Credentials: stored and answered only with explicitly shared responses (A.7, A.8).
         has_auth = b"authorization" in h
@@ -498,11 +591,13 @@ class CacheMiddleware:
             until = self._uncacheable.get(key.identity)
             if until is not None:
                 if until > time.monotonic():
-                    await self._pass(scope, receive, send, "fwd=uri-miss; detail=uncacheable")
+                    await self._pass(
+                        scope, _Replay([first], receive), send, "fwd=uri-miss; detail=uncacheable"
+                    )
                     return
                 del self._uncacheable[key.identity]
 
-        fetch = _Fetch(self, scope, receive, send, h, key, head, has_cookie, has_auth)
+        fetch = _Fetch(self, scope, receive, send, h, key, head, has_cookie, has_auth, first)
         req = _Request(
             self.cache, self.metrics, self.policy, key.identity, False, None, fetch, None
         )
@@ -541,7 +636,9 @@ class CacheMiddleware:
             await fetch.finish()
             return
         if timed_out:
-            await self._pass(scope, receive, send, "fwd=uri-miss; detail=lock-timeout")
+            await self._pass(
+                scope, _Replay([first], receive), send, "fwd=uri-miss; detail=lock-timeout"
+            )
             return
         await self._answer(scope, receive, send, fetch, value, directives, started)
 
@@ -559,10 +656,10 @@ class CacheMiddleware:
         entry = value if type(value) is dict else None
         if entry is None or not entry.get("ok") or entry.get("k") != fetch.key.rendered:
             # Another request's response that is not reusable (or a foreign entry).
-            await self._pass(scope, receive, send, "fwd=uri-miss")
+            await self._pass(scope, fetch.live_receive(), send, "fwd=uri-miss")
             return
         if (fetch.has_cookie and not entry["sh"]) or (fetch.has_auth and not entry["au"]):
-            await self._pass(scope, receive, send, "fwd=bypass")
+            await self._pass(scope, fetch.live_receive(), send, "fwd=bypass")
             return
         now = self._now()
         age = entry["a0"] + max(0.0, now - entry["rt"])
@@ -570,7 +667,7 @@ class CacheMiddleware:
         if (directives.max_age is not None and age > directives.max_age) or (
             directives.min_fresh is not None and ttl < directives.min_fresh
         ):
-            await self._pass(scope, receive, send, "fwd=request")
+            await self._pass(scope, fetch.live_receive(), send, "fwd=request")
             return
         if entry["rt"] > started:
             member = "fwd=uri-miss; collapsed"  # produced for a concurrent request
@@ -679,15 +776,36 @@ class CacheMiddleware:
             if len(self._bases) >= _MEMO_LIMIT:
                 self._bases.clear()
             self._bases[raw] = key
-        key = key.copy()
         names, known = await self._vary_names(key)
-        key.names = names
+        key = self._with_names(key, names, h)
         key.spec_known = known
+        return key
+
+    @staticmethod
+    def _with_names(base: _Key, names: tuple[str, ...], h: Mapping[bytes, bytes]) -> _Key:
+        """A copy of ``base`` keyed also on the request's values of the ``Vary`` names."""
+        key = base.copy()
+        key.names = names
+        key.spec_known = True
         key.vary = [(n, h.get(n.encode("latin-1"))) for n in names]
         if names:
             key.rendered = key.primary + "|" + _http.render_pairs(key.vary)
             key.identity = result_identity(_IDENTITY, _http.hashed(key.rendered))
         return key
+
+    async def _store_variant(self, key: _Key, fill: Fill) -> None:
+        """Store a response under another key than its request's (its Vary names, learnt now)."""
+
+        async def loader(attrs: object) -> Fill:
+            return fill
+
+        req = _Request(
+            self.cache, self.metrics, self.policy, key.identity, False, None, loader, None
+        )
+        try:
+            await self.cache._get(req)
+        except Exception as exc:  # a failed store is a later miss, not this client's error
+            log.debug("swr_cache: could not store the variant of %s: %r", key.url, exc)
 
     def _base(
         self,
@@ -839,6 +957,7 @@ class _Fetch:
     """
 
     __slots__ = (
+        "first",
         "h",
         "has_auth",
         "has_cookie",
@@ -846,6 +965,7 @@ class _Fetch:
         "key",
         "mw",
         "phase",
+        "rec",
         "receive",
         "scope",
         "send",
@@ -866,10 +986,13 @@ class _Fetch:
         head: bool,
         has_cookie: bool,
         has_auth: bool,
+        first: Message,
     ) -> None:
         self.mw = mw
         self.scope = scope
         self.receive = receive
+        self.first = first  # the request message the middleware read (no body)
+        self.rec: _Recorder | None = None
         self.send = send
         self.h = h
         self.key = key
@@ -885,10 +1008,17 @@ class _Fetch:
         self.task: asyncio.Task[None] | None = None
         self.stored: Any = None
 
+    def live_receive(self) -> Receive:
+        """The request's ``receive`` for the app, starting with the message already read."""
+        return _Replay([self.first], self.receive)
+
     async def finish(self) -> None:
         """Wait for the app call this request leads (its exception, if any, propagates)."""
         assert self.task is not None
         await self.task
+        rec = self.rec
+        if rec is not None and rec.held is not None:
+            await rec.release(None)  # the app ended without a body: its client still gets the start
 
     def _lead(self) -> bool:
         """Take the live request for this load, unless it already gave up waiting."""
@@ -915,7 +1045,7 @@ class _Fetch:
         scope["headers"] = [
             (k, v)
             for k, v in self.scope["headers"]
-            if (name := bytes(k).lower()) not in _CONDITIONALS
+            if (name := bytes(k).lower().replace(b"_", b"-")) not in _CONDITIONALS
             and (name != b"cookie" or b"cookie" in self.h)
         ]
         extensions = scope.get("extensions")
@@ -974,8 +1104,9 @@ class _Fetch:
         request_time = mw._now()
         if live:
             rec = _Recorder(self, self.send, request_time, validated=False, conditional=True)
+            self.rec = rec
             self.task = task = loop.create_task(
-                _call(mw.app, self._live_scope(), self.receive, rec.send)
+                _call(mw.app, self._live_scope(), self.live_receive(), rec.send)
             )
         else:
             scope, validated = self._refresh_scope()
@@ -1018,6 +1149,15 @@ class _Fetch:
             # from the response (a long body may have taken a while since).
             elapsed = max(0.0, mw._now() - entry["rt"])
             return Fill(entry, policy=mw._fill_policy(j, elapsed), tags=[key.tag, *tags])
+        if kind == "vary":
+            entry, j, tags, varied = outcome[1], outcome[2], outcome[3], outcome[4]
+            keep = max(j.soft, 0) + j.stale + mw.policy.hard_ttl
+            await mw._store_vary(key, varied.names, keep)
+            elapsed = max(0.0, mw._now() - entry["rt"])
+            await mw._store_variant(
+                varied, Fill(entry, policy=mw._fill_policy(j, elapsed), tags=[key.tag, *tags])
+            )
+            return Fill({"ok": False, "k": key.rendered, "why": "vary"}, store=False)
         if kind == "failed":
             raise _OriginFailed(f"the app answered {outcome[1]} to a refresh of {key.url}")
         # Not stored.
@@ -1053,14 +1193,17 @@ class _Recorder:
         "complete",
         "conditional",
         "decided",
+        "declared",
         "fetch",
         "finished",
         "forward_body",
         "has_auth",
         "has_cookie",
         "headers",
+        "held",
         "judgement",
         "live_send",
+        "member",
         "request_time",
         "response_time",
         "sent_body",
@@ -1104,6 +1247,11 @@ class _Recorder:
         self.client_gone = False
         self.complete = False
         self.sent_body = False
+        self.declared: int | None = None  # the response's Content-Length
+        # A storable response's start, held until its first body message: if
+        # the whole body is in it, the client learns whether it was stored.
+        self.held: Message | None = None
+        self.member = ""
 
     def _decide(self, outcome: tuple[Any, ...]) -> None:
         if not self.decided.done():
@@ -1154,6 +1302,8 @@ class _Recorder:
             await self._start(message)
         else:
             self._not_stored(f"{kind} cannot be stored")
+            if self.held is not None:
+                await self.release(None)
             await self._forward(message)
 
     async def _start(self, message: Message) -> None:
@@ -1184,17 +1334,26 @@ class _Recorder:
         names: tuple[str, ...] | None = None
         if j.store:
             tags = _http.content_tags(tag_lines)
-            length = _content_length(headers)
+            length = self.declared = _content_length(headers)
             if message.get("trailers"):
                 j.refused("trailers")
             elif _is_event_stream(headers):
                 j.refused("text/event-stream")  # I.61
-            elif length is not None and length > mw.max_body_size:
+            elif length is not None and (
+                length > mw.max_body_size or self._bound(length, tags) > mw.cache.max_entry_bytes
+            ):
                 j.refused("body too large")  # I.60
             elif len(tags) > mw.max_tags or any(len(t) > mw.max_tag_length for t in tags):
                 j.refused("too many or too long surrogate keys")  # J.68
             elif j.vary != fetch.key.names:
                 names = j.vary
+                if live and fetch.key.names == ():
+                    # The URL's first response that varies: kept, then stored
+                    # under the key its Vary names give this request.
+                    self.tags = tags
+                    self.buffer = []
+                    self._hold(message, headers, "fwd=uri-miss")
+                    return
                 j.refused("vary changed", intrinsic=False)
             self.tags = tags
         if j.store:
@@ -1205,20 +1364,48 @@ class _Recorder:
             return
         # The client's response: this is the origin's answer, so no Age (F.46).
         member = "fwd=vary-miss" if fetch.key.names and fetch.key.spec_known else "fwd=uri-miss"
-        member += "; stored" if j.store else "; stored=?0"
-        if j.store and status == 200 and self.conditional and _live_matches(fetch.h, headers):
+        if j.store:
+            self._hold(message, headers, member)
+            return
+        await self._forward(mw._relabel(message, member + "; stored=?0", self.response_time))
+
+    def _hold(self, message: Message, headers: list[tuple[bytes, bytes]], member: str) -> None:
+        """Keep a storable response's start until its first body message."""
+        fetch = self.fetch
+        self.member = member
+        if self.status == 200 and self.conditional and _live_matches(fetch.h, headers):
             # The client already holds this representation: a 304 for it, while
             # the full response is still read for storage.
-            mw.metrics.counts["http_not_modified"] += 1
+            fetch.mw.metrics.counts["http_not_modified"] += 1
             self.forward_body = False
-            out = {
+            message = {
                 "type": "http.response.start",
                 "status": 304,
                 "headers": [(k, v) for k, v in headers if k.lower() in _NOT_MODIFIED_FIELDS],
             }
-            await self._forward(mw._relabel(out, member, self.response_time))
+        self.held = message
+
+    async def release(self, stored: bool | None) -> None:
+        """Send the held start, saying whether the response was stored (``None``: not known yet)."""
+        message = self.held
+        if message is None:
             return
-        await self._forward(mw._relabel(message, member, self.response_time))
+        self.held = None
+        member = self.member
+        if stored is not None:
+            member += "; stored" if stored else "; stored=?0"
+        await self._forward(self.fetch.mw._relabel(message, member, self.response_time))
+
+    def _bound(self, body_size: int, tags: Sequence[str]) -> int:
+        """An upper bound of the encoded entry's size for a body of ``body_size`` bytes."""
+        key = self.fetch.key
+        return (
+            body_size
+            + sum(len(k) + len(v) + 12 for k, v in self.headers)
+            + 2 * len(key.rendered)
+            + sum(len(t) + 6 for t in tags)
+            + _ENTRY_OVERHEAD
+        )
 
     async def _body(self, message: Message) -> None:
         if self.complete:
@@ -1232,6 +1419,11 @@ class _Recorder:
                 self._not_stored("body too large")  # I.60: stop buffering, keep streaming
             elif body:
                 buffer.append(bytes(body))
+        if not more and self.buffer is not None:
+            self._check_complete()
+        if self.held is not None:
+            # Whether it is stored is known only if the whole body came at once.
+            await self.release(None if more else self.buffer is not None)
         if self.forward_body:
             await self._forward(message)
         elif not more:
@@ -1241,6 +1433,17 @@ class _Recorder:
             self.finished.set()
             if self.buffer is not None:
                 self._decide(self._entry())
+
+    def _check_complete(self) -> None:
+        """Refuse a complete body that its Content-Length or the engine's limit disowns."""
+        mw = self.fetch.mw
+        declared = self.declared
+        if declared is not None and declared != self.size:
+            # Shorter (or longer) than announced: not the response the app meant (RFC 9112 §6.3).
+            mw.metrics.counts["http_length_mismatches"] += 1
+            self._not_stored(f"body of {self.size} bytes, Content-Length {declared}")
+        elif self._bound(self.size, self.tags) > mw.cache.max_entry_bytes:
+            self._not_stored("body too large")
 
     def _entry(self) -> tuple[Any, ...]:
         """The entry of a complete, storable response (A.14-A.16)."""
@@ -1269,9 +1472,12 @@ class _Recorder:
             etag = _http.content_etag(content_type, content_encoding, body)  # G.54
             headers.append([b"etag", etag])
             generated = True
+        key = fetch.key
+        if j.vary != key.names:
+            key = fetch.mw._with_names(key, j.vary, fetch.h)
         entry = {
             "ok": True,
-            "k": fetch.key.rendered,
+            "k": key.rendered,
             "s": self.status,
             "h": headers,
             "b": body,
@@ -1286,6 +1492,8 @@ class _Recorder:
             "eg": generated,
             "tg": self.tags,
         }
+        if key is not fetch.key:
+            return ("vary", entry, j, self.tags, key)
         return ("entry", entry, j, self.tags)
 
     def _judge(
@@ -1305,6 +1513,8 @@ class _Recorder:
             grace_explicit=mw.grace_for_explicit,
             max_ttl=mw.max_ttl,
             max_stale=mw.max_stale,
+            cache_by_default=mw.cache_by_default,
+            targeted=mw.targeted_fields,
         )
 
     def _freshen(

@@ -333,9 +333,8 @@ async def test_a_changed_vary_retires_old_variants(
 ) -> None:
     """When a URL's responses start to vary on another field, entries keyed the old way stop matching."""
     origin.handler = lambda scope, n: (200, [(b"vary", b"X-A")], b"#%d" % n)
-    await client.get("/v", headers={"x-a": "1"})
     old = await client.get("/v", headers={"x-a": "1"})
-    assert old.headers["cache-status"].startswith("swr-cache; fwd=")
+    assert old.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored"
     assert (await client.get("/v", headers={"x-a": "1"})).text == old.text
     origin.handler = lambda scope, n: (200, [(b"vary", b"X-B")], b"#%d" % n)
     await cache.client.delete(*[k async for k in cache.client.scan_iter(match="h:hv:*")])
@@ -371,8 +370,8 @@ async def test_refresh_of_a_cookie_variant_sends_that_cookie(
     assert (await client.get("/c", headers=headers)).text.startswith("theme=dark")
     clock.advance(6)
     await client.get("/c", headers=headers)
-    await wait_until(lambda: origin.count == 3)
-    refresh = dict(origin.calls[2]["headers"])
+    await wait_until(lambda: origin.count == 2)
+    refresh = dict(origin.calls[1]["headers"])
     assert refresh[b"cookie"] == b"theme=dark" and b"authorization" not in refresh
 
 
@@ -616,9 +615,9 @@ async def test_refresh_is_built_from_the_stored_request(
         await client.get("/r?q=1", headers=headers)
         clock.advance(SOFT + 1)
         await client.get("/r?q=1", headers=headers)
-        await wait_until(lambda: origin.count == 3)
-    live, refresh = origin.calls[1], origin.calls[2]
-    assert origin.contexts[1] == "alice" and origin.contexts[2] is None
+        await wait_until(lambda: origin.count == 2)
+    live, refresh = origin.calls[0], origin.calls[1]
+    assert origin.contexts[0] == "alice" and origin.contexts[1] is None
     assert dict(live["headers"])[b"x-user"] == b"alice"
     assert sorted(refresh["headers"]) == [
         (b"accept-language", b"en"),
