@@ -528,15 +528,15 @@ def judge_response(
             return j.refused(f"status {status} without explicit freshness")
         lifetime = default_ttl
 
-    # RFC 9111 §4.2.3: the age the response already had when it arrived.
-    # Age is a single delta-seconds; of a list (`7200, 0`, or two lines) the
-    # first member counts, and a value that is not delta-seconds makes the
-    # response stale rather than fresh (§5.1).
+    # RFC 9111 §4.2.3: the age the response already had when it arrived. Age
+    # is one delta-seconds (§5.1). A list (`7200, 0`, or two lines), a
+    # fraction or a parameter says the chain that produced it is confused
+    # about the age: the response counts as stale, never as fresh.
     age_lines = _joined(headers, b"age")
     age_value: float = 0
     if age_lines:
-        first = age_lines[0].split(b",", 1)[0].strip()
-        age_value = saturated(first) if first.isdigit() else float(_MAX_DELTA)
+        only = age_lines[0].strip()
+        age_value = saturated(only) if len(age_lines) == 1 and only.isdigit() else float(_MAX_DELTA)
     apparent = max(0.0, response_time - date) if date is not None else 0.0
     corrected = age_value + max(0.0, response_time - request_time)
     j.initial_age = max(apparent, corrected)

@@ -127,6 +127,11 @@ _CONDITIONALS: Final = frozenset({b"if-none-match", b"if-modified-since"})
 _NOT_MODIFIED_FIELDS: Final = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
 )
+# Fields that describe the stored bytes themselves: a 304 cannot change the
+# body, so they keep their stored values (RFC 9111 §3.2).
+_BODY_FIELDS: Final = frozenset(
+    {b"content-encoding", b"content-range", b"content-md5", b"etag", b"content-length"}
+)
 _CHUNK: Final = 64 * 1024
 # A Content-Length beyond any body this cache would keep (it saturates here).
 _MAX_CONTENT_LENGTH: Final = 1 << 62
@@ -358,7 +363,7 @@ class CacheMiddleware:
         name: str = "http",
         cache_by_default: bool = True,
         targeted_fields: Iterable[str] = ("CDN-Cache-Control",),
-        revalidate_window: float | None = None,
+        revalidate_window: float = 300.0,
     ) -> None:
         self.app = app
         self.cache = cache
@@ -384,8 +389,6 @@ class CacheMiddleware:
         self.targeted_fields: tuple[bytes, ...] = tuple(
             _field_name(n) for n in targeted_fields if n.strip()
         )
-        if revalidate_window is None:
-            revalidate_window = self.policy.hard_ttl
         if revalidate_window < 0:
             raise ConfigError("revalidate_window must be >= 0")
         self.revalidate_window = float(revalidate_window)
@@ -409,6 +412,10 @@ class CacheMiddleware:
         self._uncacheable: dict[str, float] = {}
         self._bases: dict[tuple[Any, ...], _Key] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Entry identity -> outcome of the revalidation (or refresh) under way.
+        # (Both keep the ``rt`` of the stored response they revalidate: a
+        # request holding a newer one does not join them.)
+        self._revalidating: dict[str, tuple[asyncio.Future[tuple[Any, ...]], float]] = {}
 
     # -- entry point -----------------------------------------------------------
 
@@ -669,6 +676,10 @@ class CacheMiddleware:
         ):
             await self._pass(scope, fetch.live_receive(), send, "fwd=request")
             return
+        if ttl < 0 and -ttl >= entry["st"]:
+            # Past the window it may be served stale in: kept only to revalidate.
+            await fetch.revalidate(entry)
+            return
         if entry["rt"] > started:
             member = "fwd=uri-miss; collapsed"  # produced for a concurrent request
         else:
@@ -691,8 +702,10 @@ class CacheMiddleware:
         ):
             now = self._now()
             age = entry["a0"] + max(0.0, now - entry["rt"])
-            await self._serve(send, entry, fetch, age, f"hit; ttl={math.floor(entry['fl'] - age)}")
-            return
+            if entry["fl"] - age > -entry["st"]:  # not past its stale window
+                ttl = math.floor(entry["fl"] - age)
+                await self._serve(send, entry, fetch, age, f"hit; ttl={ttl}")
+                return
         headers = [(b"content-length", b"0")]
         if self.cache_status is not None:
             headers.append(
@@ -863,6 +876,10 @@ class CacheMiddleware:
             memo.clear()
         memo[primary] = (names, known, time.monotonic() + self.vary_memo_ttl)
 
+    def _vary_keep(self, j: _http.Judgement) -> float:
+        """How long a URL's Vary names are kept: as long as a variant may be served or revalidated."""
+        return max(j.soft, 0) + j.stale + self.revalidate_window + self.policy.hard_ttl
+
     async def _store_vary(self, key: _Key, names: tuple[str, ...], keep_s: float) -> None:
         """Record a URL's Vary names in Redis (a response's ``Vary`` differs from the key's)."""
         self._remember_vary(key.primary, names, True)
@@ -896,9 +913,17 @@ class CacheMiddleware:
             self.metrics.counts["redis_errors"] += 1
             log.warning("swr_cache: could not delete the uncacheable entry of %s: %r", key.url, exc)
 
-    def _fill_policy(self, j: _http.Judgement, elapsed: float) -> Policy:
+    def _fill_policy(self, j: _http.Judgement, elapsed: float, entry: dict[str, Any]) -> Policy:
+        """The engine's deadlines for an entry: fresh, stale-servable, then kept to revalidate.
+
+        Past its stale window an entry with validators stays (for
+        ``revalidate_window``) only to be revalidated; the middleware never
+        serves it from there without asking the app.
+        """
         soft = max(j.soft - elapsed, 0.001)
         stale_until = max(j.soft, 0.0) + j.stale - elapsed
+        if self.revalidate_window > 0 and _validators(entry):
+            stale_until += self.revalidate_window
         return Policy(
             soft_ttl=soft,
             hard_ttl=max(stale_until, soft),
@@ -922,6 +947,32 @@ def _matches(
                 date = value
         return _http.not_modified_since(if_modified_since, last_modified, date)
     return False
+
+
+def _validators(stored: Any) -> list[tuple[bytes, bytes]]:
+    """The conditional fields that revalidate a stored 200: its app ``ETag``, ``Last-Modified``."""
+    out: list[tuple[bytes, bytes]] = []
+    if type(stored) is dict and stored.get("ok") and stored.get("s") == 200:
+        if stored.get("et") is not None and not stored.get("eg"):
+            out.append((b"if-none-match", stored["et"]))
+        for name, value in stored["h"]:
+            if name.lower() == b"last-modified":
+                out.append((b"if-modified-since", value))
+                break
+    return out
+
+
+def _forget(registry: dict[str, Any], identity: str, fut: asyncio.Future[Any]) -> None:
+    held = registry.get(identity)
+    if held is not None and held[0] is fut:
+        del registry[identity]
+
+
+def _stored_at(entry: Any) -> float:
+    """When a stored response arrived (``inf`` for anything else: it joins nothing)."""
+    if type(entry) is dict and entry.get("ok"):
+        return float(entry["rt"])
+    return math.inf
 
 
 def _live_matches(h: Mapping[bytes, bytes], headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -1034,7 +1085,85 @@ class _Fetch:
     async def __call__(self, attrs: object) -> Fill:
         if self.phase == _LOOKUP and self._lead():
             return await self._load(live=True)
+        mw = self.mw
+        identity = self.key.identity
+        held = mw._revalidating.get(identity)
+        if held is not None and _stored_at(self.stored) <= held[1]:
+            # A request is revalidating the response this refresh would (or
+            # just did): its outcome is this refresh's, stored under our lease.
+            with anyio.fail_after(mw.refresh_timeout):
+                outcome = await asyncio.shield(held[0])
+            return await self._conclude(outcome, live=False)
         return await self._load(live=False)
+
+    async def revalidate(self, entry: dict[str, Any]) -> None:
+        """Answer from a stale entry past its stale window: a conditional request to the app.
+
+        A ``304`` freshens the stored headers (RFC 9111 §4.3.4) and the stored
+        body answers; a ``200`` streams to the client and replaces the entry.
+        One request per entry does it in this process; the others arriving
+        meanwhile wait for its outcome. The engine's background refresh of the
+        entry, started by the same stale read, stores that outcome under its
+        lease instead of asking the app again.
+        """
+        mw = self.mw
+        identity = self.key.identity
+        self.phase = _DONE
+        held = mw._revalidating.get(identity)
+        if held is not None and entry["rt"] <= held[1]:
+            try:
+                with anyio.fail_after(mw.refresh_timeout):
+                    joined = await asyncio.shield(held[0])
+            except Exception:  # it timed out, or the app failed it: ask the app ourselves
+                joined = ("failed", 0)
+            if joined[0] == "entry" and joined[1]["k"] == self.key.rendered:
+                fresh = joined[1]
+                age = fresh["a0"] + max(0.0, mw._now() - fresh["rt"])
+                await mw._serve(self.send, fresh, self, age, "fwd=stale; collapsed")
+            else:
+                await mw._pass(self.scope, self.live_receive(), self.send, "fwd=stale")
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fut.add_done_callback(_consume)
+        mw._revalidating[identity] = (fut, entry["rt"])
+        mw.metrics.counts["http_revalidations"] += 1
+        self.stored = entry
+        scope = self._live_scope()
+        scope["headers"] = [*scope["headers"], *_validators(entry)]
+        rec = _Recorder(self, self.send, mw._now(), validated=True, conditional=True)
+        self.rec = rec
+        self.task = task = loop.create_task(_call(mw.app, scope, self.live_receive(), rec.send))
+        task.add_done_callback(rec.app_done)
+        outcome: tuple[Any, ...] = ("failed", 0)
+        try:
+            outcome = await asyncio.shield(rec.decided)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+            if not isinstance(rec.decided.exception() if rec.decided.done() else None, Exception):
+                raise
+        finally:
+            if rec.status >= 500:
+                outcome = ("failed", rec.status)  # the stale entry stays for the next try
+            fut.set_result(outcome)
+            # Kept a moment for the engine's refresh that this stale read started.
+            loop.call_later(mw.refresh_timeout, _forget, mw._revalidating, identity, fut)
+        if rec.freshened:
+            member = "fwd=stale; fwd-status=304"
+            if outcome[0] == "entry":
+                fresh = outcome[1]
+            elif outcome[0] == "pass" and len(outcome) > 4:
+                fresh = outcome[4]  # for this request only: it is not stored
+                member += "; stored=?0"
+            else:
+                fresh = None
+            if fresh is not None:
+                age = fresh["a0"] + max(0.0, mw._now() - fresh["rt"])
+                await mw._serve(self.send, fresh, self, age, member)
+            else:
+                await mw._pass(self.scope, self.live_receive(), self.send, "fwd=stale")
+        await self.finish()
 
     # -- scopes -------------------------------------------------------------------------
 
@@ -1065,17 +1194,9 @@ class _Fetch:
         for name, value in key.vary:
             if value is not None and name != "host":
                 headers.append((name.encode("latin-1"), value))
-        validated = False
-        stored = self.stored
-        if type(stored) is dict and stored.get("ok") and stored.get("s") == 200:
-            if stored.get("et") is not None and not stored.get("eg"):
-                headers.append((b"if-none-match", stored["et"]))
-                validated = True
-            for name, value in stored["h"]:
-                if name.lower() == b"last-modified":
-                    headers.append((b"if-modified-since", value))
-                    validated = True
-                    break
+        validators = _validators(self.stored)
+        headers.extend(validators)
+        validated = bool(validators)
         scope: Scope = {
             "type": "http",
             "asgi": dict(src.get("asgi") or {"version": "3.0"}),
@@ -1111,6 +1232,12 @@ class _Fetch:
         else:
             scope, validated = self._refresh_scope()
             rec = _Recorder(self, None, request_time, validated=validated, conditional=False)
+            # Requests that find the entry past its stale window meanwhile
+            # wait for this refresh instead of revalidating it themselves.
+            identity = self.key.identity
+            if identity not in mw._revalidating:
+                mw._revalidating[identity] = (rec.decided, _stored_at(self.stored))
+                rec.decided.add_done_callback(lambda fut: _forget(mw._revalidating, identity, fut))
             # A fresh context: nothing the triggering request set (a current
             # user, say) leaks into the refresh (D.37).
             task = loop.create_task(
@@ -1144,18 +1271,18 @@ class _Fetch:
             entry, j, tags = outcome[1], outcome[2], outcome[3]
             if key.names:
                 # Keep the URL's Vary names alive as long as its variants.
-                await mw._store_vary(key, key.names, max(j.soft, 0) + j.stale + mw.policy.hard_ttl)
+                await mw._store_vary(key, key.names, mw._vary_keep(j))
             # The engine counts its deadlines from the fill; the lifetime runs
             # from the response (a long body may have taken a while since).
             elapsed = max(0.0, mw._now() - entry["rt"])
-            return Fill(entry, policy=mw._fill_policy(j, elapsed), tags=[key.tag, *tags])
+            return Fill(entry, policy=mw._fill_policy(j, elapsed, entry), tags=[key.tag, *tags])
         if kind == "vary":
             entry, j, tags, varied = outcome[1], outcome[2], outcome[3], outcome[4]
-            keep = max(j.soft, 0) + j.stale + mw.policy.hard_ttl
-            await mw._store_vary(key, varied.names, keep)
+            await mw._store_vary(key, varied.names, mw._vary_keep(j))
             elapsed = max(0.0, mw._now() - entry["rt"])
             await mw._store_variant(
-                varied, Fill(entry, policy=mw._fill_policy(j, elapsed), tags=[key.tag, *tags])
+                varied,
+                Fill(entry, policy=mw._fill_policy(j, elapsed, entry), tags=[key.tag, *tags]),
             )
             return Fill({"ok": False, "k": key.rendered, "why": "vary"}, store=False)
         if kind == "failed":
@@ -1197,6 +1324,7 @@ class _Recorder:
         "fetch",
         "finished",
         "forward_body",
+        "freshened",
         "has_auth",
         "has_cookie",
         "headers",
@@ -1252,6 +1380,7 @@ class _Recorder:
         # the whole body is in it, the client learns whether it was stored.
         self.held: Message | None = None
         self.member = ""
+        self.freshened = False  # a live revalidation got a 304: the client gets the entry
 
     def _decide(self, outcome: tuple[Any, ...]) -> None:
         if not self.decided.done():
@@ -1322,13 +1451,14 @@ class _Recorder:
         self.status = status
         self.headers = headers
         live = self.live_send is not None
-        if not live:
-            if status >= 500:
-                self._decide(("failed", status))  # D.35/36: the stale entry stays
-                return
-            if status == 304 and self.validated:
-                self._decide(self._freshen(headers, tag_lines))
-                return
+        if status == 304 and self.validated:
+            self.freshened = True
+            self.forward_body = False
+            self._decide(self._freshen(headers, tag_lines))
+            return
+        if not live and status >= 500:
+            self._decide(("failed", status))  # D.35/36: the stale entry stays
+            return
         j = self._judge(status, headers, self.has_cookie, self.has_auth)
         self.judgement = j
         names: tuple[str, ...] | None = None
@@ -1363,7 +1493,12 @@ class _Recorder:
         if not live:
             return
         # The client's response: this is the origin's answer, so no Age (F.46).
-        member = "fwd=vary-miss" if fetch.key.names and fetch.key.spec_known else "fwd=uri-miss"
+        if self.validated:
+            member = "fwd=stale"
+        elif fetch.key.names and fetch.key.spec_known:
+            member = "fwd=vary-miss"
+        else:
+            member = "fwd=uri-miss"
         if j.store:
             self._hold(message, headers, member)
             return
@@ -1409,6 +1544,11 @@ class _Recorder:
 
     async def _body(self, message: Message) -> None:
         if self.complete:
+            return
+        if self.freshened:
+            if not message.get("more_body", False):
+                self.complete = True
+                self.finished.set()
             return
         body: bytes = message.get("body", b"")
         more: bool = message.get("more_body", False)
@@ -1520,20 +1660,24 @@ class _Recorder:
     def _freshen(
         self, headers: list[tuple[bytes, bytes]], tag_lines: list[bytes]
     ) -> tuple[Any, ...]:
-        """A 304 to a refresh's validators: the stored body with the new headers (D.38)."""
+        """A 304 to our validators: the stored body with the new headers (RFC 9111 §4.3.4).
+
+        Not storable any more (``no-store`` in the 304, say): ``("pass", ...)``
+        with the updated response last, for the request that revalidated only.
+        """
         fetch = self.fetch
         stored = fetch.stored
         assert type(stored) is dict
         # The 304 is the newest answer: without a Date of its own, the stored
         # Date goes and its receipt time stands in (added after judging, so a
         # second-resolution Date of our own making adds no apparent age).
-        replaced = ({name.lower() for name, _ in headers} | {b"date"}) - _http.HOP_BY_HOP
+        replaced = (
+            ({name.lower() for name, _ in headers} | {b"date"}) - _http.HOP_BY_HOP - _BODY_FIELDS
+        )
         merged = [(k, v) for k, v in stored["h"] if k.lower() not in replaced]
         merged.extend((k, v) for k, v in headers if k.lower() in replaced)
         tags = _http.content_tags(tag_lines) if tag_lines else list(stored.get("tg") or ())
         j = self._judge(200, merged, False, False)
-        if not j.store or j.vary != fetch.key.names:
-            return ("pass", j.reason or "vary changed", j.intrinsic, None)
         if not any(name.lower() == b"date" for name, _ in merged):
             merged.append((b"date", _http.format_http_date(self.response_time)))
         entry = dict(stored)
@@ -1548,6 +1692,8 @@ class _Recorder:
             au=j.auth_shared,
             tg=tags,
         )
+        if not j.store or j.vary != fetch.key.names:
+            return ("pass", j.reason or "vary changed", j.intrinsic, None, entry)
         return ("entry", entry, j, tags)
 
 
