@@ -2,8 +2,9 @@
 
 Pure functions, no I/O. ``swr_cache.asgi`` calls them; the rules are RFC 9111
 (HTTP caching) as a *shared* cache, RFC 5861 (``stale-while-revalidate``,
-``stale-if-error``) and RFC 9211 (``Cache-Status``), with the stricter
-swr_cache policies of ``HTTP-CACHE.md`` noted where they apply.
+``stale-if-error``), RFC 9213 (targeted cache-control fields) and RFC 9211
+(``Cache-Status``), with the stricter choices the README's "HTTP responses"
+section lists noted where they apply.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = [
     "uri_tag",
 ]
 
-#: Statuses the default soft TTL applies to (HTTP-CACHE A.3: a narrower list
+#: Statuses the default soft TTL applies to (a narrower list
 #: than RFC 9110 §15.1, so an error page an attacker provoked is never
 #: replayed unless the app gave it explicit freshness).
 DEFAULT_TTL_STATUSES: Final = frozenset({200, 203, 204, 300, 301, 308})
@@ -438,8 +439,8 @@ def judge_response(
 ) -> Judgement:
     """Decide whether a response to a GET may be stored, and its freshness.
 
-    Implements HTTP-CACHE.md A.2-A.11 (storability), C.24-C.29 (freshness)
-    and D.31-D.32 (when stale may be served): the freshness lifetime comes
+    Storability is RFC 9111 §3 for a shared cache, freshness §4.2, serving
+    stale §4.2.4 with RFC 5861's extensions: the freshness lifetime comes
     from ``s-maxage``, ``max-age``, ``Expires - Date`` or, for a short list of
     statuses, ``default_ttl``; the stale window from ``stale-while-revalidate``
     and the configured ``grace``, never with ``must-revalidate``,
@@ -484,7 +485,7 @@ def judge_response(
         names = field_names(cc["no-cache"])
         if not names:
             # Storing it would mean revalidating on every use; not storing is
-            # the simple conforming choice (HTTP-CACHE decision 4).
+            # the simple conforming choice (RFC 9111 §5.2.2.4 allows either).
             return j.refused("no-cache")
         j.strip = names
     vary = parse_vary(_joined(headers, b"vary"))

@@ -2,24 +2,28 @@
 
 The middleware stores responses to ``GET`` in Redis and serves them with
 RFC 9111 semantics for a *shared* cache, RFC 5861's stale-while-revalidate
-and stale-if-error, and RFC 9211's ``Cache-Status``; ``HTTP-CACHE.md`` in the
-project is the rulebook, and its rule numbers are cited below.
+and stale-if-error, RFC 9213's targeted fields (``CDN-Cache-Control``) and
+RFC 9211's ``Cache-Status``. The README's "HTTP responses" section states the
+rules and every departure from them; comments below cite the RFC sections.
 
 One request goes like this:
 
 1. Not ``GET``/``HEAD`` → written through to the app; a 2xx/3xx answer to an
-   unsafe method purges every stored variant of the target URI (J.64). A
-   ``GET`` with a body, ``Range``, ``If-Match``, a method override,
-   ``Cache-Control: no-store`` or ``no-cache`` (client-forced misses) → passed
-   through, never stored.
+   unsafe method purges every stored variant of the target URI. A ``GET``
+   with a body (whatever its framing says: ``receive`` is read first),
+   ``Range``, ``If-Match``, a method override, ``Cache-Control: no-store`` or
+   ``no-cache`` (client-forced misses) → passed through, never stored.
+   Header names match with ``_`` and ``-`` alike.
 2. The cache key is the scheme, ``Host``, raw target, the forwarding headers
    (``X-Forwarded-Host``, ...), and the values of the request headers the
    URL's responses ``Vary`` on. The Vary field names are kept per URL in Redis
    (and memoised briefly in the process).
-3. The engine reads the entry: fresh → served with ``Age``; stale → served at
-   once while one background refresh runs (a lease makes it one across
-   processes); absent → one load per key (concurrent requests wait for it, at
-   most ``lock_timeout``). The load *is* this request: the app's response is
+3. The engine reads the entry: fresh → served with ``Age``; stale within its
+   stale window → served at once while one background refresh runs (a lease
+   makes it one across processes); stale past it but with validators →
+   revalidated (a conditional request; a ``304`` serves the stored body);
+   absent → one load per key (concurrent requests wait for it, at most
+   ``lock_timeout``). The load *is* this request: the app's response is
    streamed to the client as it comes while a copy is buffered (up to
    ``max_body_size``) for storage.
 4. A refresh re-runs the request against the app from the stored request
@@ -37,17 +41,6 @@ that depend on it must say ``Vary`` (or ``private``). The app's
 ``BackgroundTask``s do not run on hits. Uvicorn prepends its own ``Date`` to
 every response; run it with ``--no-date-header`` (``date_header=False``) so
 hits carry the stored ``Date`` only, and pass ``add_date=True`` here.
-
-Departures from ``HTTP-CACHE.md``, each stricter or simpler than the rule:
-
-* ``stale-if-error`` is honoured inside the stale window the engine serves
-  (``stale-while-revalidate`` or the configured grace), not beyond it: the
-  engine cannot hold a stale entry back until the origin has failed.
-* A client-forced miss (``no-cache``, ``max-age=0``, or a ``max-age`` /
-  ``min-fresh`` the entry does not meet) is forwarded but not stored (E.41).
-* The first response of a URL that varies is not stored: the request's key
-  was computed before the Vary names were known; the next request stores it.
-* ``5xx`` is never stored, even with explicit freshness (A.3).
 """
 
 from __future__ import annotations
@@ -81,12 +74,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Marks a scope this middleware has handled: a second instance refuses it (K.75).
+# Marks a scope this middleware has handled: a second instance refuses it.
 _MARK: Final = "swr_cache.cache_middleware"
-# The engine identity name of HTTP entries; the version salts every key (B.22).
+# The engine identity name of HTTP entries; the version salts every key.
 _IDENTITY: Final = "\x00asgi.1"
 
-# Forwarding headers an app may act on: always part of the key (B.21).
+# Forwarding headers an app may act on: always part of the key.
 _KEYED: Final = (
     b"forwarded",
     b"x-forwarded-host",
@@ -95,7 +88,7 @@ _KEYED: Final = (
     b"x-forwarded-proto",
     b"x-forwarded-scheme",
 )
-# Requests the cache must not answer or store (A.12, B.21): a body, partial
+# Requests the cache must not answer or store: a body, partial
 # content, preconditions a cache may not evaluate, method overrides, rewrites.
 _BYPASS: Final = frozenset(
     {
@@ -113,7 +106,7 @@ _BYPASS: Final = frozenset(
 )
 _SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Extensions removed from the scope of a request whose response may be
-# stored: a file sent by path, trailers or early hints cannot be teed (I.62).
+# stored: a file sent by path, trailers or early hints cannot be teed.
 _UNTEEABLE: Final = (
     "http.response.pathsend",
     "http.response.zerocopysend",
@@ -121,7 +114,7 @@ _UNTEEABLE: Final = (
     "http.response.early_hint",
 )
 # The client's validators: evaluated here against the entry, never sent to the
-# app when fetching for storage (G.53, strategy 2).
+# app when fetching for storage.
 _CONDITIONALS: Final = frozenset({b"if-none-match", b"if-modified-since"})
 # What a 304 carries (RFC 9110 §15.4.5).
 _NOT_MODIFIED_FIELDS: Final = frozenset(
@@ -424,7 +417,7 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         if _MARK in scope:
-            raise ConfigError("CacheMiddleware is installed twice around this app (K.75)")
+            raise ConfigError("CacheMiddleware is installed twice around this app")
         method = scope["method"]
         if method == "GET" or method == "HEAD":
             await self._get(scope, receive, send, method == "HEAD")
@@ -479,7 +472,7 @@ class CacheMiddleware:
         await self.app(inner, receive, relay)
 
     async def _purge_after_write(self, scope: Scope, response_headers: Iterable[Any]) -> None:
-        """Purge the target URI and same-origin Location/Content-Location (J.64, J.65)."""
+        """Purge the target URI and same-origin Location/Content-Location."""
         h = _request_headers(scope)
         scheme = scope.get("scheme", "http")
         host = _http.authority(scheme, h.get(b"host"), scope.get("server"))
@@ -578,14 +571,14 @@ class CacheMiddleware:
         if b"cache-control" in h or b"pragma" in h:
             directives = _http.RequestDirectives.parse(h.get(b"cache-control"), h.get(b"pragma"))
             if directives.no_store:
-                await self._pass(scope, _Replay([first], receive), send, "fwd=bypass")  # E.43
+                await self._pass(scope, _Replay([first], receive), send, "fwd=bypass")
                 return
             if not self.request_directives:
                 directives = _http.RequestDirectives()
             elif directives.no_cache:
-                await self._pass(scope, _Replay([first], receive), send, "fwd=request")  # E.41
+                await self._pass(scope, _Replay([first], receive), send, "fwd=request")
                 return
-        # Credentials: stored and answered only with explicitly shared responses (A.7, A.8).
+        # Credentials: stored and answered only with explicitly shared responses.
         has_auth = b"authorization" in h
         has_cookie = False
         cookie = h.get(b"cookie")
@@ -620,7 +613,7 @@ class CacheMiddleware:
                 value = await self.cache._get(req)
                 if fetch.phase == _LOOKUP:
                     fetch.phase = _DONE
-                    fetch.stored = value  # the validators a refresh sends (G.55)
+                    fetch.stored = value  # the validators a refresh sends
         except CacheNotEnteredError:
             raise
         except Exception:
@@ -689,7 +682,7 @@ class CacheMiddleware:
     async def _only_if_cached(
         self, req: _Request, fetch: _Fetch, send: Send, started: float
     ) -> None:
-        """``only-if-cached``: a usable stored response, else 504; never the app (E.44)."""
+        """``only-if-cached``: a usable stored response, else 504; never the app."""
         fetch.phase = _DONE
         peeked = await self.cache._peek(req)
         entry = peeked[0] if peeked is not None else None
@@ -904,7 +897,7 @@ class CacheMiddleware:
         memo[identity] = time.monotonic() + self.uncacheable_ttl
 
     async def _delete_entry(self, key: _Key) -> None:
-        """Drop an entry whose refresh came back uncacheable (D.38)."""
+        """Drop an entry whose refresh came back uncacheable."""
         cache = self.cache
         try:
             async with cache._slots.hold(cache.call_timeout):
@@ -934,7 +927,7 @@ class CacheMiddleware:
 def _matches(
     entry: Mapping[str, Any], if_none_match: bytes | None, if_modified_since: bytes | None
 ) -> bool:
-    """Whether the client's validators say it already holds this stored 200 (G.52)."""
+    """Whether the client's validators say it already holds this stored 200."""
     if if_none_match is not None:
         return _http.none_match(if_none_match, entry.get("et"))
     if if_modified_since is not None:
@@ -966,6 +959,13 @@ def _forget(registry: dict[str, Any], identity: str, fut: asyncio.Future[Any]) -
     held = registry.get(identity)
     if held is not None and held[0] is fut:
         del registry[identity]
+
+
+def _settled_without_entry(fut: asyncio.Future[tuple[Any, ...]]) -> bool:
+    """A finished revalidation that gave nothing to serve: a later request tries again."""
+    if not fut.done():
+        return False
+    return fut.cancelled() or fut.exception() is not None or fut.result()[0] != "entry"
 
 
 def _stored_at(entry: Any) -> float:
@@ -1110,7 +1110,7 @@ class _Fetch:
         identity = self.key.identity
         self.phase = _DONE
         held = mw._revalidating.get(identity)
-        if held is not None and entry["rt"] <= held[1]:
+        if held is not None and entry["rt"] <= held[1] and not _settled_without_entry(held[0]):
             try:
                 with anyio.fail_after(mw.refresh_timeout):
                     joined = await asyncio.shield(held[0])
@@ -1170,7 +1170,7 @@ class _Fetch:
     def _live_scope(self) -> Scope:
         scope = dict(self.scope)
         scope[_MARK] = True
-        scope["method"] = "GET"  # a HEAD miss fetches the GET it can be answered from (H.57)
+        scope["method"] = "GET"  # a HEAD miss fetches the GET it can be answered from
         scope["headers"] = [
             (k, v)
             for k, v in self.scope["headers"]
@@ -1183,7 +1183,7 @@ class _Fetch:
         return scope
 
     def _refresh_scope(self) -> tuple[Scope, bool]:
-        """A request built from the stored request only (D.37); and whether it carries validators."""
+        """A request built from the stored request only; and whether it carries validators."""
         src = self.scope
         key = self.key
         headers: list[tuple[bytes, bytes]] = []
@@ -1239,7 +1239,7 @@ class _Fetch:
                 mw._revalidating[identity] = (rec.decided, _stored_at(self.stored))
                 rec.decided.add_done_callback(lambda fut: _forget(mw._revalidating, identity, fut))
             # A fresh context: nothing the triggering request set (a current
-            # user, say) leaks into the refresh (D.37).
+            # user, say) leaks into the refresh.
             task = loop.create_task(
                 _call(mw.app, scope, rec.synthetic_receive, rec.send), context=contextvars.Context()
             )
@@ -1402,7 +1402,7 @@ class _Recorder:
         elif (exc := task.exception()) is not None:
             self.decided.set_exception(exc)
         else:
-            self._not_stored("incomplete response")  # A.13
+            self._not_stored("incomplete response")
 
     async def synthetic_receive(self) -> Message:
         """A client that sent an empty body and stays until the response is complete."""
@@ -1457,7 +1457,7 @@ class _Recorder:
             self._decide(self._freshen(headers, tag_lines))
             return
         if not live and status >= 500:
-            self._decide(("failed", status))  # D.35/36: the stale entry stays
+            self._decide(("failed", status))  # the stale entry stays
             return
         j = self._judge(status, headers, self.has_cookie, self.has_auth)
         self.judgement = j
@@ -1468,13 +1468,13 @@ class _Recorder:
             if message.get("trailers"):
                 j.refused("trailers")
             elif _is_event_stream(headers):
-                j.refused("text/event-stream")  # I.61
+                j.refused("text/event-stream")
             elif length is not None and (
                 length > mw.max_body_size or self._bound(length, tags) > mw.cache.max_entry_bytes
             ):
-                j.refused("body too large")  # I.60
+                j.refused("body too large")
             elif len(tags) > mw.max_tags or any(len(t) > mw.max_tag_length for t in tags):
-                j.refused("too many or too long surrogate keys")  # J.68
+                j.refused("too many or too long surrogate keys")
             elif j.vary != fetch.key.names:
                 names = j.vary
                 if live and fetch.key.names == ():
@@ -1492,7 +1492,7 @@ class _Recorder:
             self._not_stored(j.reason, j.intrinsic, names)
         if not live:
             return
-        # The client's response: this is the origin's answer, so no Age (F.46).
+        # The client's response: this is the origin's answer, so no Age.
         if self.validated:
             member = "fwd=stale"
         elif fetch.key.names and fetch.key.spec_known:
@@ -1556,7 +1556,7 @@ class _Recorder:
         if buffer is not None:
             self.size += len(body)
             if self.size > self.fetch.mw.max_body_size:
-                self._not_stored("body too large")  # I.60: stop buffering, keep streaming
+                self._not_stored("body too large")  # stop buffering, keep streaming
             elif body:
                 buffer.append(bytes(body))
         if not more and self.buffer is not None:
@@ -1586,7 +1586,7 @@ class _Recorder:
             self._not_stored("body too large")
 
     def _entry(self) -> tuple[Any, ...]:
-        """The entry of a complete, storable response (A.14-A.16)."""
+        """The entry of a complete, storable response."""
         j = self.judgement
         assert j is not None
         assert self.buffer is not None
@@ -1606,10 +1606,10 @@ class _Recorder:
             elif lower == b"content-encoding" and content_encoding is None:
                 content_encoding = value
         if not has_date:
-            headers.append([b"date", _http.format_http_date(self.response_time)])  # A.15
+            headers.append([b"date", _http.format_http_date(self.response_time)])
         generated = False
         if etag is None and self.status == 200:
-            etag = _http.content_etag(content_type, content_encoding, body)  # G.54
+            etag = _http.content_etag(content_type, content_encoding, body)
             headers.append([b"etag", etag])
             generated = True
         key = fetch.key

@@ -1648,3 +1648,132 @@ async def test_first_response_of_a_varied_url_is_stored(
     assert hit.text == first.text and hit.headers["cache-status"].startswith("swr-cache; hit")
     fr = await client.get("/v", headers={"accept-language": "fr"})
     assert fr.text.startswith("fr") and origin.count == 2
+
+
+# --- issue 12 point 6: revalidation past the stale window ----------------------------------------
+
+
+def validating(new_body: bytes | None = None) -> Handler:
+    """v1 with an ETag and must-revalidate; a conditional request gets a 304 (or ``new_body``)."""
+
+    def handler(scope: Scope, n: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if dict(scope["headers"]).get(b"if-none-match") == b'"v1"':
+            if new_body is not None:
+                return 200, [(b"etag", b'"v2"'), (b"cache-control", b"max-age=10")], new_body
+            return 304, [(b"cache-control", b"max-age=20, must-revalidate"), (b"x-new", b"1")], b""
+        headers = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=10, must-revalidate")]
+        return 200, [*headers, (b"content-encoding", b"identity")], b"body v1"
+
+    return handler
+
+
+async def test_past_its_stale_window_an_entry_is_revalidated_and_a_304_serves_it(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
+) -> None:
+    """A must-revalidate entry, once stale, is revalidated: the 304 freshens it and its body answers."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r")
+    assert r.status_code == 200 and r.text == "body v1"
+    assert r.headers["cache-status"] == "swr-cache; fwd=stale; fwd-status=304"
+    assert r.headers["x-new"] == "1" and r.headers["cache-control"].startswith("max-age=20")
+    assert r.headers["content-length"] == "7" and r.headers["etag"] == '"v1"'
+    assert dict(origin.calls[1]["headers"])[b"if-none-match"] == b'"v1"'
+    assert stats(cache)["http_revalidations"] == 1
+    await wait_until(lambda: stats(cache)["fills"] == 2)  # the freshened entry is stored once
+    hit = await client.get("/r")
+    assert hit.headers["cache-status"] == "swr-cache; hit; ttl=20" and hit.headers["x-new"] == "1"
+    assert origin.count == 2
+
+
+async def test_a_200_to_a_revalidation_replaces_the_entry(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
+) -> None:
+    """A full response to the conditional request streams to the client and replaces the entry."""
+    origin.handler = validating(new_body=b"body v2")
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r")
+    assert r.text == "body v2" and r.headers["cache-status"] == "swr-cache; fwd=stale; stored"
+    await wait_until(lambda: stats(cache)["fills"] == 2)
+    hit = await client.get("/r")
+    assert hit.text == "body v2" and hit.headers["cache-status"].startswith("swr-cache; hit")
+    assert origin.count == 2
+
+
+async def test_concurrent_requests_share_one_revalidation(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
+) -> None:
+    """Requests arriving while an entry is revalidated wait for that one conditional request."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    origin.hold()
+    tasks = [asyncio.create_task(client.get("/r")) for _ in range(10)]
+    await origin.entered.wait()
+    await wait_until(lambda: stats_of(client)["stale_hits"] == 10)
+    origin.gate.set()
+    replies = await asyncio.gather(*tasks)
+    assert {r.text for r in replies} == {"body v1"} and origin.count == 2
+    statuses = sorted(r.headers["cache-status"] for r in replies)
+    assert statuses.count("swr-cache; fwd=stale; fwd-status=304") == 1
+    assert statuses.count("swr-cache; fwd=stale; collapsed") == 9
+
+
+async def test_the_clients_own_validators_get_a_304_after_revalidation(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """A conditional client request answered by a revalidated entry gets its 304."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r", headers={"if-none-match": '"v1"'})
+    assert r.status_code == 304 and r.content == b"" and origin.count == 2
+
+
+async def test_revalidation_failure_passes_the_error_and_keeps_the_entry(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """A 5xx to a revalidation goes to the client (never stale past its window); the entry stays."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    origin.handler = respond(503)
+    r = await client.get("/r")
+    assert r.status_code == 503 and r.headers["cache-status"].startswith("swr-cache; fwd=stale")
+    origin.handler = validating()
+    r = await client.get("/r")
+    assert r.text == "body v1" and r.headers["cache-status"].endswith("fwd-status=304")
+
+
+async def test_without_a_revalidate_window_a_stale_entry_is_fetched_whole(
+    cache: Cache, origin: Origin, clock: FakeClock
+) -> None:
+    """revalidate_window=0 drops an entry at the end of its stale window: a plain miss follows."""
+    origin.handler = validating()
+    async with client_for(CacheMiddleware(origin, cache=cache, revalidate_window=0)) as client:
+        await client.get("/r")
+        clock.advance(11)
+        r = await client.get("/r")
+    assert r.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored"
+    assert b"if-none-match" not in dict(origin.calls[1]["headers"])
+
+
+async def test_a_304_keeps_the_stored_body_fields(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """Content-Encoding, ETag and friends describe the stored bytes: a 304 does not change them."""
+
+    def handler(scope: Scope, n: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        cc = (b"cache-control", b"max-age=10, must-revalidate")
+        if dict(scope["headers"]).get(b"if-none-match") == b'"v1"':
+            return 304, [cc, (b"etag", b'"other"'), (b"content-encoding", b"gzip")], b""
+        return 200, [cc, (b"etag", b'"v1"'), (b"content-encoding", b"identity")], b"plain"
+
+    origin.handler = handler
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r")
+    assert r.headers["etag"] == '"v1"' and r.headers["content-encoding"] == "identity"
+    assert r.text == "plain"
