@@ -37,6 +37,14 @@ META = [
     {"suite": "a", "id": "c1", "name": "check", "kind": "check", "depends_on": []},
     {"suite": "a", "id": "t4", "name": "four", "kind": "required", "depends_on": ["c1"]},
     {"suite": "a", "id": "t5", "name": "five", "kind": "required", "depends_on": []},
+    {
+        "suite": "a",
+        "id": "b1",
+        "name": "b",
+        "kind": "required",
+        "depends_on": [],
+        "browser_only": True,
+    },
 ]
 
 
@@ -59,8 +67,9 @@ def test_outcomes_follow_the_suites_own_classification(conformance: ModuleType) 
         "c1": "no",
         "t4": "blocked",
         "t5": "untested",
+        "b1": "untested",
     }
-    # required: pass, fail, setup, blocked (+ untested); optimal: pass, of
+    # required: pass, fail, setup, blocked (+ untested); optimal: pass, of; browser-only left out
     assert conformance.counts(META, outcomes, {"a"}) == [0, 1, 1, 3, 1, 1]
 
 
