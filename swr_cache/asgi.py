@@ -1090,7 +1090,8 @@ class _Fetch:
         held = mw._revalidating.get(identity)
         if held is not None and _stored_at(self.stored) <= held[1]:
             # A request is revalidating the response this refresh would (or
-            # just did): its outcome is this refresh's, stored under our lease.
+            # just did): its outcome is this refresh's, stored under our lease
+            # (a failure too: the engine backs off rather than ask again at once).
             with anyio.fail_after(mw.refresh_timeout):
                 outcome = await asyncio.shield(held[0])
             return await self._conclude(outcome, live=False)

@@ -1733,7 +1733,7 @@ async def test_the_clients_own_validators_get_a_304_after_revalidation(
 
 
 async def test_revalidation_failure_passes_the_error_and_keeps_the_entry(
-    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
 ) -> None:
     """A 5xx to a revalidation goes to the client (never stale past its window); the entry stays."""
     origin.handler = validating()
@@ -1742,6 +1742,9 @@ async def test_revalidation_failure_passes_the_error_and_keeps_the_entry(
     origin.handler = respond(503)
     r = await client.get("/r")
     assert r.status_code == 503 and r.headers["cache-status"].startswith("swr-cache; fwd=stale")
+    # The engine's refresh takes that failure as its own (and backs off): no second call.
+    await wait_until(lambda: stats(cache)["refresh_errors"] == 1 and not cache._refreshing)
+    assert origin.count == 2
     origin.handler = validating()
     r = await client.get("/r")
     assert r.text == "body v1" and r.headers["cache-status"].endswith("fwd-status=304")
