@@ -1780,3 +1780,28 @@ async def test_a_304_keeps_the_stored_body_fields(
     r = await client.get("/r")
     assert r.headers["etag"] == '"v1"' and r.headers["content-encoding"] == "identity"
     assert r.text == "plain"
+
+
+async def test_only_if_cached_never_answers_from_an_entry_past_its_stale_window(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """An entry kept only to be revalidated is not usable for only-if-cached: 504."""
+    origin.handler = validating()
+    await client.get("/r")
+    assert (await client.get("/r", headers={"cache-control": "only-if-cached"})).status_code == 200
+    clock.advance(11)
+    r = await client.get("/r", headers={"cache-control": "only-if-cached"})
+    assert r.status_code == 504 and origin.count == 1
+
+
+async def test_head_past_the_stale_window_is_revalidated(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """A HEAD that finds an entry past its stale window revalidates it with a conditional GET."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.head("/r")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "7"
+    assert origin.calls[1]["method"] == "GET"
+    assert dict(origin.calls[1]["headers"])[b"if-none-match"] == b'"v1"'
