@@ -6,6 +6,8 @@
 #   make unit    the pure tests only (tests/unit: no server, seconds)
 #   make demo    the demo against embedded servers
 #   make bench   benchmarks (installs the [bench] extra first)
+#   make conformance  the HTTP cache-tests suite against CacheMiddleware (needs node and npm;
+#                installs the suite from npm outside the repository; not part of make test)
 
 PY ?= $(or $(shell command -v python3.11 2>/dev/null),python3)
 VENV := .venv
@@ -19,7 +21,7 @@ SHELL := bash
 .DEFAULT_GOAL := test
 .DELETE_ON_ERROR:
 
-.PHONY: venv test lint typecheck pytest unit demo bench constraints clean
+.PHONY: venv test lint typecheck pytest unit demo bench conformance constraints clean
 
 venv: $(STAMP)
 
@@ -68,6 +70,12 @@ demo: venv
 # `make bench BENCH_ARGS=--quick` is a short first look (fewer rounds; README untouched).
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+# Runs the public HTTP cache-tests suite (cache-tests.fyi) against CacheMiddleware
+# in its strict and README profiles and writes the table into benchmarks/RESULTS.md.
+# `make conformance CONFORMANCE_ARGS="--id freshness-max-age"` shows one test's exchange.
+conformance: venv
+	$(BIN)/python benchmarks/conformance.py --write $(CONFORMANCE_ARGS)
 
 # Re-resolve every dependency from scratch and pin the result (run after editing
 # the dependencies in pyproject.toml, then commit constraints.txt).

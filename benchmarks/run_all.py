@@ -49,6 +49,10 @@ from _common import fmt, versions  # noqa: E402
 
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# Scripts here that are not benchmarks: this runner, and the HTTP cache-tests
+# conformance run (`make conformance`), whose block in RESULTS.md is kept.
+NOT_BENCHMARKS = frozenset({"run_all", "conformance"})
+KEEP_BEGIN, KEEP_END = "<!-- conformance:begin -->", "<!-- conformance:end -->"
 
 #: Benchmarks in report order; any other ``benchmarks/*.py`` (not ``_*``) runs after them.
 KNOWN: dict[str, str] = {
@@ -139,7 +143,9 @@ def machine() -> dict[str, Any]:
 def discover(only: list[str], skip: list[str]) -> list[tuple[str, Path | None]]:
     """(name, path or None when missing) in report order."""
     present = {
-        p.stem: p for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all"
+        p.stem: p
+        for p in HERE.glob("*.py")
+        if not p.stem.startswith("_") and p.stem not in NOT_BENCHMARKS
     }
     names = list(KNOWN) + sorted(n for n in present if n not in KNOWN)
     if only:
@@ -556,7 +562,13 @@ def report(out_dir: Path, info: dict[str, Any], runs: list[dict[str, Any]], quic
         if not run["tables"] and run["stdout"].strip():
             lines += ["```", run["stdout"].strip(), "```", ""]
     path = out_dir / "RESULTS.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    kept = ""
+    if path.exists():
+        previous = path.read_text()
+        begin, end = previous.find(KEEP_BEGIN), previous.find(KEEP_END)
+        if 0 <= begin < end:
+            kept = "\n\n" + previous[begin : end + len(KEEP_END)]
+    path.write_text("\n".join(lines).rstrip() + kept + "\n")
     return path
 
 

@@ -2,8 +2,9 @@
 
 Pure functions, no I/O. ``swr_cache.asgi`` calls them; the rules are RFC 9111
 (HTTP caching) as a *shared* cache, RFC 5861 (``stale-while-revalidate``,
-``stale-if-error``) and RFC 9211 (``Cache-Status``), with the stricter
-swr_cache policies of ``HTTP-CACHE.md`` noted where they apply.
+``stale-if-error``), RFC 9213 (targeted cache-control fields) and RFC 9211
+(``Cache-Status``), with the stricter choices the README's "HTTP responses"
+section lists noted where they apply.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = [
     "uri_tag",
 ]
 
-#: Statuses the default soft TTL applies to (HTTP-CACHE A.3: a narrower list
+#: Statuses the default soft TTL applies to (a narrower list
 #: than RFC 9110 §15.1, so an error page an attacker provoked is never
 #: replayed unless the app gave it explicit freshness).
 DEFAULT_TTL_STATUSES: Final = frozenset({200, 203, 204, 300, 301, 308})
@@ -180,7 +181,8 @@ def parse_vary(values: Iterable[bytes]) -> tuple[str, ...] | None:
     names: set[str] = set()
     for value in values:
         for member in split_list(value):
-            name = member.decode("latin-1").strip().lower()
+            # `_` and `-` alike: servers and frameworks map both to one name.
+            name = member.decode("latin-1").strip().lower().replace("_", "-")
             if name == "*":
                 return None
             if name:
@@ -382,6 +384,43 @@ def _joined(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
 
 
+_SF_KEY: Final = re.compile(r"^[a-z*][a-z0-9_\-.*]*$")
+_SF_ITEM: Final = re.compile(
+    r'^(?:-?\d{1,15}(?:\.\d{1,3})?|"(?:[^"\\]|\\.)*"|[A-Za-z*][!#$%&\'*+\-.^_`|~:/0-9A-Za-z]*|\?[01])$'
+)
+
+
+def targeted_cache_control(
+    headers: Sequence[tuple[bytes, bytes]], names: Sequence[bytes]
+) -> dict[str, str | None] | None:
+    """The directives of the first targeted field (RFC 9213) with a valid, non-empty value.
+
+    ``names`` are lower-case field names in priority order (``cdn-cache-control``,
+    say). A targeted field is a Structured Fields Dictionary (RFC 8941):
+    lower-case keys, values that are integers, strings, tokens or booleans; a
+    field that does not parse as one is skipped. ``None``: no field applies,
+    and ``Cache-Control``/``Expires`` decide.
+    """
+    for target in names:
+        lines = _joined(headers, target)
+        if not lines:
+            continue
+        directives: dict[str, str | None] = {}
+        valid = True
+        for member in split_list(b", ".join(lines)):
+            name, eq, arg = member.decode("latin-1").partition("=")
+            name, arg = name.strip(), arg.strip()
+            if not _SF_KEY.match(name) or (eq and not _SF_ITEM.match(arg)):
+                valid = False
+                break
+            if eq and arg == "?0":
+                continue  # a false boolean is the directive's absence
+            directives[name] = None if not eq or arg == "?1" else _unquote(arg)
+        if valid and directives:
+            return directives
+    return None
+
+
 def judge_response(
     status: int,
     headers: Sequence[tuple[bytes, bytes]],
@@ -395,11 +434,13 @@ def judge_response(
     grace_explicit: bool,
     max_ttl: float,
     max_stale: float,
+    cache_by_default: bool = True,
+    targeted: Sequence[bytes] = (),
 ) -> Judgement:
     """Decide whether a response to a GET may be stored, and its freshness.
 
-    Implements HTTP-CACHE.md A.2-A.11 (storability), C.24-C.29 (freshness)
-    and D.31-D.32 (when stale may be served): the freshness lifetime comes
+    Storability is RFC 9111 §3 for a shared cache, freshness §4.2, serving
+    stale §4.2.4 with RFC 5861's extensions: the freshness lifetime comes
     from ``s-maxage``, ``max-age``, ``Expires - Date`` or, for a short list of
     statuses, ``default_ttl``; the stale window from ``stale-while-revalidate``
     and the configured ``grace``, never with ``must-revalidate``,
@@ -417,6 +458,11 @@ def judge_response(
         grace_explicit: Whether ``grace`` also applies to explicit freshness.
         max_ttl: Cap on the freshness lifetime.
         max_stale: Cap on the stale window.
+        cache_by_default: ``False`` stores only responses marked shareable:
+            ``public``, ``s-maxage`` or ``max-age`` (in the field that decides).
+        targeted: Targeted cache-control field names (RFC 9213), lower-case, in
+            priority order; the first present with a valid value replaces
+            ``Cache-Control`` and ``Expires``.
 
     Returns:
         The judgement.
@@ -426,7 +472,10 @@ def judge_response(
         # 1xx/101 are not final, 206/304 are not understood as entries here
         # (no range merging), and 5xx are never replayed (CPDoS).
         return j.refused(f"status {status}")
-    cc = parse_cache_control(_joined(headers, b"cache-control"))
+    cc = targeted_cache_control(headers, targeted) if targeted else None
+    use_expires = cc is None
+    if cc is None:
+        cc = parse_cache_control(_joined(headers, b"cache-control"))
     if "no-store" in cc:
         return j.refused("no-store")
     if "private" in cc:
@@ -436,7 +485,7 @@ def judge_response(
         names = field_names(cc["no-cache"])
         if not names:
             # Storing it would mean revalidating on every use; not storing is
-            # the simple conforming choice (HTTP-CACHE decision 4).
+            # the simple conforming choice (RFC 9111 §5.2.2.4 allows either).
             return j.refused("no-cache")
         j.strip = names
     vary = parse_vary(_joined(headers, b"vary"))
@@ -461,7 +510,7 @@ def judge_response(
         lifetime = max(s_maxage, 0)
     elif (max_age := seconds(cc, "max-age")) is not None:
         lifetime = max(max_age, 0)
-    elif expires_lines := _joined(headers, b"expires"):
+    elif use_expires and (expires_lines := _joined(headers, b"expires")):
         expires = parse_http_date(expires_lines[0])
         # An invalid Expires (or "0") means already expired (RFC 9111 §5.3).
         lifetime = (
@@ -470,6 +519,8 @@ def judge_response(
     else:
         lifetime = None
     explicit = lifetime is not None
+    if not cache_by_default and not (j.shared or "max-age" in cc):
+        return j.refused("not marked shareable")
     if lifetime is None:
         if has_cookie or has_auth:
             # The default TTL never applies to a request with credentials.
@@ -477,16 +528,28 @@ def judge_response(
         if status not in DEFAULT_TTL_STATUSES:
             return j.refused(f"status {status} without explicit freshness")
         lifetime = default_ttl
-    j.freshness = min(float(lifetime), max_ttl)
 
-    # RFC 9111 §4.2.3: the age the response already had when it arrived.
+    # RFC 9111 §4.2.3: the age the response already had when it arrived. Age
+    # is one delta-seconds (§5.1). A list (`7200, 0`, or two lines), a
+    # fraction or a parameter says the chain that produced it is confused
+    # about the age: the response counts as stale, never as fresh.
     age_lines = _joined(headers, b"age")
-    age_value = 0
-    if age_lines and age_lines[0].strip().isdigit():
-        age_value = saturated(age_lines[0].strip())
+    age_value: float = 0
+    if age_lines:
+        only = age_lines[0].strip()
+        age_value = saturated(only) if len(age_lines) == 1 and only.isdigit() else float(_MAX_DELTA)
     apparent = max(0.0, response_time - date) if date is not None else 0.0
     corrected = age_value + max(0.0, response_time - request_time)
     j.initial_age = max(apparent, corrected)
+    if explicit:
+        j.freshness = min(float(lifetime), max_ttl)
+    elif age_value >= _MAX_DELTA:
+        return j.refused("invalid or huge Age without explicit freshness")
+    else:
+        # This cache's own lifetime for the response runs from its arrival: a
+        # slow origin (or an upstream Age) must not leave it expired on arrival,
+        # or the endpoints that most need stale-while-revalidate never get it.
+        j.freshness = min(float(lifetime), max_ttl) + j.initial_age
 
     swr = seconds(cc, "stale-while-revalidate")
     sie = seconds(cc, "stale-if-error")
@@ -494,12 +557,12 @@ def judge_response(
     explicit_stale = swr > 0 or (sie is not None and sie > 0)
     if must_revalidate:
         window = 0.0
-    elif j.soft <= 0:
-        # Arrived already expired: only the response's own stale-while-revalidate
-        # permits serving it, never our grace (HTTP-CACHE C.27).
-        window = float(swr)
     elif not explicit:
         window = grace
+    elif j.soft <= 0:
+        # Arrived with its explicit freshness used up: only its own
+        # stale-while-revalidate permits serving it, never our grace.
+        window = float(swr)
     elif s_maxage is not None and not explicit_stale:
         window = 0.0  # s-maxage implies proxy-revalidate (RFC 9111 §5.2.2.10)
     else:

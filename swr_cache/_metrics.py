@@ -63,6 +63,8 @@ COUNTERS: Final = (
     "http_purges",
     "http_purge_errors",
     "http_lock_timeouts",
+    "http_length_mismatches",
+    "http_revalidations",
 )
 
 #: Histogram bucket upper bounds, seconds.

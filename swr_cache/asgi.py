@@ -2,24 +2,28 @@
 
 The middleware stores responses to ``GET`` in Redis and serves them with
 RFC 9111 semantics for a *shared* cache, RFC 5861's stale-while-revalidate
-and stale-if-error, and RFC 9211's ``Cache-Status``; ``HTTP-CACHE.md`` in the
-project is the rulebook, and its rule numbers are cited below.
+and stale-if-error, RFC 9213's targeted fields (``CDN-Cache-Control``) and
+RFC 9211's ``Cache-Status``. The README's "HTTP responses" section states the
+rules and every departure from them; comments below cite the RFC sections.
 
 One request goes like this:
 
 1. Not ``GET``/``HEAD`` → written through to the app; a 2xx/3xx answer to an
-   unsafe method purges every stored variant of the target URI (J.64). A
-   ``GET`` with a body, ``Range``, ``If-Match``, a method override,
-   ``Cache-Control: no-store`` or ``no-cache`` (client-forced misses) → passed
-   through, never stored.
+   unsafe method purges every stored variant of the target URI. A ``GET``
+   with a body (whatever its framing says: ``receive`` is read first),
+   ``Range``, ``If-Match``, a method override, ``Cache-Control: no-store`` or
+   ``no-cache`` (client-forced misses) → passed through, never stored.
+   Header names match with ``_`` and ``-`` alike.
 2. The cache key is the scheme, ``Host``, raw target, the forwarding headers
    (``X-Forwarded-Host``, ...), and the values of the request headers the
    URL's responses ``Vary`` on. The Vary field names are kept per URL in Redis
    (and memoised briefly in the process).
-3. The engine reads the entry: fresh → served with ``Age``; stale → served at
-   once while one background refresh runs (a lease makes it one across
-   processes); absent → one load per key (concurrent requests wait for it, at
-   most ``lock_timeout``). The load *is* this request: the app's response is
+3. The engine reads the entry: fresh → served with ``Age``; stale within its
+   stale window → served at once while one background refresh runs (a lease
+   makes it one across processes); stale past it but with validators →
+   revalidated (a conditional request; a ``304`` serves the stored body);
+   absent → one load per key (concurrent requests wait for it, at most
+   ``lock_timeout``). The load *is* this request: the app's response is
    streamed to the client as it comes while a copy is buffered (up to
    ``max_body_size``) for storage.
 4. A refresh re-runs the request against the app from the stored request
@@ -37,17 +41,6 @@ that depend on it must say ``Vary`` (or ``private``). The app's
 ``BackgroundTask``s do not run on hits. Uvicorn prepends its own ``Date`` to
 every response; run it with ``--no-date-header`` (``date_header=False``) so
 hits carry the stored ``Date`` only, and pass ``add_date=True`` here.
-
-Departures from ``HTTP-CACHE.md``, each stricter or simpler than the rule:
-
-* ``stale-if-error`` is honoured inside the stale window the engine serves
-  (``stale-while-revalidate`` or the configured grace), not beyond it: the
-  engine cannot hold a stale entry back until the origin has failed.
-* A client-forced miss (``no-cache``, ``max-age=0``, or a ``max-age`` /
-  ``min-fresh`` the entry does not meet) is forwarded but not stored (E.41).
-* The first response of a URL that varies is not stored: the request's key
-  was computed before the Vary names were known; the next request stores it.
-* ``5xx`` is never stored, even with explicit freshness (A.3).
 """
 
 from __future__ import annotations
@@ -81,12 +74,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Marks a scope this middleware has handled: a second instance refuses it (K.75).
+# Marks a scope this middleware has handled: a second instance refuses it.
 _MARK: Final = "swr_cache.cache_middleware"
-# The engine identity name of HTTP entries; the version salts every key (B.22).
+# The engine identity name of HTTP entries; the version salts every key.
 _IDENTITY: Final = "\x00asgi.1"
 
-# Forwarding headers an app may act on: always part of the key (B.21).
+# Forwarding headers an app may act on: always part of the key.
 _KEYED: Final = (
     b"forwarded",
     b"x-forwarded-host",
@@ -95,7 +88,7 @@ _KEYED: Final = (
     b"x-forwarded-proto",
     b"x-forwarded-scheme",
 )
-# Requests the cache must not answer or store (A.12, B.21): a body, partial
+# Requests the cache must not answer or store: a body, partial
 # content, preconditions a cache may not evaluate, method overrides, rewrites.
 _BYPASS: Final = frozenset(
     {
@@ -113,7 +106,7 @@ _BYPASS: Final = frozenset(
 )
 _SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Extensions removed from the scope of a request whose response may be
-# stored: a file sent by path, trailers or early hints cannot be teed (I.62).
+# stored: a file sent by path, trailers or early hints cannot be teed.
 _UNTEEABLE: Final = (
     "http.response.pathsend",
     "http.response.zerocopysend",
@@ -121,16 +114,24 @@ _UNTEEABLE: Final = (
     "http.response.early_hint",
 )
 # The client's validators: evaluated here against the entry, never sent to the
-# app when fetching for storage (G.53, strategy 2).
+# app when fetching for storage.
 _CONDITIONALS: Final = frozenset({b"if-none-match", b"if-modified-since"})
 # What a 304 carries (RFC 9110 §15.4.5).
 _NOT_MODIFIED_FIELDS: Final = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
 )
+# Fields that describe the stored bytes themselves: a 304 cannot change the
+# body, so they keep their stored values (RFC 9111 §3.2).
+_BODY_FIELDS: Final = frozenset(
+    {b"content-encoding", b"content-range", b"content-md5", b"etag", b"content-length"}
+)
 _CHUNK: Final = 64 * 1024
 # A Content-Length beyond any body this cache would keep (it saturates here).
 _MAX_CONTENT_LENGTH: Final = 1 << 62
 _MEMO_LIMIT: Final = 10_000
+# Bytes an entry holds besides its body, header lines, key and tags (field
+# names, times, a generated ETag and Date), rounded well up.
+_ENTRY_OVERHEAD: Final = 512
 
 # Phases of a request's load, as its loader sees them.
 _LOOKUP: Final = 0  # the request waits on the engine: the loader may stream to it
@@ -155,17 +156,66 @@ async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
     await app(scope, receive, send)
 
 
+def _field_name(name: str) -> bytes:
+    """A configured field name as :func:`_request_headers` spells it."""
+    return name.strip().lower().replace("_", "-").encode("latin-1")
+
+
 def _request_headers(scope: Scope) -> dict[bytes, bytes]:
-    """Request fields by lower-case name, repeated lines combined (``Cookie`` with ``; ``)."""
+    """Request fields by lower-case name, repeated lines combined (``Cookie`` with ``; ``).
+
+    ``_`` in a name counts as ``-``: servers pass ``X_Forwarded_Host`` on and
+    frameworks read it as ``X-Forwarded-Host`` (both become
+    ``HTTP_X_FORWARDED_HOST``), so every field the key holds, that a Vary
+    names or that makes a request bypass is matched in both spellings.
+    """
     out: dict[bytes, bytes] = {}
     for raw_name, value in scope["headers"]:
         name = bytes(raw_name).lower()
+        if b"_" in name:
+            name = name.replace(b"_", b"-")
         prev = out.get(name)
         if prev is None:
             out[name] = bytes(value).strip()
         else:
             out[name] = prev + (b"; " if name == b"cookie" else b", ") + bytes(value).strip()
     return out
+
+
+class _Replay:
+    """A ``receive`` that first hands back the messages the middleware already read."""
+
+    __slots__ = ("has_body", "messages", "receive")
+
+    def __init__(self, messages: list[Message], receive: Receive) -> None:
+        self.messages = messages
+        self.receive = receive
+        self.has_body = False
+
+    @classmethod
+    async def read(cls, first: Message, receive: Receive) -> _Replay:
+        """Read until the request's body is known to be empty or not (one non-empty chunk)."""
+        replay = cls([first], receive)
+        message = first
+        has_body = bool(first.get("body"))
+        while not has_body and message["type"] == "http.request" and message.get("more_body"):
+            message = await receive()
+            replay.messages.append(message)
+            has_body = message["type"] == "http.request" and bool(message.get("body"))
+        replay.has_body = has_body
+        return replay
+
+    def settled(self) -> Message:
+        """For a request without a body: the one message that stands for all those read."""
+        last = self.messages[-1]
+        if last["type"] != "http.request":
+            return last  # the client left
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def __call__(self) -> Message:
+        if self.messages:
+            return self.messages.pop(0)
+        return await self.receive()
 
 
 class _Key:
@@ -229,7 +279,9 @@ class CacheMiddleware:
             ``proxy-revalidate``, nor ``s-maxage`` without a ``stale-*``).
         max_ttl: Cap on any freshness lifetime, seconds.
         max_stale: Cap on any stale window, seconds.
-        max_body_size: Larger bodies stream through unstored.
+        max_body_size: Larger bodies stream through unstored. Capped at the
+            cache's ``max_entry_bytes``: a response is labelled ``stored``
+            only when its whole entry fits what the engine stores.
         lock_timeout: How long a request waits for another's load of the same
             key before asking the app itself (``None``: no bound).
         refresh_timeout: A background refresh that takes longer counts as
@@ -256,6 +308,21 @@ class CacheMiddleware:
             adds none, e.g. ``uvicorn --no-date-header``).
         bypass: ``bypass(scope) -> bool``: requests for which it is true pass
             straight through.
+        cache_by_default: ``True`` (the default) stores any storable
+            response, giving those without explicit freshness ``soft_ttl``.
+            ``False`` stores only responses the app marks as shareable:
+            ``public``, ``s-maxage``, or ``max-age`` (without ``private`` or
+            ``no-store``); ``/openapi.json`` and friends then pass through.
+        targeted_fields: Targeted cache-control fields (RFC 9213) this cache
+            obeys, highest priority first (a name of your own, then
+            ``CDN-Cache-Control``, say). The first one a response carries with
+            a valid value replaces its ``Cache-Control`` and ``Expires`` here;
+            ``()`` ignores them all.
+        revalidate_window: Seconds a stale response with validators (an
+            ``ETag`` from the app, or ``Last-Modified``) is kept past its stale
+            window, so that the next request revalidates it (a conditional
+            request to the app; a ``304`` serves the stored body) instead of
+            fetching it whole. ``0`` drops it at the end of its stale window.
         name: The metrics name in ``cache.stats()``.
 
     Raises:
@@ -287,6 +354,9 @@ class CacheMiddleware:
         add_date: bool = False,
         bypass: Callable[[Scope], bool] | None = None,
         name: str = "http",
+        cache_by_default: bool = True,
+        targeted_fields: Iterable[str] = ("CDN-Cache-Control",),
+        revalidate_window: float = 300.0,
     ) -> None:
         self.app = app
         self.cache = cache
@@ -306,12 +376,20 @@ class CacheMiddleware:
         self.grace_for_explicit = grace_for_explicit
         self.max_ttl = float(max_ttl)
         self.max_stale = float(max_stale)
-        self.max_body_size = max_body_size
+        # What the engine would refuse to store is never labelled stored.
+        self.max_body_size = min(max_body_size, cache.max_entry_bytes)
+        self.cache_by_default = cache_by_default
+        self.targeted_fields: tuple[bytes, ...] = tuple(
+            _field_name(n) for n in targeted_fields if n.strip()
+        )
+        if revalidate_window < 0:
+            raise ConfigError("revalidate_window must be >= 0")
+        self.revalidate_window = float(revalidate_window)
         self.lock_timeout = lock_timeout
         self.refresh_timeout = float(refresh_timeout)
         self.request_directives = request_directives
         self.ignore_cookies = tuple(ignore_cookies)
-        extra = {h.strip().lower().encode("latin-1") for h in key_headers}
+        extra = {_field_name(h) for h in key_headers}
         self.key_headers: tuple[bytes, ...] = tuple(sorted(set(_KEYED) | extra))
         self.cache_status = cache_status
         self.strip_surrogate_keys = strip_surrogate_keys
@@ -327,6 +405,10 @@ class CacheMiddleware:
         self._uncacheable: dict[str, float] = {}
         self._bases: dict[tuple[Any, ...], _Key] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Entry identity -> outcome of the revalidation (or refresh) under way.
+        # (Both keep the ``rt`` of the stored response they revalidate: a
+        # request holding a newer one does not join them.)
+        self._revalidating: dict[str, tuple[asyncio.Future[tuple[Any, ...]], float]] = {}
 
     # -- entry point -----------------------------------------------------------
 
@@ -335,7 +417,7 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         if _MARK in scope:
-            raise ConfigError("CacheMiddleware is installed twice around this app (K.75)")
+            raise ConfigError("CacheMiddleware is installed twice around this app")
         method = scope["method"]
         if method == "GET" or method == "HEAD":
             await self._get(scope, receive, send, method == "HEAD")
@@ -390,7 +472,7 @@ class CacheMiddleware:
         await self.app(inner, receive, relay)
 
     async def _purge_after_write(self, scope: Scope, response_headers: Iterable[Any]) -> None:
-        """Purge the target URI and same-origin Location/Content-Location (J.64, J.65)."""
+        """Purge the target URI and same-origin Location/Content-Location."""
         h = _request_headers(scope)
         scheme = scope.get("scheme", "http")
         host = _http.authority(scheme, h.get(b"host"), scope.get("server"))
@@ -474,18 +556,29 @@ class CacheMiddleware:
         ):
             await self._pass(scope, receive, send, "fwd=bypass")
             return
+        # What the request's framing says is not enough: an HTTP/2 or HTTP/3
+        # request may carry a body with neither Content-Length nor
+        # Transfer-Encoding. Its first message tells (for HTTP/1.x it is
+        # already complete, so this costs no wait).
+        first = await receive()
+        if first["type"] == "http.request" and (first.get("body") or first.get("more_body")):
+            replay = await _Replay.read(first, receive)
+            if replay.has_body:
+                await self._pass(scope, replay, send, "fwd=bypass")
+                return
+            first = replay.settled()
         directives = _http.RequestDirectives()
         if b"cache-control" in h or b"pragma" in h:
             directives = _http.RequestDirectives.parse(h.get(b"cache-control"), h.get(b"pragma"))
             if directives.no_store:
-                await self._pass(scope, receive, send, "fwd=bypass")  # E.43
+                await self._pass(scope, _Replay([first], receive), send, "fwd=bypass")
                 return
             if not self.request_directives:
                 directives = _http.RequestDirectives()
             elif directives.no_cache:
-                await self._pass(scope, receive, send, "fwd=request")  # E.41
+                await self._pass(scope, _Replay([first], receive), send, "fwd=request")
                 return
-        # Credentials: stored and answered only with explicitly shared responses (A.7, A.8).
+        # Credentials: stored and answered only with explicitly shared responses.
         has_auth = b"authorization" in h
         has_cookie = False
         cookie = h.get(b"cookie")
@@ -498,11 +591,13 @@ class CacheMiddleware:
             until = self._uncacheable.get(key.identity)
             if until is not None:
                 if until > time.monotonic():
-                    await self._pass(scope, receive, send, "fwd=uri-miss; detail=uncacheable")
+                    await self._pass(
+                        scope, _Replay([first], receive), send, "fwd=uri-miss; detail=uncacheable"
+                    )
                     return
                 del self._uncacheable[key.identity]
 
-        fetch = _Fetch(self, scope, receive, send, h, key, head, has_cookie, has_auth)
+        fetch = _Fetch(self, scope, receive, send, h, key, head, has_cookie, has_auth, first)
         req = _Request(
             self.cache, self.metrics, self.policy, key.identity, False, None, fetch, None
         )
@@ -518,7 +613,7 @@ class CacheMiddleware:
                 value = await self.cache._get(req)
                 if fetch.phase == _LOOKUP:
                     fetch.phase = _DONE
-                    fetch.stored = value  # the validators a refresh sends (G.55)
+                    fetch.stored = value  # the validators a refresh sends
         except CacheNotEnteredError:
             raise
         except Exception:
@@ -541,7 +636,9 @@ class CacheMiddleware:
             await fetch.finish()
             return
         if timed_out:
-            await self._pass(scope, receive, send, "fwd=uri-miss; detail=lock-timeout")
+            await self._pass(
+                scope, _Replay([first], receive), send, "fwd=uri-miss; detail=lock-timeout"
+            )
             return
         await self._answer(scope, receive, send, fetch, value, directives, started)
 
@@ -559,10 +656,10 @@ class CacheMiddleware:
         entry = value if type(value) is dict else None
         if entry is None or not entry.get("ok") or entry.get("k") != fetch.key.rendered:
             # Another request's response that is not reusable (or a foreign entry).
-            await self._pass(scope, receive, send, "fwd=uri-miss")
+            await self._pass(scope, fetch.live_receive(), send, "fwd=uri-miss")
             return
         if (fetch.has_cookie and not entry["sh"]) or (fetch.has_auth and not entry["au"]):
-            await self._pass(scope, receive, send, "fwd=bypass")
+            await self._pass(scope, fetch.live_receive(), send, "fwd=bypass")
             return
         now = self._now()
         age = entry["a0"] + max(0.0, now - entry["rt"])
@@ -570,7 +667,11 @@ class CacheMiddleware:
         if (directives.max_age is not None and age > directives.max_age) or (
             directives.min_fresh is not None and ttl < directives.min_fresh
         ):
-            await self._pass(scope, receive, send, "fwd=request")
+            await self._pass(scope, fetch.live_receive(), send, "fwd=request")
+            return
+        if ttl < 0 and -ttl >= entry["st"]:
+            # Past the window it may be served stale in: kept only to revalidate.
+            await fetch.revalidate(entry)
             return
         if entry["rt"] > started:
             member = "fwd=uri-miss; collapsed"  # produced for a concurrent request
@@ -581,7 +682,7 @@ class CacheMiddleware:
     async def _only_if_cached(
         self, req: _Request, fetch: _Fetch, send: Send, started: float
     ) -> None:
-        """``only-if-cached``: a usable stored response, else 504; never the app (E.44)."""
+        """``only-if-cached``: a usable stored response, else 504; never the app."""
         fetch.phase = _DONE
         peeked = await self.cache._peek(req)
         entry = peeked[0] if peeked is not None else None
@@ -594,8 +695,10 @@ class CacheMiddleware:
         ):
             now = self._now()
             age = entry["a0"] + max(0.0, now - entry["rt"])
-            await self._serve(send, entry, fetch, age, f"hit; ttl={math.floor(entry['fl'] - age)}")
-            return
+            if entry["fl"] - age > -entry["st"]:  # not past its stale window
+                ttl = math.floor(entry["fl"] - age)
+                await self._serve(send, entry, fetch, age, f"hit; ttl={ttl}")
+                return
         headers = [(b"content-length", b"0")]
         if self.cache_status is not None:
             headers.append(
@@ -679,15 +782,36 @@ class CacheMiddleware:
             if len(self._bases) >= _MEMO_LIMIT:
                 self._bases.clear()
             self._bases[raw] = key
-        key = key.copy()
         names, known = await self._vary_names(key)
-        key.names = names
+        key = self._with_names(key, names, h)
         key.spec_known = known
+        return key
+
+    @staticmethod
+    def _with_names(base: _Key, names: tuple[str, ...], h: Mapping[bytes, bytes]) -> _Key:
+        """A copy of ``base`` keyed also on the request's values of the ``Vary`` names."""
+        key = base.copy()
+        key.names = names
+        key.spec_known = True
         key.vary = [(n, h.get(n.encode("latin-1"))) for n in names]
         if names:
             key.rendered = key.primary + "|" + _http.render_pairs(key.vary)
             key.identity = result_identity(_IDENTITY, _http.hashed(key.rendered))
         return key
+
+    async def _store_variant(self, key: _Key, fill: Fill) -> None:
+        """Store a response under another key than its request's (its Vary names, learnt now)."""
+
+        async def loader(attrs: object) -> Fill:
+            return fill
+
+        req = _Request(
+            self.cache, self.metrics, self.policy, key.identity, False, None, loader, None
+        )
+        try:
+            await self.cache._get(req)
+        except Exception as exc:  # a failed store is a later miss, not this client's error
+            log.debug("swr_cache: could not store the variant of %s: %r", key.url, exc)
 
     def _base(
         self,
@@ -745,6 +869,10 @@ class CacheMiddleware:
             memo.clear()
         memo[primary] = (names, known, time.monotonic() + self.vary_memo_ttl)
 
+    def _vary_keep(self, j: _http.Judgement) -> float:
+        """How long a URL's Vary names are kept: as long as a variant may be served or revalidated."""
+        return max(j.soft, 0) + j.stale + self.revalidate_window + self.policy.hard_ttl
+
     async def _store_vary(self, key: _Key, names: tuple[str, ...], keep_s: float) -> None:
         """Record a URL's Vary names in Redis (a response's ``Vary`` differs from the key's)."""
         self._remember_vary(key.primary, names, True)
@@ -769,7 +897,7 @@ class CacheMiddleware:
         memo[identity] = time.monotonic() + self.uncacheable_ttl
 
     async def _delete_entry(self, key: _Key) -> None:
-        """Drop an entry whose refresh came back uncacheable (D.38)."""
+        """Drop an entry whose refresh came back uncacheable."""
         cache = self.cache
         try:
             async with cache._slots.hold(cache.call_timeout):
@@ -778,9 +906,17 @@ class CacheMiddleware:
             self.metrics.counts["redis_errors"] += 1
             log.warning("swr_cache: could not delete the uncacheable entry of %s: %r", key.url, exc)
 
-    def _fill_policy(self, j: _http.Judgement, elapsed: float) -> Policy:
+    def _fill_policy(self, j: _http.Judgement, elapsed: float, entry: dict[str, Any]) -> Policy:
+        """The engine's deadlines for an entry: fresh, stale-servable, then kept to revalidate.
+
+        Past its stale window an entry with validators stays (for
+        ``revalidate_window``) only to be revalidated; the middleware never
+        serves it from there without asking the app.
+        """
         soft = max(j.soft - elapsed, 0.001)
         stale_until = max(j.soft, 0.0) + j.stale - elapsed
+        if self.revalidate_window > 0 and _validators(entry):
+            stale_until += self.revalidate_window
         return Policy(
             soft_ttl=soft,
             hard_ttl=max(stale_until, soft),
@@ -791,7 +927,7 @@ class CacheMiddleware:
 def _matches(
     entry: Mapping[str, Any], if_none_match: bytes | None, if_modified_since: bytes | None
 ) -> bool:
-    """Whether the client's validators say it already holds this stored 200 (G.52)."""
+    """Whether the client's validators say it already holds this stored 200."""
     if if_none_match is not None:
         return _http.none_match(if_none_match, entry.get("et"))
     if if_modified_since is not None:
@@ -804,6 +940,39 @@ def _matches(
                 date = value
         return _http.not_modified_since(if_modified_since, last_modified, date)
     return False
+
+
+def _validators(stored: Any) -> list[tuple[bytes, bytes]]:
+    """The conditional fields that revalidate a stored 200: its app ``ETag``, ``Last-Modified``."""
+    out: list[tuple[bytes, bytes]] = []
+    if type(stored) is dict and stored.get("ok") and stored.get("s") == 200:
+        if stored.get("et") is not None and not stored.get("eg"):
+            out.append((b"if-none-match", stored["et"]))
+        for name, value in stored["h"]:
+            if name.lower() == b"last-modified":
+                out.append((b"if-modified-since", value))
+                break
+    return out
+
+
+def _forget(registry: dict[str, Any], identity: str, fut: asyncio.Future[Any]) -> None:
+    held = registry.get(identity)
+    if held is not None and held[0] is fut:
+        del registry[identity]
+
+
+def _settled_without_entry(fut: asyncio.Future[tuple[Any, ...]]) -> bool:
+    """A finished revalidation that gave nothing to serve: a later request tries again."""
+    if not fut.done():
+        return False
+    return fut.cancelled() or fut.exception() is not None or fut.result()[0] != "entry"
+
+
+def _stored_at(entry: Any) -> float:
+    """When a stored response arrived (``inf`` for anything else: it joins nothing)."""
+    if type(entry) is dict and entry.get("ok"):
+        return float(entry["rt"])
+    return math.inf
 
 
 def _live_matches(h: Mapping[bytes, bytes], headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -839,6 +1008,7 @@ class _Fetch:
     """
 
     __slots__ = (
+        "first",
         "h",
         "has_auth",
         "has_cookie",
@@ -846,6 +1016,7 @@ class _Fetch:
         "key",
         "mw",
         "phase",
+        "rec",
         "receive",
         "scope",
         "send",
@@ -866,10 +1037,13 @@ class _Fetch:
         head: bool,
         has_cookie: bool,
         has_auth: bool,
+        first: Message,
     ) -> None:
         self.mw = mw
         self.scope = scope
         self.receive = receive
+        self.first = first  # the request message the middleware read (no body)
+        self.rec: _Recorder | None = None
         self.send = send
         self.h = h
         self.key = key
@@ -885,10 +1059,17 @@ class _Fetch:
         self.task: asyncio.Task[None] | None = None
         self.stored: Any = None
 
+    def live_receive(self) -> Receive:
+        """The request's ``receive`` for the app, starting with the message already read."""
+        return _Replay([self.first], self.receive)
+
     async def finish(self) -> None:
         """Wait for the app call this request leads (its exception, if any, propagates)."""
         assert self.task is not None
         await self.task
+        rec = self.rec
+        if rec is not None and rec.held is not None:
+            await rec.release(None)  # the app ended without a body: its client still gets the start
 
     def _lead(self) -> bool:
         """Take the live request for this load, unless it already gave up waiting."""
@@ -904,18 +1085,97 @@ class _Fetch:
     async def __call__(self, attrs: object) -> Fill:
         if self.phase == _LOOKUP and self._lead():
             return await self._load(live=True)
+        mw = self.mw
+        identity = self.key.identity
+        held = mw._revalidating.get(identity)
+        if held is not None and _stored_at(self.stored) <= held[1]:
+            # A request is revalidating the response this refresh would (or
+            # just did): its outcome is this refresh's, stored under our lease
+            # (a failure too: the engine backs off rather than ask again at once).
+            with anyio.fail_after(mw.refresh_timeout):
+                outcome = await asyncio.shield(held[0])
+            return await self._conclude(outcome, live=False)
         return await self._load(live=False)
+
+    async def revalidate(self, entry: dict[str, Any]) -> None:
+        """Answer from a stale entry past its stale window: a conditional request to the app.
+
+        A ``304`` freshens the stored headers (RFC 9111 §4.3.4) and the stored
+        body answers; a ``200`` streams to the client and replaces the entry.
+        One request per entry does it in this process; the others arriving
+        meanwhile wait for its outcome. The engine's background refresh of the
+        entry, started by the same stale read, stores that outcome under its
+        lease instead of asking the app again.
+        """
+        mw = self.mw
+        identity = self.key.identity
+        self.phase = _DONE
+        held = mw._revalidating.get(identity)
+        if held is not None and entry["rt"] <= held[1] and not _settled_without_entry(held[0]):
+            try:
+                with anyio.fail_after(mw.refresh_timeout):
+                    joined = await asyncio.shield(held[0])
+            except Exception:  # it timed out, or the app failed it: ask the app ourselves
+                joined = ("failed", 0)
+            if joined[0] == "entry" and joined[1]["k"] == self.key.rendered:
+                fresh = joined[1]
+                age = fresh["a0"] + max(0.0, mw._now() - fresh["rt"])
+                await mw._serve(self.send, fresh, self, age, "fwd=stale; collapsed")
+            else:
+                await mw._pass(self.scope, self.live_receive(), self.send, "fwd=stale")
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fut.add_done_callback(_consume)
+        mw._revalidating[identity] = (fut, entry["rt"])
+        mw.metrics.counts["http_revalidations"] += 1
+        self.stored = entry
+        scope = self._live_scope()
+        scope["headers"] = [*scope["headers"], *_validators(entry)]
+        rec = _Recorder(self, self.send, mw._now(), validated=True, conditional=True)
+        self.rec = rec
+        self.task = task = loop.create_task(_call(mw.app, scope, self.live_receive(), rec.send))
+        task.add_done_callback(rec.app_done)
+        outcome: tuple[Any, ...] = ("failed", 0)
+        try:
+            outcome = await asyncio.shield(rec.decided)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+            if not isinstance(rec.decided.exception() if rec.decided.done() else None, Exception):
+                raise
+        finally:
+            if rec.status >= 500:
+                outcome = ("failed", rec.status)  # the stale entry stays for the next try
+            fut.set_result(outcome)
+            # Kept a moment for the engine's refresh that this stale read started.
+            loop.call_later(mw.refresh_timeout, _forget, mw._revalidating, identity, fut)
+        if rec.freshened:
+            member = "fwd=stale; fwd-status=304"
+            if outcome[0] == "entry":
+                fresh = outcome[1]
+            elif outcome[0] == "pass" and len(outcome) > 4:
+                fresh = outcome[4]  # for this request only: it is not stored
+                member += "; stored=?0"
+            else:
+                fresh = None
+            if fresh is not None:
+                age = fresh["a0"] + max(0.0, mw._now() - fresh["rt"])
+                await mw._serve(self.send, fresh, self, age, member)
+            else:
+                await mw._pass(self.scope, self.live_receive(), self.send, "fwd=stale")
+        await self.finish()
 
     # -- scopes -------------------------------------------------------------------------
 
     def _live_scope(self) -> Scope:
         scope = dict(self.scope)
         scope[_MARK] = True
-        scope["method"] = "GET"  # a HEAD miss fetches the GET it can be answered from (H.57)
+        scope["method"] = "GET"  # a HEAD miss fetches the GET it can be answered from
         scope["headers"] = [
             (k, v)
             for k, v in self.scope["headers"]
-            if (name := bytes(k).lower()) not in _CONDITIONALS
+            if (name := bytes(k).lower().replace(b"_", b"-")) not in _CONDITIONALS
             and (name != b"cookie" or b"cookie" in self.h)
         ]
         extensions = scope.get("extensions")
@@ -924,7 +1184,7 @@ class _Fetch:
         return scope
 
     def _refresh_scope(self) -> tuple[Scope, bool]:
-        """A request built from the stored request only (D.37); and whether it carries validators."""
+        """A request built from the stored request only; and whether it carries validators."""
         src = self.scope
         key = self.key
         headers: list[tuple[bytes, bytes]] = []
@@ -935,17 +1195,9 @@ class _Fetch:
         for name, value in key.vary:
             if value is not None and name != "host":
                 headers.append((name.encode("latin-1"), value))
-        validated = False
-        stored = self.stored
-        if type(stored) is dict and stored.get("ok") and stored.get("s") == 200:
-            if stored.get("et") is not None and not stored.get("eg"):
-                headers.append((b"if-none-match", stored["et"]))
-                validated = True
-            for name, value in stored["h"]:
-                if name.lower() == b"last-modified":
-                    headers.append((b"if-modified-since", value))
-                    validated = True
-                    break
+        validators = _validators(self.stored)
+        headers.extend(validators)
+        validated = bool(validators)
         scope: Scope = {
             "type": "http",
             "asgi": dict(src.get("asgi") or {"version": "3.0"}),
@@ -974,14 +1226,21 @@ class _Fetch:
         request_time = mw._now()
         if live:
             rec = _Recorder(self, self.send, request_time, validated=False, conditional=True)
+            self.rec = rec
             self.task = task = loop.create_task(
-                _call(mw.app, self._live_scope(), self.receive, rec.send)
+                _call(mw.app, self._live_scope(), self.live_receive(), rec.send)
             )
         else:
             scope, validated = self._refresh_scope()
             rec = _Recorder(self, None, request_time, validated=validated, conditional=False)
+            # Requests that find the entry past its stale window meanwhile
+            # wait for this refresh instead of revalidating it themselves.
+            identity = self.key.identity
+            if identity not in mw._revalidating:
+                mw._revalidating[identity] = (rec.decided, _stored_at(self.stored))
+                rec.decided.add_done_callback(lambda fut: _forget(mw._revalidating, identity, fut))
             # A fresh context: nothing the triggering request set (a current
-            # user, say) leaks into the refresh (D.37).
+            # user, say) leaks into the refresh.
             task = loop.create_task(
                 _call(mw.app, scope, rec.synthetic_receive, rec.send), context=contextvars.Context()
             )
@@ -1013,11 +1272,20 @@ class _Fetch:
             entry, j, tags = outcome[1], outcome[2], outcome[3]
             if key.names:
                 # Keep the URL's Vary names alive as long as its variants.
-                await mw._store_vary(key, key.names, max(j.soft, 0) + j.stale + mw.policy.hard_ttl)
+                await mw._store_vary(key, key.names, mw._vary_keep(j))
             # The engine counts its deadlines from the fill; the lifetime runs
             # from the response (a long body may have taken a while since).
             elapsed = max(0.0, mw._now() - entry["rt"])
-            return Fill(entry, policy=mw._fill_policy(j, elapsed), tags=[key.tag, *tags])
+            return Fill(entry, policy=mw._fill_policy(j, elapsed, entry), tags=[key.tag, *tags])
+        if kind == "vary":
+            entry, j, tags, varied = outcome[1], outcome[2], outcome[3], outcome[4]
+            await mw._store_vary(key, varied.names, mw._vary_keep(j))
+            elapsed = max(0.0, mw._now() - entry["rt"])
+            await mw._store_variant(
+                varied,
+                Fill(entry, policy=mw._fill_policy(j, elapsed, entry), tags=[key.tag, *tags]),
+            )
+            return Fill({"ok": False, "k": key.rendered, "why": "vary"}, store=False)
         if kind == "failed":
             raise _OriginFailed(f"the app answered {outcome[1]} to a refresh of {key.url}")
         # Not stored.
@@ -1053,14 +1321,18 @@ class _Recorder:
         "complete",
         "conditional",
         "decided",
+        "declared",
         "fetch",
         "finished",
         "forward_body",
+        "freshened",
         "has_auth",
         "has_cookie",
         "headers",
+        "held",
         "judgement",
         "live_send",
+        "member",
         "request_time",
         "response_time",
         "sent_body",
@@ -1104,6 +1376,12 @@ class _Recorder:
         self.client_gone = False
         self.complete = False
         self.sent_body = False
+        self.declared: int | None = None  # the response's Content-Length
+        # A storable response's start, held until its first body message: if
+        # the whole body is in it, the client learns whether it was stored.
+        self.held: Message | None = None
+        self.member = ""
+        self.freshened = False  # a live revalidation got a 304: the client gets the entry
 
     def _decide(self, outcome: tuple[Any, ...]) -> None:
         if not self.decided.done():
@@ -1125,7 +1403,7 @@ class _Recorder:
         elif (exc := task.exception()) is not None:
             self.decided.set_exception(exc)
         else:
-            self._not_stored("incomplete response")  # A.13
+            self._not_stored("incomplete response")
 
     async def synthetic_receive(self) -> Message:
         """A client that sent an empty body and stays until the response is complete."""
@@ -1154,6 +1432,8 @@ class _Recorder:
             await self._start(message)
         else:
             self._not_stored(f"{kind} cannot be stored")
+            if self.held is not None:
+                await self.release(None)
             await self._forward(message)
 
     async def _start(self, message: Message) -> None:
@@ -1172,29 +1452,39 @@ class _Recorder:
         self.status = status
         self.headers = headers
         live = self.live_send is not None
-        if not live:
-            if status >= 500:
-                self._decide(("failed", status))  # D.35/36: the stale entry stays
-                return
-            if status == 304 and self.validated:
-                self._decide(self._freshen(headers, tag_lines))
-                return
+        if status == 304 and self.validated:
+            self.freshened = True
+            self.forward_body = False
+            self._decide(self._freshen(headers, tag_lines))
+            return
+        if not live and status >= 500:
+            self._decide(("failed", status))  # the stale entry stays
+            return
         j = self._judge(status, headers, self.has_cookie, self.has_auth)
         self.judgement = j
         names: tuple[str, ...] | None = None
         if j.store:
             tags = _http.content_tags(tag_lines)
-            length = _content_length(headers)
+            length = self.declared = _content_length(headers)
             if message.get("trailers"):
                 j.refused("trailers")
             elif _is_event_stream(headers):
-                j.refused("text/event-stream")  # I.61
-            elif length is not None and length > mw.max_body_size:
-                j.refused("body too large")  # I.60
+                j.refused("text/event-stream")
+            elif length is not None and (
+                length > mw.max_body_size or self._bound(length, tags) > mw.cache.max_entry_bytes
+            ):
+                j.refused("body too large")
             elif len(tags) > mw.max_tags or any(len(t) > mw.max_tag_length for t in tags):
-                j.refused("too many or too long surrogate keys")  # J.68
+                j.refused("too many or too long surrogate keys")
             elif j.vary != fetch.key.names:
                 names = j.vary
+                if live and fetch.key.names == ():
+                    # The URL's first response that varies: kept, then stored
+                    # under the key its Vary names give this request.
+                    self.tags = tags
+                    self.buffer = []
+                    self._hold(message, headers, "fwd=uri-miss")
+                    return
                 j.refused("vary changed", intrinsic=False)
             self.tags = tags
         if j.store:
@@ -1203,25 +1493,63 @@ class _Recorder:
             self._not_stored(j.reason, j.intrinsic, names)
         if not live:
             return
-        # The client's response: this is the origin's answer, so no Age (F.46).
-        member = "fwd=vary-miss" if fetch.key.names and fetch.key.spec_known else "fwd=uri-miss"
-        member += "; stored" if j.store else "; stored=?0"
-        if j.store and status == 200 and self.conditional and _live_matches(fetch.h, headers):
+        # The client's response: this is the origin's answer, so no Age.
+        if self.validated:
+            member = "fwd=stale"
+        elif fetch.key.names and fetch.key.spec_known:
+            member = "fwd=vary-miss"
+        else:
+            member = "fwd=uri-miss"
+        if j.store:
+            self._hold(message, headers, member)
+            return
+        await self._forward(mw._relabel(message, member + "; stored=?0", self.response_time))
+
+    def _hold(self, message: Message, headers: list[tuple[bytes, bytes]], member: str) -> None:
+        """Keep a storable response's start until its first body message."""
+        fetch = self.fetch
+        self.member = member
+        if self.status == 200 and self.conditional and _live_matches(fetch.h, headers):
             # The client already holds this representation: a 304 for it, while
             # the full response is still read for storage.
-            mw.metrics.counts["http_not_modified"] += 1
+            fetch.mw.metrics.counts["http_not_modified"] += 1
             self.forward_body = False
-            out = {
+            message = {
                 "type": "http.response.start",
                 "status": 304,
                 "headers": [(k, v) for k, v in headers if k.lower() in _NOT_MODIFIED_FIELDS],
             }
-            await self._forward(mw._relabel(out, member, self.response_time))
+        self.held = message
+
+    async def release(self, stored: bool | None) -> None:
+        """Send the held start, saying whether the response was stored (``None``: not known yet)."""
+        message = self.held
+        if message is None:
             return
-        await self._forward(mw._relabel(message, member, self.response_time))
+        self.held = None
+        member = self.member
+        if stored is not None:
+            member += "; stored" if stored else "; stored=?0"
+        await self._forward(self.fetch.mw._relabel(message, member, self.response_time))
+
+    def _bound(self, body_size: int, tags: Sequence[str]) -> int:
+        """An upper bound of the encoded entry's size for a body of ``body_size`` bytes."""
+        key = self.fetch.key
+        return (
+            body_size
+            + sum(len(k) + len(v) + 12 for k, v in self.headers)
+            + 2 * len(key.rendered)
+            + sum(len(t) + 6 for t in tags)
+            + _ENTRY_OVERHEAD
+        )
 
     async def _body(self, message: Message) -> None:
         if self.complete:
+            return
+        if self.freshened:
+            if not message.get("more_body", False):
+                self.complete = True
+                self.finished.set()
             return
         body: bytes = message.get("body", b"")
         more: bool = message.get("more_body", False)
@@ -1229,9 +1557,14 @@ class _Recorder:
         if buffer is not None:
             self.size += len(body)
             if self.size > self.fetch.mw.max_body_size:
-                self._not_stored("body too large")  # I.60: stop buffering, keep streaming
+                self._not_stored("body too large")  # stop buffering, keep streaming
             elif body:
                 buffer.append(bytes(body))
+        if not more and self.buffer is not None:
+            self._check_complete()
+        if self.held is not None:
+            # Whether it is stored is known only if the whole body came at once.
+            await self.release(None if more else self.buffer is not None)
         if self.forward_body:
             await self._forward(message)
         elif not more:
@@ -1242,8 +1575,19 @@ class _Recorder:
             if self.buffer is not None:
                 self._decide(self._entry())
 
+    def _check_complete(self) -> None:
+        """Refuse a complete body that its Content-Length or the engine's limit disowns."""
+        mw = self.fetch.mw
+        declared = self.declared
+        if declared is not None and declared != self.size:
+            # Shorter (or longer) than announced: not the response the app meant (RFC 9112 §6.3).
+            mw.metrics.counts["http_length_mismatches"] += 1
+            self._not_stored(f"body of {self.size} bytes, Content-Length {declared}")
+        elif self._bound(self.size, self.tags) > mw.cache.max_entry_bytes:
+            self._not_stored("body too large")
+
     def _entry(self) -> tuple[Any, ...]:
-        """The entry of a complete, storable response (A.14-A.16)."""
+        """The entry of a complete, storable response."""
         j = self.judgement
         assert j is not None
         assert self.buffer is not None
@@ -1263,15 +1607,18 @@ class _Recorder:
             elif lower == b"content-encoding" and content_encoding is None:
                 content_encoding = value
         if not has_date:
-            headers.append([b"date", _http.format_http_date(self.response_time)])  # A.15
+            headers.append([b"date", _http.format_http_date(self.response_time)])
         generated = False
         if etag is None and self.status == 200:
-            etag = _http.content_etag(content_type, content_encoding, body)  # G.54
+            etag = _http.content_etag(content_type, content_encoding, body)
             headers.append([b"etag", etag])
             generated = True
+        key = fetch.key
+        if j.vary != key.names:
+            key = fetch.mw._with_names(key, j.vary, fetch.h)
         entry = {
             "ok": True,
-            "k": fetch.key.rendered,
+            "k": key.rendered,
             "s": self.status,
             "h": headers,
             "b": body,
@@ -1286,6 +1633,8 @@ class _Recorder:
             "eg": generated,
             "tg": self.tags,
         }
+        if key is not fetch.key:
+            return ("vary", entry, j, self.tags, key)
         return ("entry", entry, j, self.tags)
 
     def _judge(
@@ -1305,25 +1654,31 @@ class _Recorder:
             grace_explicit=mw.grace_for_explicit,
             max_ttl=mw.max_ttl,
             max_stale=mw.max_stale,
+            cache_by_default=mw.cache_by_default,
+            targeted=mw.targeted_fields,
         )
 
     def _freshen(
         self, headers: list[tuple[bytes, bytes]], tag_lines: list[bytes]
     ) -> tuple[Any, ...]:
-        """A 304 to a refresh's validators: the stored body with the new headers (D.38)."""
+        """A 304 to our validators: the stored body with the new headers (RFC 9111 §4.3.4).
+
+        Not storable any more (``no-store`` in the 304, say): ``("pass", ...)``
+        with the updated response last, for the request that revalidated only.
+        """
         fetch = self.fetch
         stored = fetch.stored
         assert type(stored) is dict
         # The 304 is the newest answer: without a Date of its own, the stored
         # Date goes and its receipt time stands in (added after judging, so a
         # second-resolution Date of our own making adds no apparent age).
-        replaced = ({name.lower() for name, _ in headers} | {b"date"}) - _http.HOP_BY_HOP
+        replaced = (
+            ({name.lower() for name, _ in headers} | {b"date"}) - _http.HOP_BY_HOP - _BODY_FIELDS
+        )
         merged = [(k, v) for k, v in stored["h"] if k.lower() not in replaced]
         merged.extend((k, v) for k, v in headers if k.lower() in replaced)
         tags = _http.content_tags(tag_lines) if tag_lines else list(stored.get("tg") or ())
         j = self._judge(200, merged, False, False)
-        if not j.store or j.vary != fetch.key.names:
-            return ("pass", j.reason or "vary changed", j.intrinsic, None)
         if not any(name.lower() == b"date" for name, _ in merged):
             merged.append((b"date", _http.format_http_date(self.response_time)))
         entry = dict(stored)
@@ -1338,6 +1693,8 @@ class _Recorder:
             au=j.auth_shared,
             tg=tags,
         )
+        if not j.store or j.vary != fetch.key.names:
+            return ("pass", j.reason or "vary changed", j.intrinsic, None, entry)
         return ("entry", entry, j, tags)
 
 

@@ -333,9 +333,8 @@ async def test_a_changed_vary_retires_old_variants(
 ) -> None:
     """When a URL's responses start to vary on another field, entries keyed the old way stop matching."""
     origin.handler = lambda scope, n: (200, [(b"vary", b"X-A")], b"#%d" % n)
-    await client.get("/v", headers={"x-a": "1"})
     old = await client.get("/v", headers={"x-a": "1"})
-    assert old.headers["cache-status"].startswith("swr-cache; fwd=")
+    assert old.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored"
     assert (await client.get("/v", headers={"x-a": "1"})).text == old.text
     origin.handler = lambda scope, n: (200, [(b"vary", b"X-B")], b"#%d" % n)
     await cache.client.delete(*[k async for k in cache.client.scan_iter(match="h:hv:*")])
@@ -371,8 +370,8 @@ async def test_refresh_of_a_cookie_variant_sends_that_cookie(
     assert (await client.get("/c", headers=headers)).text.startswith("theme=dark")
     clock.advance(6)
     await client.get("/c", headers=headers)
-    await wait_until(lambda: origin.count == 3)
-    refresh = dict(origin.calls[2]["headers"])
+    await wait_until(lambda: origin.count == 2)
+    refresh = dict(origin.calls[1]["headers"])
     assert refresh[b"cookie"] == b"theme=dark" and b"authorization" not in refresh
 
 
@@ -616,9 +615,9 @@ async def test_refresh_is_built_from_the_stored_request(
         await client.get("/r?q=1", headers=headers)
         clock.advance(SOFT + 1)
         await client.get("/r?q=1", headers=headers)
-        await wait_until(lambda: origin.count == 3)
-    live, refresh = origin.calls[1], origin.calls[2]
-    assert origin.contexts[1] == "alice" and origin.contexts[2] is None
+        await wait_until(lambda: origin.count == 2)
+    live, refresh = origin.calls[0], origin.calls[1]
+    assert origin.contexts[0] == "alice" and origin.contexts[1] is None
     assert dict(live["headers"])[b"x-user"] == b"alice"
     assert sorted(refresh["headers"]) == [
         (b"accept-language", b"en"),
@@ -1173,3 +1172,636 @@ def test_key_parts() -> None:
     assert CacheMiddleware.url_tag("http://Example.com:80/a?b=1") == "url:http://example.com/a?b=1"
     assert CacheMiddleware.url_tag("http://e.com/" + "x" * 500).startswith("url#")
     assert _http.render_pairs([("a", None)]) != _http.render_pairs([("a", b"")])
+
+
+# --- issue 12: slow origins, header spellings, bodies, lengths, entry size -------------------------
+
+
+async def test_slow_origin_is_cached_and_served_stale_while_one_refresh_runs(
+    cache: Cache, origin: Origin, clock: FakeClock
+) -> None:
+    """An app slower than soft_ttl is stored with its grace; stale answers come at once, one refresh."""
+
+    def slow(scope: Scope, n: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        clock.advance(2.5)  # the app takes longer than the default freshness
+        return text(scope, n)
+
+    origin.handler = slow
+    async with client_for(CacheMiddleware(origin, cache=cache, soft_ttl=2, hard_ttl=60)) as client:
+        first = await client.get("/slow")
+        assert first.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored"
+        hit = await client.get("/slow")
+        assert hit.headers["cache-status"] == "swr-cache; hit; ttl=2" and origin.count == 1
+        clock.advance(3)
+        origin.hold()
+        stale = [await client.get("/slow") for _ in range(5)]  # the refresh is held at the gate
+        assert {r.text for r in stale} == {first.text}
+        assert all(r.headers["cache-status"].startswith("swr-cache; hit; ttl=-") for r in stale)
+        await origin.entered.wait()
+        assert origin.count == 2  # one refresh, however many stale answers
+        origin.gate.set()
+        await wait_until(lambda: stats(cache)["fills"] == 2)
+        fresh = await client.get("/slow")
+    assert fresh.text.startswith("#2") and fresh.headers["cache-status"].startswith(
+        "swr-cache; hit"
+    )
+    assert origin.count == 2 and stats(cache)["http_uncacheable"] == 0
+
+
+def test_default_ttl_runs_from_arrival_and_keeps_its_grace() -> None:
+    """A default-TTL response that took longer than the TTL is stored with the full grace."""
+    raw = [(b"content-type", b"text/plain")]
+    kwargs: dict[str, Any] = {
+        "has_cookie": False,
+        "has_auth": False,
+        "default_ttl": 2.0,
+        "grace": 58.0,
+        "grace_explicit": False,
+        "max_ttl": 86400.0,
+        "max_stale": 86400.0,
+    }
+    j = _http.judge_response(200, raw, request_time=100.0, response_time=105.0, **kwargs)
+    assert j.store and j.initial_age == 5 and j.soft == 2 and j.stale == 58
+    # Explicit freshness used up on arrival is still refused (no grace for it here).
+    late = [(b"cache-control", b"max-age=2")]
+    assert not _http.judge_response(
+        200, late, request_time=100.0, response_time=105.0, **kwargs
+    ).store
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x_forwarded_host", "evil.example"),
+        ("X_Forwarded_Host", "evil.example"),
+        ("x_forwarded-proto", "https"),
+        ("forwarded", "host=evil.example"),
+    ],
+)
+async def test_underscore_spellings_of_keyed_headers_are_keyed(
+    client: httpx.AsyncClient, origin: Origin, name: str, value: str
+) -> None:
+    """X_Forwarded_Host (any mix of _ and -) is part of the key: it cannot poison the plain entry."""
+    origin.handler = lambda scope, n: (
+        200,
+        [],
+        b"%d " % n + b";".join(k + b"=" + v for k, v in scope["headers"] if b"forward" in k),
+    )
+    poisoned = await client.get("/p", headers={name: value})
+    assert value.encode() in poisoned.content
+    plain = await client.get("/p")
+    assert value not in plain.text and origin.count == 2
+    assert (await client.get("/p")).text == plain.text
+    assert (await client.get("/p", headers={name: value})).text == poisoned.text
+    assert origin.count == 2
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x_http_method_override": "DELETE"},
+        {"X_Method_Override": "PUT"},
+        {"x_original_url": "/admin"},
+        {"if_match": '"x"'},
+        {"transfer_encoding": "chunked"},
+    ],
+)
+async def test_underscore_spellings_of_bypass_headers_bypass(
+    client: httpx.AsyncClient, origin: Origin, headers: dict[str, str]
+) -> None:
+    """Method overrides, rewrites and preconditions bypass the cache in their _ spelling too."""
+    await client.get("/b")
+    r = await client.get("/b", headers=headers)
+    assert r.headers["cache-status"] == "swr-cache; fwd=bypass" and origin.count == 2
+
+
+async def test_underscore_spelling_of_a_varied_header_is_keyed(
+    client: httpx.AsyncClient, origin: Origin
+) -> None:
+    """A response varying on Accept-Language is keyed on Accept_Language as well."""
+
+    def handler(scope: Scope, n: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        h = {k.replace(b"_", b"-"): v for k, v in scope["headers"]}
+        return 200, [(b"vary", b"Accept-Language")], h.get(b"accept-language", b"none") + b"#%d" % n
+
+    origin.handler = handler
+    en = await client.get("/v", headers={"accept-language": "en"})
+    fr = await client.get("/v", headers={"accept_language": "fr"})
+    assert en.text.startswith("en") and fr.text.startswith("fr")
+    assert (await client.get("/v", headers={"Accept_Language": "fr"})).text == fr.text
+    assert (await client.get("/v", headers={"accept-language": "fr"})).text == fr.text
+    assert (await client.get("/v", headers={"accept-language": "en"})).text == en.text
+    assert origin.count == 2
+
+
+def strip_content_length(app: Any) -> Any:
+    """An outer ASGI layer that delivers bodies without Content-Length (as HTTP/2 servers may)."""
+
+    async def outer(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = dict(scope)
+            scope["headers"] = [
+                (k, v) for k, v in scope["headers"] if k.lower() != b"content-length"
+            ]
+        await app(scope, receive, send)
+
+    return outer
+
+
+class BodyEcho:
+    """An app answering with the request body it read (and its call number)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        self.calls += 1
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"#%d body=%s" % (self.calls, body)})
+
+
+async def test_get_body_without_content_length_bypasses_and_reaches_the_app(cache: Cache) -> None:
+    """A GET whose receive delivers a body, without Content-Length, is never stored nor served."""
+    app = BodyEcho()
+    async with client_for(strip_content_length(CacheMiddleware(app, cache=cache))) as client:
+        evil = await client.request("GET", "/q", content=b"id=evil")
+        assert evil.headers["cache-status"] == "swr-cache; fwd=bypass"
+        assert app.bodies == [b"id=evil"]
+        plain = await client.get("/q")
+        assert b"evil" not in plain.content
+        assert plain.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored"
+        again = await client.request("GET", "/q", content=b"id=evil")
+        assert again.text == "#3 body=id=evil"  # a body is never answered from the cache
+        assert (await client.get("/q")).text == plain.text
+    assert app.calls == 3
+
+
+async def test_get_body_after_empty_chunks_is_seen(cache: Cache) -> None:
+    """A body that arrives after empty ``more_body`` messages still bypasses; the app gets it all."""
+    app = BodyEcho()
+    messages = [
+        {"type": "http.request", "body": b"", "more_body": True},
+        {"type": "http.request", "body": b"id=", "more_body": True},
+        {"type": "http.request", "body": b"evil", "more_body": False},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/q",
+        "raw_path": b"/q",
+        "query_string": b"",
+        "headers": [(b"host", b"h")],
+        "server": ("h", 80),
+    }
+    await CacheMiddleware(app, cache=cache)(scope, receive, send)
+    assert app.bodies == [b"id=evil"]
+    assert (b"cache-status", b"swr-cache; fwd=bypass") in sent[0]["headers"]
+
+
+async def test_empty_streamed_request_body_is_cacheable(cache: Cache) -> None:
+    """Empty ``more_body`` messages are no body: the GET is cached and the app sees an empty one."""
+    app = BodyEcho()
+    mw = CacheMiddleware(app, cache=cache)
+
+    def call() -> tuple[Any, list[dict[str, Any]]]:
+        messages = [
+            {"type": "http.request", "body": b"", "more_body": True},
+            {"type": "http.request", "body": b"", "more_body": False},
+        ]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/e",
+            "raw_path": b"/e",
+            "query_string": b"",
+            "headers": [(b"host", b"h")],
+            "server": ("h", 80),
+        }
+        return mw(scope, receive, send), sent
+
+    first, _ = call()
+    await first
+    second, sent2 = call()
+    await second
+    assert app.calls == 1 and app.bodies == [b""]
+    assert dict(sent2[0]["headers"])[b"cache-status"].startswith(b"swr-cache; hit")
+
+
+async def test_body_shorter_than_content_length_is_not_stored(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache
+) -> None:
+    """A response whose body is shorter than its Content-Length is passed on but never stored."""
+    origin.handler = respond(200, ("content-length", "100"), body="only 12 byte")
+    short = await client.get("/short")
+    assert short.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored=?0"
+    assert stats(cache)["http_length_mismatches"] == 1
+    origin.handler = respond(200, body="complete")
+    r = await client.get("/short")
+    assert r.text == "complete" and origin.count == 2
+
+
+async def test_length_mismatch_label_and_count(cache: Cache) -> None:
+    """A short body is labelled stored=?0 (it came in one message), counted and never stored."""
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"100")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"short", "more_body": False})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/s",
+        "raw_path": b"/s",
+        "query_string": b"",
+        "headers": [(b"host", b"h")],
+        "server": ("h", 80),
+    }
+    mw = CacheMiddleware(app, cache=cache)
+    await mw(dict(scope), receive, send)
+    assert (b"cache-status", b"swr-cache; fwd=uri-miss; stored=?0") in sent[0]["headers"]
+    sent.clear()
+    await mw(dict(scope), receive, send)  # remembered as uncacheable for a while: passed through
+    assert (b"cache-status", b"swr-cache; fwd=uri-miss; detail=uncacheable") in sent[0]["headers"]
+    assert stats(cache)["http_length_mismatches"] == 1 and stats(cache)["fills"] == 0
+
+
+async def test_stored_only_when_the_engine_stores_it(
+    redis_client: aioredis.Redis, clock: FakeClock, origin: Origin
+) -> None:
+    """max_body_size is capped at max_entry_bytes; an entry too big to store says stored=?0."""
+    cache = Cache(
+        redis_client, namespace="h", soft_ttl=10, hard_ttl=100, clock=clock, max_entry_bytes=4000
+    )
+    async with CacheHost(cache):
+        mw = CacheMiddleware(origin, cache=cache, max_body_size=1 << 20)
+        assert mw.max_body_size == 4000
+        async with client_for(mw) as client:
+            for path, size, stored in (("/big", 3900, False), ("/small", 1000, True)):
+                origin.handler = respond(200, body="x" * size)
+                first = await client.get(path)
+                label = "stored" if stored else "stored=?0"
+                assert first.headers["cache-status"] == f"swr-cache; fwd=uri-miss; {label}", path
+                second = await client.get(path)
+                assert second.headers["cache-status"].startswith(
+                    "swr-cache; hit" if stored else "swr-cache; fwd="
+                )
+            # With a Content-Length the decision is made before any body arrives.
+            origin.handler = respond(200, ("content-length", "3900"), body="y" * 3900)
+            r = await client.get("/declared")
+            assert r.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored=?0"
+        assert stats(cache)["fills_skipped_too_large"] == 0
+        assert stats(cache)["fills"] == 1
+
+
+async def test_streamed_response_does_not_claim_stored(cache: Cache) -> None:
+    """A response in several body messages says neither stored nor not: unknown when the headers left."""
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"one ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two", "more_body": False})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/st",
+        "raw_path": b"/st",
+        "query_string": b"",
+        "headers": [(b"host", b"h")],
+        "server": ("h", 80),
+    }
+    mw = CacheMiddleware(app, cache=cache)
+    await mw(dict(scope), receive, send)
+    assert (b"cache-status", b"swr-cache; fwd=uri-miss") in sent[0]["headers"]
+    assert [m.get("body") for m in sent[1:]] == [b"one ", b"two"]
+    sent.clear()
+    await mw(dict(scope), receive, send)
+    assert sent[-1]["body"] == b"one two"
+
+
+# --- issue 16 point 5: cache_by_default=False ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "stored"),
+    [
+        ((), False),
+        ((("cache-control", "max-age=60"),), True),
+        ((("cache-control", "public"),), True),
+        ((("cache-control", "s-maxage=60"),), True),
+        ((("cache-control", "private, max-age=60"),), False),
+        ((("cache-control", "no-store, max-age=60"),), False),
+        ((("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),), False),
+        ((("cdn-cache-control", "max-age=60"),), True),
+    ],
+)
+async def test_cache_by_default_false_stores_only_shareable_responses(
+    cache: Cache, origin: Origin, headers: tuple[tuple[str, str], ...], stored: bool
+) -> None:
+    """With cache_by_default=False only public, s-maxage or max-age responses are stored."""
+    origin.handler = respond(200, *headers)
+    async with client_for(CacheMiddleware(origin, cache=cache, cache_by_default=False)) as client:
+        first = await client.get("/openapi.json")
+        await client.get("/openapi.json")
+    assert origin.count == (1 if stored else 2)
+    assert first.headers["cache-status"].endswith("; stored" if stored else "; stored=?0")
+
+
+async def test_cache_by_default_true_stores_unmarked_responses(
+    client: httpx.AsyncClient, origin: Origin
+) -> None:
+    """The default stays: a 200 without Cache-Control is stored for soft_ttl."""
+    await client.get("/stats")
+    await client.get("/stats")
+    assert origin.count == 1
+
+
+# --- RFC 9213 targeted fields, Age ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "stored"),
+    [
+        ((("cdn-cache-control", "no-store"), ("cache-control", "max-age=60")), False),
+        ((("cdn-cache-control", "private"), ("cache-control", "public, max-age=60")), False),
+        ((("cdn-cache-control", "no-cache"), ("cache-control", "max-age=60")), False),
+        ((("cdn-cache-control", "max-age=60"), ("cache-control", "no-store")), True),
+        ((("cdn-cache-control", "max-age=60"), ("cache-control", "private")), True),
+        ((("cdn-cache-control", "max-age=0"), ("cache-control", "max-age=60")), False),
+        ((("cdn-cache-control", "Max-Age=0"), ("cache-control", "max-age=60")), True),  # invalid
+        ((("cdn-cache-control", "max-age=60"), ("expires", "0")), True),
+    ],
+)
+async def test_cdn_cache_control_overrides_cache_control(
+    client: httpx.AsyncClient, origin: Origin, headers: tuple[tuple[str, str], ...], stored: bool
+) -> None:
+    """CDN-Cache-Control, when valid, decides instead of Cache-Control and Expires (RFC 9213)."""
+    origin.handler = respond(200, *headers)
+    await client.get("/t")
+    await client.get("/t")
+    assert origin.count == (1 if stored else 2)
+
+
+async def test_targeted_fields_are_configurable_in_order(cache: Cache, origin: Origin) -> None:
+    """A field name of our own, listed first, beats CDN-Cache-Control; () turns them all off."""
+    origin.handler = respond(
+        200,
+        ("swr-cache-control", "max-age=60"),
+        ("cdn-cache-control", "no-store"),
+        ("cache-control", "no-store"),
+    )
+    mw = CacheMiddleware(
+        origin, cache=cache, targeted_fields=("Swr-Cache-Control", "CDN-Cache-Control")
+    )
+    async with client_for(mw) as client:
+        await client.get("/a")
+        await client.get("/a")
+    assert origin.count == 1
+    async with client_for(CacheMiddleware(origin, cache=cache, targeted_fields=())) as client:
+        await client.get("/b")
+        await client.get("/b")
+    assert origin.count == 3
+
+
+@pytest.mark.parametrize(
+    ("age", "stored"),
+    [
+        ("7200, 0", False),
+        ("0, 0", False),
+        ("7200.0", False),
+        ("abc", False),
+        ("-1", False),
+        ("7200;foo=1", False),
+        ("10", True),
+        (" 10 ", True),
+    ],
+)
+async def test_age_that_is_not_one_delta_seconds_is_stale(
+    client: httpx.AsyncClient, origin: Origin, age: str, stored: bool
+) -> None:
+    """Age: 7200, 0 is never read as 0: a list or a malformed Age makes the response stale."""
+    origin.handler = respond(200, ("cache-control", "max-age=3600"), ("age", age))
+    await client.get("/age")
+    await client.get("/age")
+    assert origin.count == (1 if stored else 2)
+
+
+async def test_first_response_of_a_varied_url_is_stored(
+    client: httpx.AsyncClient, origin: Origin
+) -> None:
+    """The first Vary'd response is stored under its request's values of the Vary'd fields."""
+    origin.handler = lambda scope, n: (
+        200,
+        [(b"vary", b"Accept-Language")],
+        dict(scope["headers"]).get(b"accept-language", b"none") + b"#%d" % n,
+    )
+    first = await client.get("/v", headers={"accept-language": "en"})
+    assert first.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored"
+    hit = await client.get("/v", headers={"accept-language": "en"})
+    assert hit.text == first.text and hit.headers["cache-status"].startswith("swr-cache; hit")
+    fr = await client.get("/v", headers={"accept-language": "fr"})
+    assert fr.text.startswith("fr") and origin.count == 2
+
+
+# --- issue 12 point 6: revalidation past the stale window ----------------------------------------
+
+
+def validating(new_body: bytes | None = None) -> Handler:
+    """v1 with an ETag and must-revalidate; a conditional request gets a 304 (or ``new_body``)."""
+
+    def handler(scope: Scope, n: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if dict(scope["headers"]).get(b"if-none-match") == b'"v1"':
+            if new_body is not None:
+                return 200, [(b"etag", b'"v2"'), (b"cache-control", b"max-age=10")], new_body
+            return 304, [(b"cache-control", b"max-age=20, must-revalidate"), (b"x-new", b"1")], b""
+        headers = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=10, must-revalidate")]
+        return 200, [*headers, (b"content-encoding", b"identity")], b"body v1"
+
+    return handler
+
+
+async def test_past_its_stale_window_an_entry_is_revalidated_and_a_304_serves_it(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
+) -> None:
+    """A must-revalidate entry, once stale, is revalidated: the 304 freshens it and its body answers."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r")
+    assert r.status_code == 200 and r.text == "body v1"
+    assert r.headers["cache-status"] == "swr-cache; fwd=stale; fwd-status=304"
+    assert r.headers["x-new"] == "1" and r.headers["cache-control"].startswith("max-age=20")
+    assert r.headers["content-length"] == "7" and r.headers["etag"] == '"v1"'
+    assert dict(origin.calls[1]["headers"])[b"if-none-match"] == b'"v1"'
+    assert stats(cache)["http_revalidations"] == 1
+    await wait_until(lambda: stats(cache)["fills"] == 2)  # the freshened entry is stored once
+    hit = await client.get("/r")
+    assert hit.headers["cache-status"] == "swr-cache; hit; ttl=20" and hit.headers["x-new"] == "1"
+    assert origin.count == 2
+
+
+async def test_a_200_to_a_revalidation_replaces_the_entry(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
+) -> None:
+    """A full response to the conditional request streams to the client and replaces the entry."""
+    origin.handler = validating(new_body=b"body v2")
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r")
+    assert r.text == "body v2" and r.headers["cache-status"] == "swr-cache; fwd=stale; stored"
+    await wait_until(lambda: stats(cache)["fills"] == 2)
+    hit = await client.get("/r")
+    assert hit.text == "body v2" and hit.headers["cache-status"].startswith("swr-cache; hit")
+    assert origin.count == 2
+
+
+async def test_concurrent_requests_share_one_revalidation(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
+) -> None:
+    """Requests arriving while an entry is revalidated wait for that one conditional request."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    origin.hold()
+    tasks = [asyncio.create_task(client.get("/r")) for _ in range(10)]
+    await origin.entered.wait()
+    await wait_until(lambda: stats_of(client)["stale_hits"] == 10)
+    origin.gate.set()
+    replies = await asyncio.gather(*tasks)
+    assert {r.text for r in replies} == {"body v1"} and origin.count == 2
+    statuses = sorted(r.headers["cache-status"] for r in replies)
+    assert statuses.count("swr-cache; fwd=stale; fwd-status=304") == 1
+    assert statuses.count("swr-cache; fwd=stale; collapsed") == 9
+
+
+async def test_the_clients_own_validators_get_a_304_after_revalidation(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """A conditional client request answered by a revalidated entry gets its 304."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r", headers={"if-none-match": '"v1"'})
+    assert r.status_code == 304 and r.content == b"" and origin.count == 2
+
+
+async def test_revalidation_failure_passes_the_error_and_keeps_the_entry(
+    client: httpx.AsyncClient, origin: Origin, cache: Cache, clock: FakeClock
+) -> None:
+    """A 5xx to a revalidation goes to the client (never stale past its window); the entry stays."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    origin.handler = respond(503)
+    r = await client.get("/r")
+    assert r.status_code == 503 and r.headers["cache-status"].startswith("swr-cache; fwd=stale")
+    # The engine's refresh takes that failure as its own (and backs off): no second call.
+    await wait_until(lambda: stats(cache)["refresh_errors"] == 1 and not cache._refreshing)
+    assert origin.count == 2
+    origin.handler = validating()
+    r = await client.get("/r")
+    assert r.text == "body v1" and r.headers["cache-status"].endswith("fwd-status=304")
+
+
+async def test_without_a_revalidate_window_a_stale_entry_is_fetched_whole(
+    cache: Cache, origin: Origin, clock: FakeClock
+) -> None:
+    """revalidate_window=0 drops an entry at the end of its stale window: a plain miss follows."""
+    origin.handler = validating()
+    async with client_for(CacheMiddleware(origin, cache=cache, revalidate_window=0)) as client:
+        await client.get("/r")
+        clock.advance(11)
+        r = await client.get("/r")
+    assert r.headers["cache-status"] == "swr-cache; fwd=uri-miss; stored"
+    assert b"if-none-match" not in dict(origin.calls[1]["headers"])
+
+
+async def test_a_304_keeps_the_stored_body_fields(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """Content-Encoding, ETag and friends describe the stored bytes: a 304 does not change them."""
+
+    def handler(scope: Scope, n: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        cc = (b"cache-control", b"max-age=10, must-revalidate")
+        if dict(scope["headers"]).get(b"if-none-match") == b'"v1"':
+            return 304, [cc, (b"etag", b'"other"'), (b"content-encoding", b"gzip")], b""
+        return 200, [cc, (b"etag", b'"v1"'), (b"content-encoding", b"identity")], b"plain"
+
+    origin.handler = handler
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.get("/r")
+    assert r.headers["etag"] == '"v1"' and r.headers["content-encoding"] == "identity"
+    assert r.text == "plain"
+
+
+async def test_only_if_cached_never_answers_from_an_entry_past_its_stale_window(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """An entry kept only to be revalidated is not usable for only-if-cached: 504."""
+    origin.handler = validating()
+    await client.get("/r")
+    assert (await client.get("/r", headers={"cache-control": "only-if-cached"})).status_code == 200
+    clock.advance(11)
+    r = await client.get("/r", headers={"cache-control": "only-if-cached"})
+    assert r.status_code == 504 and origin.count == 1
+
+
+async def test_head_past_the_stale_window_is_revalidated(
+    client: httpx.AsyncClient, origin: Origin, clock: FakeClock
+) -> None:
+    """A HEAD that finds an entry past its stale window revalidates it with a conditional GET."""
+    origin.handler = validating()
+    await client.get("/r")
+    clock.advance(11)
+    r = await client.head("/r")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "7"
+    assert origin.calls[1]["method"] == "GET"
+    assert dict(origin.calls[1]["headers"])[b"if-none-match"] == b'"v1"'

@@ -285,3 +285,77 @@ def test_example_app_settings_from_the_environment() -> None:
         True,
     )
     assert (Settings.from_env({}).max_age, Settings.from_env({}).stale_while_revalidate) == (5, 55)
+
+
+async def _echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with its call number, the forwarding headers it saw and the body it read."""
+    _echo.calls += 1  # type: ignore[attr-defined]
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    seen = b";".join(k + b"=" + v for k, v in scope["headers"] if b"forward" in k.lower())
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send(
+        {"type": "http.response.body", "body": b"#%d %s body=%s" % (_echo.calls, seen, body)}
+    )  # type: ignore[attr-defined]
+
+
+async def test_underscore_forwarding_header_cannot_poison_over_http(cache: Cache) -> None:
+    """Through uvicorn: X_Forwarded_Host reaches the app and is keyed; plain GETs never see it."""
+    _echo.calls = 0  # type: ignore[attr-defined]
+    async with (
+        serving(CacheMiddleware(_echo, cache=cache)) as base,
+        httpx.AsyncClient(base_url=base) as client,
+    ):
+        evil = await client.get("/page", headers={"X_Forwarded_Host": "evil.example"})
+        assert b"evil.example" in evil.content  # uvicorn passed the _ spelling on
+        plain = await client.get("/page")
+        assert b"evil" not in plain.content
+        assert (await client.get("/page")).text == plain.text
+        again = await client.get("/page", headers={"X_Forwarded_Host": "evil.example"})
+        assert again.text == evil.text and again.headers["cache-status"].startswith(
+            "swr-cache; hit"
+        )
+    assert _echo.calls == 2  # type: ignore[attr-defined]
+
+
+async def test_get_body_without_content_length_bypasses_over_http(cache: Cache) -> None:
+    """Through uvicorn, a GET body delivered without Content-Length bypasses and reaches the app.
+
+    HTTP/1.1 has no body without Content-Length or Transfer-Encoding (h11 reads
+    the bytes as the next request), so an outer ASGI layer removes the header,
+    as an HTTP/2 server delivers such a body: the middleware sees only what
+    ``receive`` hands it, over a real socket.
+    """
+    _echo.calls = 0  # type: ignore[attr-defined]
+
+    async def h2_like(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope = dict(scope)
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        await inner(scope, receive, send)
+
+    inner = CacheMiddleware(_echo, cache=cache)
+    async with serving(h2_like) as base, httpx.AsyncClient(base_url=base) as client:
+        evil = await client.request("GET", "/q", content=b"id=evil")
+        assert evil.text.endswith("body=id=evil")
+        assert evil.headers["cache-status"] == "swr-cache; fwd=bypass"
+        plain = await client.get("/q")
+        assert plain.text.endswith("body=") and plain.headers["cache-status"].endswith("stored")
+        assert (await client.request("GET", "/q", content=b"id=evil")).text.endswith("id=evil")
+        assert (await client.get("/q")).text == plain.text
+        # A raw HTTP/1.1 GET followed by bytes: they are not a body (h11 reads a new request).
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        authority = base.removeprefix("http://").encode()
+        writer.write(b"GET /q HTTP/1.1\r\nHost: " + authority + b"\r\n\r\nid=evil")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"cache-status: swr-cache; hit" in head.lower()
+        writer.close()
+        await writer.wait_closed()
+    assert _echo.calls == 3  # type: ignore[attr-defined]
