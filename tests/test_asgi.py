@@ -1355,12 +1355,12 @@ async def test_get_body_after_empty_chunks_is_seen(cache: Cache) -> None:
         {"type": "http.request", "body": b"evil", "more_body": False},
     ]
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Scope:
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-    sent: list[dict[str, Any]] = []
+    sent: list[Scope] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Scope) -> None:
         sent.append(message)
 
     scope = {
@@ -1383,18 +1383,18 @@ async def test_empty_streamed_request_body_is_cacheable(cache: Cache) -> None:
     app = BodyEcho()
     mw = CacheMiddleware(app, cache=cache)
 
-    def call() -> tuple[Any, list[dict[str, Any]]]:
+    def call() -> tuple[Any, list[Scope]]:
         messages = [
             {"type": "http.request", "body": b"", "more_body": True},
             {"type": "http.request", "body": b"", "more_body": False},
         ]
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Scope:
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-        sent: list[dict[str, Any]] = []
+        sent: list[Scope] = []
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Scope) -> None:
             sent.append(message)
 
         scope = {
@@ -1432,17 +1432,17 @@ async def test_body_shorter_than_content_length_is_not_stored(
 
 async def test_length_mismatch_label_and_count(cache: Cache) -> None:
     """A short body is labelled stored=?0 (it came in one message), counted and never stored."""
-    sent: list[dict[str, Any]] = []
+    sent: list[Scope] = []
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
         headers = [(b"content-length", b"100")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"short", "more_body": False})
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Scope:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Scope) -> None:
         sent.append(message)
 
     scope = {
@@ -1494,17 +1494,17 @@ async def test_stored_only_when_the_engine_stores_it(
 
 async def test_streamed_response_does_not_claim_stored(cache: Cache) -> None:
     """A response in several body messages says neither stored nor not: unknown when the headers left."""
-    sent: list[dict[str, Any]] = []
+    sent: list[Scope] = []
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"one ", "more_body": True})
         await send({"type": "http.response.body", "body": b"two", "more_body": False})
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Scope:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Scope) -> None:
         sent.append(message)
 
     scope = {
