@@ -19,7 +19,7 @@ from ._errors import (
 from ._keys import item_tag
 from ._policy import Policy
 from .asgi import CacheMiddleware
-from .dynamodb import DynamoTable
+from .dynamodb import CachedTable, DynamoTable
 from .streams import StreamConsumer, StreamInvalidator
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "CacheNotEnteredError",
     "CachedFunction",
     "CachedItemFunction",
+    "CachedTable",
     "CodecError",
     "ConfigError",
     "DynamoTable",
