@@ -9,6 +9,7 @@ from ._decorators import CachedFunction, CachedItemFunction, cached, cached_item
 from ._engine import Cache, EntryState
 from ._errors import (
     CacheNotEnteredError,
+    CacheUnavailableError,
     CodecError,
     ConfigError,
     InvalidationError,
@@ -26,6 +27,7 @@ __all__ = [
     "Cache",
     "CacheMiddleware",
     "CacheNotEnteredError",
+    "CacheUnavailableError",
     "CachedFunction",
     "CachedItemFunction",
     "CachedTable",

@@ -33,8 +33,15 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import _codec
 from ._engine import Cache
-from ._errors import ConfigError, InvalidationError, KeyEncodingError, SwrCacheError
+from ._errors import (
+    CacheUnavailableError,
+    ConfigError,
+    InvalidationError,
+    KeyEncodingError,
+    SwrCacheError,
+)
 from ._keys import from_typed, item_identity
+from ._readiness import describe_client
 from ._store import (
     M_ABSENT,
     M_DELTA,
@@ -241,10 +248,7 @@ def _open_cache(ns: argparse.Namespace) -> Cache:
 
 def _where(cache: Cache) -> str:
     """Where the client points, without credentials."""
-    kw = getattr(getattr(cache.client, "connection_pool", None), "connection_kwargs", {})
-    if "path" in kw:
-        return f"unix://{kw['path']}"
-    return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+    return describe_client(cache.client)
 
 
 async def _with_cache(
@@ -252,11 +256,10 @@ async def _with_cache(
 ) -> int:
     cache = _open_cache(ns)
     try:
-        async with cache._slots.hold(ns.timeout):
-            await cache.client.ping()
-    except (RedisError, OSError) as exc:
+        await cache.ping(ns.timeout)
+    except CacheUnavailableError as exc:
         await cache.client.aclose()
-        print(f"{PROG}: cannot reach Redis at {_where(cache)}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
         async with cache:
