@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -106,6 +108,32 @@ class _Binder:
             out["*"] = tuple(pos[len(names) :])
         out.update(kw)
         return out
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return name
+    return f"{name} at {code.co_filename}:{code.co_firstlineno}"
+
+
+# A literal ``ConsistentRead=True`` (keyword or dict entry) in the accessor's source.
+_CONSISTENT_READ = re.compile(r"""["']?ConsistentRead["']?\s*[=:]\s*True\b""")
+
+
+def _reads_consistently(fn: Callable[..., Any]) -> bool:
+    """Whether the accessor's source asks DynamoDB for strongly consistent reads.
+
+    A heuristic (the call may be elsewhere), used only to warn: such an accessor
+    should say ``consistent_reads=True``, or the invalidation fence, meant for
+    eventually consistent reads, throws away its fills after every write.
+    """
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):  # no source: built in a REPL, exec, a C function
+        return False
+    return _CONSISTENT_READ.search(source) is not None
 
 
 def _policy(cache: Cache, **overrides: float | None) -> Policy:
@@ -230,12 +258,27 @@ class CachedItemFunction(_Wrapper[P, T]):
         self._key = key
         self.policy = policy
         self._memo: dict[str, tuple[str, str]] = {}
+        if not consistent_reads and _reads_consistently(fn):
+            warnings.warn(
+                f"{self.name} reads with ConsistentRead=True but was decorated without "
+                "consistent_reads=True: for fence_ttl after each invalidation its loads "
+                "will be served but not stored. Pass consistent_reads=True.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _identity(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool
     ) -> tuple[str, Mapping[str, Any], Any]:
         pos, kw, attributes = self._binder.bind(args, kwargs, skip_first)
         key = self._key(*pos, **kw)
+        if not isinstance(key, Mapping):
+            raise ConfigError(
+                f"the key= function of {self.name} ({_describe(self._key)}) returned "
+                f"{type(key).__name__} {key!r:.60}; key= must return the item's primary "
+                f"key as a mapping of key attribute names to values, e.g. "
+                f'key=lambda user_id: {{"pk": user_id}}'
+            )
         return item_identity(self.table, key), key, attributes
 
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
@@ -412,7 +455,10 @@ def cached_item(
         consistent_reads: say ``True`` when the function reads with
             ``ConsistentRead=True``. Its fills then skip the fence that follows
             an invalidation (which exists for eventually consistent reads that
-            may still return the item as it was before the write).
+            may still return the item as it was before the write). Leaving it
+            off for a strongly consistent accessor loses its fills for
+            ``fence_ttl`` after each write; a literal ``ConsistentRead=True``
+            in the function's source makes decoration warn about that.
         version_attribute: the item's own version attribute (one every write
             changes, e.g. a number it increments). Projection loads then always
             include it, and missing attributes are merged into a fresh entry
@@ -423,7 +469,8 @@ def cached_item(
             attributes of two versions of the item.
 
     Raises:
-        ConfigError: invalid TTLs or arguments.
+        ConfigError: invalid TTLs or arguments; at call time, a ``key`` that
+            returns something other than a mapping.
     """
     policy = _policy(
         cache,
