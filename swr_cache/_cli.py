@@ -12,7 +12,8 @@ Commands:
 Redis comes from ``--redis-url``, else ``SWR_CACHE_REDIS_URL``, ``REDIS_URL``
 or ``REDIS_HOST``/``REDIS_PORT``/``REDIS_DB``; the namespace from
 ``--namespace``, else ``SWR_CACHE_NAMESPACE``, else ``swr``. Exit codes: 0 done,
-1 Redis could not be reached or an invalidation failed, 2 bad input.
+1 Redis could not be reached or an invalidation failed, 2 bad input, 141 (quietly)
+when stdout was closed early, as in ``swr-cache stats | head -1``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ PROG: Final = "swr-cache"
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+EXIT_PIPE: Final = 141  # 128 + SIGPIPE, as the shell reports a tool the signal ended
 
 _COMMANDS: Final = {
     "demo": "run a workload against embedded Redis and DynamoDB (moto) and print a report",
@@ -264,6 +266,8 @@ async def _with_cache(
     try:
         async with cache:
             return await body(ns, cache)
+    except BrokenPipeError:
+        raise  # our stdout was closed (`| head`): not Redis's doing; main() handles it
     except (RedisError, OSError) as exc:
         print(f"{PROG}: Redis at {_where(cache)} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -594,6 +598,8 @@ def _consume_stream(argv: Sequence[str]) -> int:
     failures: tuple[type[BaseException], ...] = (RedisError, OSError, SwrCacheError, *_aws_errors())
     try:
         return _consume_stream_unguarded(argv)
+    except BrokenPipeError:
+        raise
     except ConfigError as exc:
         print(f"{PROG} consume-stream: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -637,6 +643,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``swr-cache <command> ...``.
 
@@ -645,8 +661,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 done, 1 Redis unreachable or an invalidation failed,
-        2 bad input.
+        2 bad input, 130 interrupted, 141 stdout closed before the output was
+        written (``swr-cache stats | head -1``; what a tool killed by SIGPIPE
+        reports), which is quiet.
     """
+    try:
+        code = _main(argv)
+        # Piped output sits in the buffer until here: flush while we can still
+        # tell a closed pipe from a failure.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         print(_usage(), file=sys.stderr)
