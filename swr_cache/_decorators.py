@@ -5,15 +5,17 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._engine import Cache, _Request, normalize_attributes
-from ._errors import ConfigError
+from ._errors import CodecError, ConfigError
 from ._keys import KeyTemplate, encode_args, escape, item_identity, result_identity
 from ._metrics import Metrics
 from ._policy import Policy
+from ._typed import ValuePlan, plan_for_return
 
 __all__ = ["CachedFunction", "CachedItemFunction", "cached", "cached_item"]
 
@@ -136,6 +138,35 @@ def _reads_consistently(fn: Callable[..., Any]) -> bool:
     return _CONSISTENT_READ.search(source) is not None
 
 
+def _caller_locals() -> Mapping[str, Any]:
+    """The names where the decorator was applied (the caller of ``decorate``).
+
+    Under ``from __future__ import annotations`` a return annotation is a
+    string; classes defined in the same function body resolve only here.
+    """
+    try:
+        return dict(sys._getframe(2).f_locals)
+    except ValueError:  # no such frame
+        return {}
+
+
+def _check_item_plan(plan: ValuePlan, name: str, has_attributes: bool) -> None:
+    """A typed item accessor returns one model (or None) and reads whole items."""
+    from ._typed import _Dataclass, _Msgspec, _Optional, _Pydantic
+
+    inner = plan.inner if isinstance(plan, _Optional) else plan
+    if not isinstance(inner, (_Dataclass, _Pydantic, _Msgspec)):
+        raise ConfigError(
+            f"{name}: @cached_item stores one item per entry; its return annotation must "
+            "be a mapping, or a dataclass / Pydantic model / msgspec Struct (or X | None)"
+        )
+    if has_attributes:
+        raise ConfigError(
+            f"{name}: an accessor returning a model cannot take `attributes` (a projection "
+            "is not a whole model): return a dict, or drop the attributes parameter"
+        )
+
+
 def _policy(cache: Cache, **overrides: float | None) -> Policy:
     return cache.policy.with_overrides(**overrides)
 
@@ -146,7 +177,12 @@ class _Wrapper(Generic[P, T]):
     __wrapped__: Callable[P, Awaitable[T]]
 
     def __init__(
-        self, fn: Callable[P, Awaitable[T]], cache: Cache, name: str | None, table: str | None
+        self,
+        fn: Callable[P, Awaitable[T]],
+        cache: Cache,
+        name: str | None,
+        table: str | None,
+        localns: Mapping[str, Any] | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"{fn!r} must be an async function")
@@ -158,6 +194,53 @@ class _Wrapper(Generic[P, T]):
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self._binder = _Binder(fn)
         self.metrics: Metrics = cache.metrics.get(self.name, table)
+        # Set when the return annotation names dataclasses, Pydantic models or
+        # msgspec Structs: values are stored as their fields and rebuilt.
+        self._plan: ValuePlan | None = plan_for_return(fn, localns)
+
+    def _call(self, req: _Request) -> Coroutine[Any, Any, T]:
+        if self._plan is None:
+            return self.cache._get(req)
+        return self._typed(req)
+
+    async def _typed(self, req: _Request) -> T:
+        value = await self.cache._get(req)
+        try:
+            return self._rebuild(value)
+        except CodecError:
+            # Stored by an older version of the type (a field added, say): a
+            # counted miss, overwritten by a fresh load.
+            self.metrics.counts["decode_errors"] += 1
+        return self._rebuild(await self.cache._refresh_now(req), fresh=True)
+
+    def _rebuild(self, value: Any, fresh: bool = False) -> T:
+        plan = self._plan
+        if plan is None:
+            result: T = value
+            return result
+        try:
+            rebuilt: T = plan.load(value)
+        except (CodecError, TypeError, ValueError) as exc:
+            if fresh:
+                raise CodecError(
+                    f"{self.name} returned a value that cannot be rebuilt as its return "
+                    f"annotation says: {exc}"
+                ) from exc
+            raise CodecError(str(exc)) from exc
+        return rebuilt
+
+    async def _peek_typed(self, req: _Request) -> tuple[T, str] | None:
+        got: tuple[Any, str] | None = await self.cache._peek(req)
+        if got is None or self._plan is None:
+            return got
+        try:
+            return self._rebuild(got[0]), got[1]
+        except CodecError:
+            self.metrics.counts["decode_errors"] += 1
+            return None
+
+    async def _refresh_typed(self, req: _Request) -> T:
+        return self._rebuild(await self.cache._refresh_now(req), fresh=True)
 
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
         raise NotImplementedError
@@ -170,17 +253,18 @@ class _Wrapper(Generic[P, T]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
         # A plain function returning the engine's coroutine: one frame less on
         # the hit path than an ``async def`` that awaits it.
-        return self.cache._get(self._request(args, kwargs, False))
+        req = self._request(args, kwargs, False)
+        if self._plan is None:
+            return self.cache._get(req)
+        return self._typed(req)
 
     async def peek(self, *args: P.args, **kwargs: P.kwargs) -> tuple[T, str] | None:
         """The cached value and its state (``"fresh"`` or ``"stale"``) without loading, or ``None``."""
-        got: tuple[T, str] | None = await self.cache._peek(self._request(args, kwargs, False))
-        return got
+        return await self._peek_typed(self._request(args, kwargs, False))
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Reload from the origin now and store the result, whatever the entry's state."""
-        result: T = await self.cache._refresh_now(self._request(args, kwargs, False))
-        return result
+        return await self._refresh_typed(self._request(args, kwargs, False))
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> _Wrapper[P, T]: ...
@@ -206,19 +290,15 @@ class _BoundWrapper(Generic[T]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, T]:
         w = self._wrapper
-        return w.cache._get(w._request((self._instance, *args), kwargs, True))
+        return w._call(w._request((self._instance, *args), kwargs, True))
 
     async def peek(self, *args: Any, **kwargs: Any) -> tuple[T, str] | None:
         w = self._wrapper
-        got: tuple[T, str] | None = await w.cache._peek(
-            w._request((self._instance, *args), kwargs, True)
-        )
-        return got
+        return await w._peek_typed(w._request((self._instance, *args), kwargs, True))
 
     async def refresh(self, *args: Any, **kwargs: Any) -> T:
         w = self._wrapper
-        result: T = await w.cache._refresh_now(w._request((self._instance, *args), kwargs, True))
-        return result
+        return await w._refresh_typed(w._request((self._instance, *args), kwargs, True))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> None:
         w = self._wrapper
@@ -242,8 +322,11 @@ class CachedItemFunction(_Wrapper[P, T]):
         name: str | None,
         consistent_reads: bool = False,
         version_attribute: str | None = None,
+        localns: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(fn, cache, name, table)
+        super().__init__(fn, cache, name, table, localns)
+        if self._plan is not None:
+            _check_item_plan(self._plan, self.name, self._binder.has_attributes)
         self.consistent_reads = consistent_reads
         if version_attribute is not None and (
             not isinstance(version_attribute, str) or not version_attribute
@@ -311,6 +394,12 @@ class CachedItemFunction(_Wrapper[P, T]):
                 call_kwargs[_ATTRS] = None if attrs is None else list(attrs)
                 return await fn(*args, **call_kwargs)
 
+        elif self._plan is not None:
+            plan = self._plan
+
+            async def load(attrs: tuple[str, ...] | None) -> Any:
+                return plan.dump(await fn(*args, **kwargs))
+
         else:
 
             async def load(attrs: tuple[str, ...] | None) -> Any:
@@ -353,8 +442,9 @@ class CachedFunction(_Wrapper[P, T]):
         tags: Sequence[str] | Callable[..., Iterable[str]] | None,
         policy: Policy,
         name: str | None,
+        localns: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(fn, cache, name, None)
+        super().__init__(fn, cache, name, None, localns)
         self.policy = policy
         self._template: KeyTemplate | None = None
         self._key_fn: Callable[..., str] | None = None
@@ -388,9 +478,16 @@ class CachedFunction(_Wrapper[P, T]):
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
         identity, pos, kw = self._parts(args, kwargs, skip_first)
         fn = self.__wrapped__
+        plan = self._plan
+        if plan is None:
 
-        async def load(_attrs: tuple[str, ...] | None) -> Any:
-            return await fn(*args, **kwargs)
+            async def load(_attrs: tuple[str, ...] | None) -> Any:
+                return await fn(*args, **kwargs)
+
+        else:
+
+            async def load(_attrs: tuple[str, ...] | None) -> Any:
+                return plan.dump(await fn(*args, **kwargs))
 
         tags_spec = self._tags
         tags: Callable[[], Sequence[str]] | None = None
@@ -483,7 +580,15 @@ def cached_item(
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedItemFunction[P, T]:
         return CachedItemFunction(
-            fn, cache, table, key, policy, name, consistent_reads, version_attribute
+            fn,
+            cache,
+            table,
+            key,
+            policy,
+            name,
+            consistent_reads,
+            version_attribute,
+            _caller_locals(),
         )
 
     return decorate
@@ -518,6 +623,6 @@ def cached(
     )
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedFunction[P, T]:
-        return CachedFunction(fn, cache, key, tags, policy, name)
+        return CachedFunction(fn, cache, key, tags, policy, name, _caller_locals())
 
     return decorate
