@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
+from . import _otel
 from ._engine import Cache, _Request, normalize_attributes
 from ._errors import CodecError, ConfigError
 from ._keys import KeyTemplate, encode_args, escape, item_identity, result_identity
@@ -197,11 +198,49 @@ class _Wrapper(Generic[P, T]):
         # Set when the return annotation names dataclasses, Pydantic models or
         # msgspec Structs: values are stored as their fields and rebuilt.
         self._plan: ValuePlan | None = plan_for_return(fn, localns)
+        # Span attributes, when OpenTelemetry is importable.
+        self._span_attributes: dict[str, str] | None = None
+        if _otel.TRACER is not None:
+            self._span_attributes = {_otel.ATTR_FUNCTION: self.name}
+            if table is not None:
+                self._span_attributes[_otel.ATTR_TABLE] = table
+        # Neither typed values nor spans: calls return the engine's coroutine.
+        self._direct = self._plan is None and self._span_attributes is None
 
     def _call(self, req: _Request) -> Coroutine[Any, Any, T]:
+        if self._direct:
+            return self.cache._get(req)
+        if self._span_attributes is not None and _otel.recording():
+            return self._traced(req)
         if self._plan is None:
             return self.cache._get(req)
         return self._typed(req)
+
+    def _traced_loader(
+        self, load: Callable[[tuple[str, ...] | None], Awaitable[Any]]
+    ) -> Callable[[tuple[str, ...] | None], Awaitable[Any]]:
+        if self._span_attributes is None:
+            return load
+        return _otel.traced_loader(load, self._span_attributes)
+
+    async def _traced(self, req: _Request) -> T:
+        attributes = self._span_attributes
+        done = [False]
+        token = _otel.CALL_DONE.set(done)
+        try:
+            with _otel.TRACER.start_as_current_span("swr_cache.get", attributes=attributes) as span:
+                try:
+                    if self._plan is None:
+                        result: T = await self.cache._get(req)
+                    else:
+                        result = await self._typed(req)
+                finally:
+                    done[0] = True
+                    if req.outcome:
+                        span.set_attribute(_otel.ATTR_OUTCOME, req.outcome)
+                return result
+        finally:
+            _otel.CALL_DONE.reset(token)
 
     async def _typed(self, req: _Request) -> T:
         value = await self.cache._get(req)
@@ -254,9 +293,9 @@ class _Wrapper(Generic[P, T]):
         # A plain function returning the engine's coroutine: one frame less on
         # the hit path than an ``async def`` that awaits it.
         req = self._request(args, kwargs, False)
-        if self._plan is None:
+        if self._direct:
             return self.cache._get(req)
-        return self._typed(req)
+        return self._call(req)
 
     async def peek(self, *args: P.args, **kwargs: P.kwargs) -> tuple[T, str] | None:
         """The cached value and its state (``"fresh"`` or ``"stale"``) without loading, or ``None``."""
@@ -412,7 +451,7 @@ class CachedItemFunction(_Wrapper[P, T]):
             identity,
             True,
             None if attributes is None else normalize_attributes(attributes),
-            load,
+            self._traced_loader(load),
             None,
             entry,
             self.consistent_reads,
@@ -504,7 +543,16 @@ class CachedFunction(_Wrapper[P, T]):
                 def tags() -> Sequence[str]:
                     return fixed
 
-        return _Request(self.cache, self.metrics, self.policy, identity, False, None, load, tags)
+        return _Request(
+            self.cache,
+            self.metrics,
+            self.policy,
+            identity,
+            False,
+            None,
+            self._traced_loader(load),
+            tags,
+        )
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Drop the result these arguments name."""

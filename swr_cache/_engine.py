@@ -367,6 +367,7 @@ class _Request:
         "landed",
         "loader",
         "metrics",
+        "outcome",
         "policy",
         "purge_floor",
         "tags",
@@ -407,6 +408,8 @@ class _Request:
         # only counts newer ones (see Cache._check_tags).
         self.purge_floor = 0.0
         self.tags = tags
+        # How _get answered: fresh, stale, miss or bypass (for tracing spans).
+        self.outcome = ""
         # What one read asks Redis for: None = HGETALL (a whole item).
         if cache._signer is not None:
             # A signature covers every field: signed entries are read whole.
@@ -1113,6 +1116,7 @@ class Cache:
         try:
             snap = await self._read(req)
         except _Bypass:
+            req.outcome = "bypass"
             return await self._bypass(req)
         except _Corrupt:
             snap = None
@@ -1126,11 +1130,13 @@ class Cache:
             if type(verdict) is tuple:
                 state, value = verdict
                 self._note_hit(req, snap, state, value is None, now)
+                req.outcome = state
                 return value
         if verdict is not None:
             counts["partial_misses"] += 1
         else:
             counts["misses"] += 1
+        req.outcome = "miss"
         result = await self._flight(req)
         return result.take()
 
