@@ -278,3 +278,15 @@ def test_plain_annotations_need_no_plan(cache: Cache) -> None:
         return 1
 
     assert a._plan is None and b._plan is None and c._plan is None
+
+
+def test_importing_swr_cache_imports_neither_pydantic_nor_msgspec() -> None:
+    """Both stay optional: a model class in an annotation is how swr_cache learns of them."""
+    import subprocess
+    import sys
+
+    code = "import sys, swr_cache; print(sorted({'pydantic', 'msgspec'} & set(sys.modules)))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
