@@ -244,9 +244,12 @@ class _Wrapper(Generic[P, T]):
 
     async def _typed(self, req: _Request) -> T:
         value = await self.cache._get(req)
+        from_origin = req.outcome in ("miss", "bypass")
         try:
-            return self._rebuild(value)
+            return self._rebuild(value, fresh=from_origin)
         except CodecError:
+            if from_origin:  # the function's own value: loading again would not help
+                raise
             # Stored by an older version of the type (a field added, say): a
             # counted miss, overwritten by a fresh load.
             self.metrics.counts["decode_errors"] += 1

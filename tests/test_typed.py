@@ -233,12 +233,18 @@ async def test_a_value_that_does_not_match_its_annotation_is_a_clear_error(
     """The function's own value cannot be rebuilt as annotated: CodecError naming it."""
     from swr_cache import CodecError
 
+    calls = 0
+
     @cached(cache, key="bad:{n}")
     async def bad(n: int) -> User:
+        nonlocal calls
+        calls += 1
         return "not a user"  # type: ignore[return-value]
 
     with pytest.raises(CodecError, match="bad"):
         await bad(1)
+    assert calls == 1  # not loaded again: the origin's own value is wrong
+    assert cache.stats()[bad.name]["decode_errors"] == 0
 
 
 def test_ambiguous_or_unsupported_annotations_are_config_errors(cache: Cache) -> None:
