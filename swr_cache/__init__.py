@@ -10,6 +10,7 @@ from ._decorators import CachedFunction, CachedItemFunction, cached, cached_item
 from ._engine import Cache, EntryState
 from ._errors import (
     CacheNotEnteredError,
+    CacheUnavailableError,
     CodecError,
     ConfigError,
     InvalidationError,
@@ -20,15 +21,17 @@ from ._errors import (
 from ._keys import item_tag
 from ._policy import Policy
 from .asgi import CacheMiddleware
-from .dynamodb import DynamoTable
+from .dynamodb import CachedTable, DynamoTable
 from .streams import StreamConsumer, StreamInvalidator
 
 __all__ = [
     "Cache",
     "CacheMiddleware",
     "CacheNotEnteredError",
+    "CacheUnavailableError",
     "CachedFunction",
     "CachedItemFunction",
+    "CachedTable",
     "CodecError",
     "ConfigError",
     "DynamoTable",

@@ -12,7 +12,8 @@ Commands:
 Redis comes from ``--redis-url``, else ``SWR_CACHE_REDIS_URL``, ``REDIS_URL``
 or ``REDIS_HOST``/``REDIS_PORT``/``REDIS_DB``; the namespace from
 ``--namespace``, else ``SWR_CACHE_NAMESPACE``, else ``swr``. Exit codes: 0 done,
-1 Redis could not be reached or an invalidation failed, 2 bad input.
+1 Redis could not be reached or an invalidation failed, 2 bad input, 141 (quietly)
+when stdout was closed early, as in ``swr-cache stats | head -1``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,15 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import _codec
 from ._engine import Cache
-from ._errors import ConfigError, InvalidationError, KeyEncodingError, SwrCacheError
+from ._errors import (
+    CacheUnavailableError,
+    ConfigError,
+    InvalidationError,
+    KeyEncodingError,
+    SwrCacheError,
+)
 from ._keys import from_typed, item_identity
+from ._readiness import describe_client
 from ._store import (
     M_ABSENT,
     M_DELTA,
@@ -54,6 +62,7 @@ PROG: Final = "swr-cache"
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+EXIT_PIPE: Final = 141  # 128 + SIGPIPE, as the shell reports a tool the signal ended
 
 _COMMANDS: Final = {
     "demo": "from a clone: a workload on embedded Redis and DynamoDB (moto), with a report",
@@ -242,10 +251,7 @@ def _open_cache(ns: argparse.Namespace) -> Cache:
 
 def _where(cache: Cache) -> str:
     """Where the client points, without credentials."""
-    kw = getattr(getattr(cache.client, "connection_pool", None), "connection_kwargs", {})
-    if "path" in kw:
-        return f"unix://{kw['path']}"
-    return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+    return describe_client(cache.client)
 
 
 async def _with_cache(
@@ -253,15 +259,16 @@ async def _with_cache(
 ) -> int:
     cache = _open_cache(ns)
     try:
-        async with cache._slots.hold(ns.timeout):
-            await cache.client.ping()
-    except (RedisError, OSError) as exc:
+        await cache.ping(ns.timeout)
+    except CacheUnavailableError as exc:
         await cache.client.aclose()
-        print(f"{PROG}: cannot reach Redis at {_where(cache)}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
         async with cache:
             return await body(ns, cache)
+    except BrokenPipeError:
+        raise  # our stdout was closed (`| head`): not Redis's doing; main() handles it
     except (RedisError, OSError) as exc:
         print(f"{PROG}: Redis at {_where(cache)} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -609,6 +616,8 @@ def _consume_stream(argv: Sequence[str]) -> int:
     failures: tuple[type[BaseException], ...] = (RedisError, OSError, SwrCacheError, *_aws_errors())
     try:
         return _consume_stream_unguarded(argv)
+    except BrokenPipeError:
+        raise
     except ConfigError as exc:
         print(f"{PROG} consume-stream: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -652,6 +661,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``swr-cache <command> ...``.
 
@@ -660,8 +679,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 done, 1 Redis unreachable or an invalidation failed,
-        2 bad input.
+        2 bad input, 130 interrupted, 141 stdout closed before the output was
+        written (``swr-cache stats | head -1``; what a tool killed by SIGPIPE
+        reports), which is quiet.
     """
+    try:
+        code = _main(argv)
+        # Piped output sits in the buffer until here: flush while we can still
+        # tell a closed pipe from a failure.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         print(_usage(), file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         help="invalidate entries (default) or rewrite them from NewImage",
     )
     parser.add_argument("--once", action="store_true", help="read every shard once, then exit")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print progress as JSON lines (started, applied, stopped) instead of text",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 
@@ -57,6 +63,14 @@ async def _stream_arn(session: Any, table: str, client_kwargs: dict[str, Any]) -
         reply = await dynamodb.describe_table(TableName=table)
     arn = reply["Table"].get("LatestStreamArn")
     return arn if isinstance(arn, str) else None
+
+
+def _report(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None:
+    """One progress line on stdout: ``text``, or with ``--json`` one JSON object."""
+    if args.json:
+        print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
+    else:
+        print(text, flush=True)
 
 
 async def _consume(args: argparse.Namespace) -> int:
@@ -89,20 +103,37 @@ async def _consume(args: argparse.Namespace) -> int:
         for sig in signals:
             loop.add_signal_handler(sig, consumer.stop)
         try:
-            print(f"consuming {arn} into namespace {cache.namespace!r} ({args.mode})", flush=True)
+            _report(
+                args,
+                "started",
+                f"consuming {arn} into namespace {cache.namespace!r} ({args.mode})",
+                stream_arn=arn,
+                namespace=cache.namespace,
+                mode=args.mode,
+            )
             if args.once:
                 try:
                     applied = await consumer.poll_once()
                 finally:
                     await consumer.release()
-                print(f"applied {applied} records", flush=True)
+                counts = invalidator.metrics.counts
+                _report(
+                    args,
+                    "applied",
+                    f"applied {applied} records",
+                    applied=applied,
+                    malformed=counts["stream_records_malformed"],
+                )
             else:
                 await consumer.run()
                 counts = invalidator.metrics.counts
-                print(
+                _report(
+                    args,
+                    "stopped",
                     f"stopped: applied {counts['stream_records_applied']} records, "
                     f"skipped {counts['stream_records_malformed']} malformed",
-                    flush=True,
+                    applied=counts["stream_records_applied"],
+                    malformed=counts["stream_records_malformed"],
                 )
         finally:
             for sig in signals:

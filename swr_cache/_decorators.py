@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
+import sys
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
+from . import _otel
 from ._engine import Cache, _Request
 from ._entry import normalize_attributes
-from ._errors import ConfigError
+from ._errors import CodecError, ConfigError
 from ._keys import KeyTemplate, encode_args, escape, item_identity, result_identity
 from ._metrics import Metrics
 from ._policy import Policy
+from ._typed import ValuePlan, plan_for_return
 
 __all__ = ["CachedFunction", "CachedItemFunction", "cached", "cached_item"]
 
@@ -109,6 +114,61 @@ class _Binder:
         return out
 
 
+def _describe(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return name
+    return f"{name} at {code.co_filename}:{code.co_firstlineno}"
+
+
+# A literal ``ConsistentRead=True`` (keyword or dict entry) in the accessor's source.
+_CONSISTENT_READ = re.compile(r"""["']?ConsistentRead["']?\s*[=:]\s*True\b""")
+
+
+def _reads_consistently(fn: Callable[..., Any]) -> bool:
+    """Whether the accessor's source asks DynamoDB for strongly consistent reads.
+
+    A heuristic (the call may be elsewhere), used only to warn: such an accessor
+    should say ``consistent_reads=True``, or the invalidation fence, meant for
+    eventually consistent reads, throws away its fills after every write.
+    """
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):  # no source: built in a REPL, exec, a C function
+        return False
+    return _CONSISTENT_READ.search(source) is not None
+
+
+def _caller_locals() -> Mapping[str, Any]:
+    """The names where the decorator was applied (the caller of ``decorate``).
+
+    Under ``from __future__ import annotations`` a return annotation is a
+    string; classes defined in the same function body resolve only here.
+    """
+    try:
+        return dict(sys._getframe(2).f_locals)
+    except ValueError:  # no such frame
+        return {}
+
+
+def _check_item_plan(plan: ValuePlan, name: str, has_attributes: bool) -> None:
+    """A typed item accessor returns one model (or None) and reads whole items."""
+    from ._typed import _Dataclass, _Msgspec, _Optional, _Pydantic
+
+    inner = plan.inner if isinstance(plan, _Optional) else plan
+    if not isinstance(inner, (_Dataclass, _Pydantic, _Msgspec)):
+        raise ConfigError(
+            f"{name}: @cached_item stores one item per entry; its return annotation must "
+            "be a mapping, or a dataclass / Pydantic model / msgspec Struct (or X | None)"
+        )
+    if has_attributes:
+        raise ConfigError(
+            f"{name}: an accessor returning a model cannot take `attributes` (a projection "
+            "is not a whole model): return a dict, or drop the attributes parameter"
+        )
+
+
 def _policy(cache: Cache, **overrides: float | None) -> Policy:
     return cache.policy.with_overrides(**overrides)
 
@@ -119,7 +179,12 @@ class _Wrapper(Generic[P, T]):
     __wrapped__: Callable[P, Awaitable[T]]
 
     def __init__(
-        self, fn: Callable[P, Awaitable[T]], cache: Cache, name: str | None, table: str | None
+        self,
+        fn: Callable[P, Awaitable[T]],
+        cache: Cache,
+        name: str | None,
+        table: str | None,
+        localns: Mapping[str, Any] | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"{fn!r} must be an async function")
@@ -131,6 +196,94 @@ class _Wrapper(Generic[P, T]):
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self._binder = _Binder(fn)
         self.metrics: Metrics = cache.metrics.get(self.name, table)
+        # Set when the return annotation names dataclasses, Pydantic models or
+        # msgspec Structs: values are stored as their fields and rebuilt.
+        self._plan: ValuePlan | None = plan_for_return(fn, localns)
+        # Span attributes, when OpenTelemetry is importable.
+        self._span_attributes: dict[str, str] | None = None
+        if _otel.TRACER is not None:
+            self._span_attributes = {_otel.ATTR_FUNCTION: self.name}
+            if table is not None:
+                self._span_attributes[_otel.ATTR_TABLE] = table
+        # Neither typed values nor spans: calls return the engine's coroutine.
+        self._direct = self._plan is None and self._span_attributes is None
+
+    def _call(self, req: _Request) -> Coroutine[Any, Any, T]:
+        if self._direct:
+            return self.cache._get(req)
+        if self._span_attributes is not None and _otel.recording():
+            return self._traced(req)
+        if self._plan is None:
+            return self.cache._get(req)
+        return self._typed(req)
+
+    def _traced_loader(
+        self, load: Callable[[tuple[str, ...] | None], Awaitable[Any]]
+    ) -> Callable[[tuple[str, ...] | None], Awaitable[Any]]:
+        if self._span_attributes is None:
+            return load
+        return _otel.traced_loader(load, self._span_attributes)
+
+    async def _traced(self, req: _Request) -> T:
+        attributes = self._span_attributes
+        done = [False]
+        token = _otel.CALL_DONE.set(done)
+        try:
+            with _otel.TRACER.start_as_current_span("swr_cache.get", attributes=attributes) as span:
+                try:
+                    if self._plan is None:
+                        result: T = await self.cache._get(req)
+                    else:
+                        result = await self._typed(req)
+                finally:
+                    done[0] = True
+                    if req.outcome:
+                        span.set_attribute(_otel.ATTR_OUTCOME, req.outcome)
+                return result
+        finally:
+            _otel.CALL_DONE.reset(token)
+
+    async def _typed(self, req: _Request) -> T:
+        value = await self.cache._get(req)
+        from_origin = req.outcome in ("miss", "bypass")
+        try:
+            return self._rebuild(value, fresh=from_origin)
+        except CodecError:
+            if from_origin:  # the function's own value: loading again would not help
+                raise
+            # Stored by an older version of the type (a field added, say): a
+            # counted miss, overwritten by a fresh load.
+            self.metrics.counts["decode_errors"] += 1
+        return self._rebuild(await self.cache._refresh_now(req), fresh=True)
+
+    def _rebuild(self, value: Any, fresh: bool = False) -> T:
+        plan = self._plan
+        if plan is None:
+            result: T = value
+            return result
+        try:
+            rebuilt: T = plan.load(value)
+        except (CodecError, TypeError, ValueError) as exc:
+            if fresh:
+                raise CodecError(
+                    f"{self.name} returned a value that cannot be rebuilt as its return "
+                    f"annotation says: {exc}"
+                ) from exc
+            raise CodecError(str(exc)) from exc
+        return rebuilt
+
+    async def _peek_typed(self, req: _Request) -> tuple[T, str] | None:
+        got: tuple[Any, str] | None = await self.cache._peek(req)
+        if got is None or self._plan is None:
+            return got
+        try:
+            return self._rebuild(got[0]), got[1]
+        except CodecError:
+            self.metrics.counts["decode_errors"] += 1
+            return None
+
+    async def _refresh_typed(self, req: _Request) -> T:
+        return self._rebuild(await self.cache._refresh_now(req), fresh=True)
 
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
         raise NotImplementedError
@@ -143,17 +296,18 @@ class _Wrapper(Generic[P, T]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
         # A plain function returning the engine's coroutine: one frame less on
         # the hit path than an ``async def`` that awaits it.
-        return self.cache._get(self._request(args, kwargs, False))
+        req = self._request(args, kwargs, False)
+        if self._direct:
+            return self.cache._get(req)
+        return self._call(req)
 
     async def peek(self, *args: P.args, **kwargs: P.kwargs) -> tuple[T, str] | None:
         """The cached value and its state (``"fresh"`` or ``"stale"``) without loading, or ``None``."""
-        got: tuple[T, str] | None = await self.cache._peek(self._request(args, kwargs, False))
-        return got
+        return await self._peek_typed(self._request(args, kwargs, False))
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Reload from the origin now and store the result, whatever the entry's state."""
-        result: T = await self.cache._refresh_now(self._request(args, kwargs, False))
-        return result
+        return await self._refresh_typed(self._request(args, kwargs, False))
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> _Wrapper[P, T]: ...
@@ -179,19 +333,15 @@ class _BoundWrapper(Generic[T]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, T]:
         w = self._wrapper
-        return w.cache._get(w._request((self._instance, *args), kwargs, True))
+        return w._call(w._request((self._instance, *args), kwargs, True))
 
     async def peek(self, *args: Any, **kwargs: Any) -> tuple[T, str] | None:
         w = self._wrapper
-        got: tuple[T, str] | None = await w.cache._peek(
-            w._request((self._instance, *args), kwargs, True)
-        )
-        return got
+        return await w._peek_typed(w._request((self._instance, *args), kwargs, True))
 
     async def refresh(self, *args: Any, **kwargs: Any) -> T:
         w = self._wrapper
-        result: T = await w.cache._refresh_now(w._request((self._instance, *args), kwargs, True))
-        return result
+        return await w._refresh_typed(w._request((self._instance, *args), kwargs, True))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> None:
         w = self._wrapper
@@ -215,8 +365,11 @@ class CachedItemFunction(_Wrapper[P, T]):
         name: str | None,
         consistent_reads: bool = False,
         version_attribute: str | None = None,
+        localns: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(fn, cache, name, table)
+        super().__init__(fn, cache, name, table, localns)
+        if self._plan is not None:
+            _check_item_plan(self._plan, self.name, self._binder.has_attributes)
         self.consistent_reads = consistent_reads
         if version_attribute is not None and (
             not isinstance(version_attribute, str) or not version_attribute
@@ -231,12 +384,27 @@ class CachedItemFunction(_Wrapper[P, T]):
         self._key = key
         self.policy = policy
         self._memo: dict[str, tuple[str, str]] = {}
+        if not consistent_reads and _reads_consistently(fn):
+            warnings.warn(
+                f"{self.name} reads with ConsistentRead=True but was decorated without "
+                "consistent_reads=True: for fence_ttl after each invalidation its loads "
+                "will be served but not stored. Pass consistent_reads=True.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _identity(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool
     ) -> tuple[str, Mapping[str, Any], Any]:
         pos, kw, attributes = self._binder.bind(args, kwargs, skip_first)
         key = self._key(*pos, **kw)
+        if not isinstance(key, Mapping):
+            raise ConfigError(
+                f"the key= function of {self.name} ({_describe(self._key)}) returned "
+                f"{type(key).__name__} {key!r:.60}; key= must return the item's primary "
+                f"key as a mapping of key attribute names to values, e.g. "
+                f'key=lambda user_id: {{"pk": user_id}}'
+            )
         return item_identity(self.table, key), key, attributes
 
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
@@ -269,6 +437,12 @@ class CachedItemFunction(_Wrapper[P, T]):
                 call_kwargs[_ATTRS] = None if attrs is None else list(attrs)
                 return await fn(*args, **call_kwargs)
 
+        elif self._plan is not None:
+            plan = self._plan
+
+            async def load(attrs: tuple[str, ...] | None) -> Any:
+                return plan.dump(await fn(*args, **kwargs))
+
         else:
 
             async def load(attrs: tuple[str, ...] | None) -> Any:
@@ -281,7 +455,7 @@ class CachedItemFunction(_Wrapper[P, T]):
             identity,
             True,
             None if attributes is None else normalize_attributes(attributes),
-            load,
+            self._traced_loader(load),
             None,
             entry,
             self.consistent_reads,
@@ -311,8 +485,9 @@ class CachedFunction(_Wrapper[P, T]):
         tags: Sequence[str] | Callable[..., Iterable[str]] | None,
         policy: Policy,
         name: str | None,
+        localns: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(fn, cache, name, None)
+        super().__init__(fn, cache, name, None, localns)
         self.policy = policy
         self._template: KeyTemplate | None = None
         self._key_fn: Callable[..., str] | None = None
@@ -346,9 +521,16 @@ class CachedFunction(_Wrapper[P, T]):
     def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
         identity, pos, kw = self._parts(args, kwargs, skip_first)
         fn = self.__wrapped__
+        plan = self._plan
+        if plan is None:
 
-        async def load(_attrs: tuple[str, ...] | None) -> Any:
-            return await fn(*args, **kwargs)
+            async def load(_attrs: tuple[str, ...] | None) -> Any:
+                return await fn(*args, **kwargs)
+
+        else:
+
+            async def load(_attrs: tuple[str, ...] | None) -> Any:
+                return plan.dump(await fn(*args, **kwargs))
 
         tags_spec = self._tags
         tags: Callable[[], Sequence[str]] | None = None
@@ -365,7 +547,16 @@ class CachedFunction(_Wrapper[P, T]):
                 def tags() -> Sequence[str]:
                     return fixed
 
-        return _Request(self.cache, self.metrics, self.policy, identity, False, None, load, tags)
+        return _Request(
+            self.cache,
+            self.metrics,
+            self.policy,
+            identity,
+            False,
+            None,
+            self._traced_loader(load),
+            tags,
+        )
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Drop the result these arguments name."""
@@ -413,7 +604,10 @@ def cached_item(
         consistent_reads: say ``True`` when the function reads with
             ``ConsistentRead=True``. Its fills then skip the fence that follows
             an invalidation (which exists for eventually consistent reads that
-            may still return the item as it was before the write).
+            may still return the item as it was before the write). Leaving it
+            off for a strongly consistent accessor loses its fills for
+            ``fence_ttl`` after each write; a literal ``ConsistentRead=True``
+            in the function's source makes decoration warn about that.
         version_attribute: the item's own version attribute (one every write
             changes, e.g. a number it increments). Projection loads then always
             include it, and missing attributes are merged into a fresh entry
@@ -424,7 +618,8 @@ def cached_item(
             attributes of two versions of the item.
 
     Raises:
-        ConfigError: invalid TTLs or arguments.
+        ConfigError: invalid TTLs or arguments; at call time, a ``key`` that
+            returns something other than a mapping.
     """
     policy = _policy(
         cache,
@@ -437,7 +632,15 @@ def cached_item(
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedItemFunction[P, T]:
         return CachedItemFunction(
-            fn, cache, table, key, policy, name, consistent_reads, version_attribute
+            fn,
+            cache,
+            table,
+            key,
+            policy,
+            name,
+            consistent_reads,
+            version_attribute,
+            _caller_locals(),
         )
 
     return decorate
@@ -472,6 +675,6 @@ def cached(
     )
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> CachedFunction[P, T]:
-        return CachedFunction(fn, cache, key, tags, policy, name)
+        return CachedFunction(fn, cache, key, tags, policy, name, _caller_locals())
 
     return decorate

@@ -72,6 +72,7 @@ from ._gate import (
 from ._keys import KeySpace, change_tags, item_identity
 from ._metrics import Metrics, MetricsRegistry
 from ._policy import Policy
+from ._readiness import describe_client, ping_client
 from ._signing import M_SIG, Signer
 from ._store import (
     ALL_META,
@@ -225,6 +226,7 @@ class _Request:
         "landed",
         "loader",
         "metrics",
+        "outcome",
         "policy",
         "purge_floor",
         "tags",
@@ -265,6 +267,8 @@ class _Request:
         # only counts newer ones (see Cache._check_tags).
         self.purge_floor = 0.0
         self.tags = tags
+        # How _get answered: fresh, stale, miss or bypass (for tracing spans).
+        self.outcome = ""
         # What one read asks Redis for: None = HGETALL (a whole item).
         if cache._signer is not None:
             # A signature covers every field: signed entries are read whole.
@@ -507,10 +511,18 @@ class Cache:
         ``SWR_CACHE_REDIS_URL``, else ``REDIS_URL``, else ``REDIS_HOST`` /
         ``REDIS_PORT`` / ``REDIS_DB`` (default ``localhost:6379/0``);
         ``SWR_CACHE_NAMESPACE``, ``SWR_CACHE_SOFT_TTL``, ``SWR_CACHE_HARD_TTL``.
-        Explicit ``kwargs`` win over the environment.
+        Explicit ``kwargs`` win over the environment. With none of the Redis
+        variables set it logs a warning before falling back to localhost.
         """
         env = os.environ if environ is None else environ
         url = env.get("SWR_CACHE_REDIS_URL") or env.get("REDIS_URL")
+        if not url and not any(v in env for v in ("REDIS_HOST", "REDIS_PORT", "REDIS_DB")):
+            # A deploy that forgot its variables would otherwise run uncached
+            # against a localhost nobody listens on, quietly (reads fail open).
+            log.warning(
+                "swr_cache: none of SWR_CACHE_REDIS_URL, REDIS_URL, REDIS_HOST is set; "
+                "using redis://localhost:6379/0"
+            )
         if not url:
             host = env.get("REDIS_HOST", "localhost")
             port = env.get("REDIS_PORT", "6379")
@@ -541,6 +553,9 @@ class Cache:
         self._entered = True
         await self.sync_clock()
         tg.start_soon(self._clock_loop)
+        log.info(
+            "swr_cache: cache on %s, namespace %r", describe_client(self.client), self.namespace
+        )
         return self
 
     async def _clock_loop(self) -> None:
@@ -630,6 +645,21 @@ class Cache:
 
     def _now_ms(self) -> float:
         return self._clock() * 1000.0 + self._offset_ms
+
+    async def ping(self, limit: float | None = None) -> float:
+        """Round trip of one PING to Redis, in seconds: for readiness checks.
+
+        Unlike reads it does not fail open and ignores the circuit breaker: it
+        asks Redis now. Works on a cache that was not entered too.
+
+        Args:
+            limit: cap on the whole call, seconds (default ``call_timeout``).
+
+        Raises:
+            CacheUnavailableError: Redis did not answer within the timeout.
+        """
+        seconds = self.call_timeout if limit is None else float(limit)
+        return await ping_client(self.client, seconds, self._slots)
 
     # -- public operations ---------------------------------------------------
 
@@ -907,6 +937,7 @@ class Cache:
         try:
             snap = await self._read(req)
         except _Bypass:
+            req.outcome = "bypass"
             return await self._bypass(req)
         except _Corrupt:
             snap = None
@@ -920,11 +951,13 @@ class Cache:
             if type(verdict) is tuple:
                 state, value = verdict
                 self._note_hit(req, snap, state, value is None, now)
+                req.outcome = state
                 return value
         if verdict is not None:
             counts["partial_misses"] += 1
         else:
             counts["misses"] += 1
+        req.outcome = "miss"
         result = await self._flight(req)
         return result.take()
 

@@ -9,6 +9,7 @@ thing for a caller to catch, the class derives from that too::
     SwrCacheError
     ├── ConfigError (also ValueError)            - bad TTLs, bad options, decode_responses=True client
     ├── CacheNotEnteredError (also RuntimeError) - decorated function used before `async with cache`
+    ├── CacheUnavailableError                    - `cache.ping()` got no answer from Redis in time
     ├── CodecError                               - value cannot be encoded/decoded
     ├── KeyEncodingError (also ValueError)       - key cannot be encoded (unsupported key type, bad template)
     ├── InvalidationError                        - an invalidation/purge could not be applied; carries `.keys`
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "CacheNotEnteredError",
+    "CacheUnavailableError",
     "CodecError",
     "ConfigError",
     "InvalidationError",
@@ -42,6 +44,15 @@ class ConfigError(SwrCacheError, ValueError):
 class CacheNotEnteredError(SwrCacheError, RuntimeError):
     """A cached function was called on a cache that was never entered
     (``async with cache:``), so no task group exists to run refreshes in."""
+
+
+class CacheUnavailableError(SwrCacheError):
+    """Redis did not answer ``cache.ping()`` within the call timeout: refused,
+    timed out, authentication failed, or a cluster node is down.
+
+    Only ``ping`` raises it: reads fail open (the origin answers) whatever
+    Redis does, so this is what a readiness check looks at.
+    """
 
 
 class CodecError(SwrCacheError):

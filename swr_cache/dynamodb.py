@@ -351,8 +351,10 @@ class _Search:
 class DynamoTable:
     """One DynamoDB table over an aiobotocore ``dynamodb`` client, in plain Python values.
 
-    Reads here are uncached (``get_item``, ``batch_get_item``, ``query``,
-    ``scan``); :meth:`cached` returns the cached view, which also writes.
+    A plain ``DynamoTable`` does not cache: its reads (``get_item``,
+    ``batch_get_item``, ``query``, ``scan``) always go to DynamoDB.
+    :meth:`cached` returns the cached view, a :class:`~swr_cache.CachedTable`,
+    which reads through Redis and also writes (invalidating what it wrote).
     The client is the caller's: this class never creates or closes one, and
     does no I/O until a method is awaited.
 
@@ -862,6 +864,10 @@ _CORRUPT: Final = object()
 
 class CachedTable:
     """A cached view of a :class:`DynamoTable`; made by :meth:`DynamoTable.cached`.
+
+    Import it from ``swr_cache`` to annotate the view
+    (``users: CachedTable = DynamoTable(client, "Users").cached(cache)``);
+    build it with ``DynamoTable.cached``, not directly.
 
     Items live in the same Redis entries ``@cached_item(cache, table=...,
     key=...)`` uses, so hand-written accessors, this view and the stream

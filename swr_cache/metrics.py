@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from ._engine import Cache
 
-__all__ = ["EmfReporter", "SwrCacheCollector", "register"]
+__all__ = ["COUNTERS", "EmfReporter", "SwrCacheCollector", "register"]
 
 _LABELS: Final = ("function", "table", "namespace")
 _HISTOGRAMS: Final = (

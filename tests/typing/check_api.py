@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, assert_type
 
-from swr_cache import Cache, cached, cached_item
+from swr_cache import Cache, CachedTable, DynamoTable, cached, cached_item
 
 
 async def check(cache: Cache) -> None:
@@ -32,3 +32,9 @@ async def check(cache: Cache) -> None:
             return None
 
     assert_type(await Repo().get("u1"), dict[str, Any] | None)
+
+
+async def check_table(cache: Cache, client: Any) -> None:
+    users: CachedTable = DynamoTable(client, "Users").cached(cache)
+    assert_type(DynamoTable(client, "Users").cached(cache), CachedTable)
+    assert_type(await users.get_item({"pk": "u1"}), dict[str, Any] | None)

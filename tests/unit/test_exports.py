@@ -30,3 +30,17 @@ def test_package_ships_py_typed() -> None:
     from importlib.resources import files
 
     assert files("swr_cache").joinpath("py.typed").is_file()
+
+
+def test_cached_table_is_exported_and_named() -> None:
+    """``DynamoTable(...).cached()`` returns a type users can import and annotate."""
+    from swr_cache import CachedTable, DynamoTable
+
+    assert "CachedTable" in swr_cache.__all__
+    assert DynamoTable.cached.__annotations__["return"] in ("CachedTable", CachedTable)
+    import redis.asyncio as aioredis
+
+    cache = swr_cache.Cache(aioredis.Redis(), namespace="t")  # no I/O until entered
+    assert isinstance(DynamoTable(object(), "Users", ["pk"]).cached(cache), CachedTable)
+    # The docs say which one caches.
+    assert "does not cache" in (DynamoTable.__doc__ or "")
