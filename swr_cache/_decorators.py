@@ -220,7 +220,7 @@ class _Wrapper(Generic[P, T]):
     def _traced_loader(
         self, load: Callable[[tuple[str, ...] | None], Awaitable[Any]]
     ) -> Callable[[tuple[str, ...] | None], Awaitable[Any]]:
-        if self._span_attributes is None:
+        if self._span_attributes is None or not _otel.recording():
             return load
         return _otel.traced_loader(load, self._span_attributes)
 

@@ -14,6 +14,7 @@ API but no SDK TracerProvider installed, a call costs one check, no span.
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -47,13 +48,27 @@ if _trace is not None:
     _NO_OP_PROVIDERS = (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
 
 
+_recording = False
+_next_check = 0.0
+
+
 def recording() -> bool:
     """Whether the application installed a TracerProvider (else spans would be no-ops).
 
-    Checked per call, so an API-only install (FastAPI apps often have one)
-    without an SDK pays one function call instead of a span per hit.
+    OpenTelemetry's global provider is set once and never unset, so a yes is
+    kept for good. A no is asked again at most every 0.2 s: looking the
+    provider up reads the environment, too slow for every cache hit of an
+    API-only install (FastAPI apps often have one) that has no SDK.
     """
-    return _trace is not None and not isinstance(_trace.get_tracer_provider(), _NO_OP_PROVIDERS)
+    global _recording, _next_check
+    if _recording:
+        return True
+    now = time.monotonic()
+    if now < _next_check or _trace is None:
+        return False
+    _next_check = now + 0.2
+    _recording = not isinstance(_trace.get_tracer_provider(), _NO_OP_PROVIDERS)
+    return _recording
 
 
 # Set while a get span is open: [True] once its call has returned, so a load
