@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import users
 
 from swr_cache import Cache, CacheNotEnteredError, ConfigError, cached, cached_item, item_tag
 from swr_cache.testing import FakeClock, RecordingOrigin
@@ -24,16 +25,6 @@ def origin() -> RecordingOrigin:
             "u2": {"pk": "u2", "name": "Bob"},
         }
     )
-
-
-def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
-    @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, **kw)
-    async def get_user(
-        user_id: str, *, attributes: list[str] | None = None
-    ) -> dict[str, Any] | None:
-        return await origin.get(user_id, attributes)
-
-    return get_user
 
 
 async def wait_until(predicate: Any, limit: float = 5.0) -> None:

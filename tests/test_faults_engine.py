@@ -15,24 +15,15 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import users
 
 from devtools.devservers import RedisServer
-from swr_cache import Cache, StreamInvalidator, cached, cached_item, item_tag
+from swr_cache import Cache, StreamInvalidator, cached, item_tag
 from swr_cache._keys import table_tag
 from swr_cache._store import Store
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
 pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
-
-
-def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
-    @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, **kw)
-    async def get_user(
-        user_id: str, *, attributes: list[str] | None = None
-    ) -> dict[str, Any] | None:
-        return await origin.get(user_id, attributes)
-
-    return get_user
 
 
 @pytest.fixture

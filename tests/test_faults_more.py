@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import users
 
 from devtools.devservers import RedisServer
 from swr_cache import Cache, CacheNotEnteredError, cached, cached_item
@@ -29,16 +30,6 @@ from swr_cache.testing import FakeClock, RecordingOrigin
 pytestmark = pytest.mark.redis
 
 ITEM = {"pk": "u1", "name": "Ada", "age": Decimal(36)}
-
-
-def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
-    @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, **kw)
-    async def get_user(
-        user_id: str, *, attributes: list[str] | None = None
-    ) -> dict[str, Any] | None:
-        return await origin.get(user_id, attributes)
-
-    return get_user
 
 
 @pytest.fixture

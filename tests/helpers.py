@@ -1,0 +1,20 @@
+"""Helpers shared by the engine and fault tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from swr_cache import Cache, cached_item
+from swr_cache.testing import RecordingOrigin
+
+
+def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
+    """A ``@cached_item`` accessor of table ``Users`` (key ``pk``) over ``origin``."""
+
+    @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, **kw)
+    async def get_user(
+        user_id: str, *, attributes: list[str] | None = None
+    ) -> dict[str, Any] | None:
+        return await origin.get(user_id, attributes)
+
+    return get_user
