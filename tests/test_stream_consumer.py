@@ -459,6 +459,10 @@ async def test_run_keeps_polling_until_stopped(cache: Cache, fake: FakeStreams) 
         return inv.seen.count(seq) == 2  # failed once, then applied
 
     await wait_until(applied)
+    # The checkpoint is written after the batch applies: wait for it, not race it.
+    deadline = asyncio.get_running_loop().time() + 10
+    while await checkpoint(cache, "a") != seq and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
     assert await checkpoint(cache, "a") == seq
     c.stop()
     await asyncio.wait_for(running, 10)
