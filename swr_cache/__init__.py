@@ -6,8 +6,9 @@ items as Redis hashes one field per attribute, and invalidation by key or tag.
 """
 
 from .__about__ import __version__ as __version__
+from ._cache import Cache
 from ._decorators import CachedFunction, CachedItemFunction, cached, cached_item
-from ._engine import Cache, EntryState
+from ._engine_api import EntryState
 from ._errors import (
     CacheNotEnteredError,
     CacheUnavailableError,

@@ -58,6 +58,11 @@ class Breaker:
         self._probing = True
         return True
 
+    @property
+    def probing(self) -> bool:
+        """A half-open probe is under way (its caller must report how it went)."""
+        return self._probing
+
     def abandon(self) -> None:
         """A call ended with neither success nor failure (cancelled): free the probe slot."""
         self._probing = False

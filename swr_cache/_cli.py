@@ -34,7 +34,8 @@ from urllib.parse import unquote
 from redis.exceptions import RedisError, ResponseError
 
 from . import _codec
-from ._engine import Cache
+from ._cache import Cache
+from ._engine_api import engine_of
 from ._errors import (
     CacheUnavailableError,
     ConfigError,
@@ -298,16 +299,12 @@ def _display(identity: str) -> str:
 async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
     identity = _identity(ns)
     assert identity is not None
-    ks = cache._keys
+    engine = engine_of(cache)
+    ks = engine.keys
     entry, lease, fence = ks.entry(identity), ks.lease(identity), ks.fence(identity)
-    async with cache._slots.hold(ns.timeout):
-        pipe = cache.client.pipeline(transaction=False)
-        pipe.hgetall(entry)
-        pipe.pttl(lease)
-        pipe.pttl(fence)
-        pipe.type(entry)
-        raw, lease_ttl, fence_ttl, kind = await pipe.execute(raise_on_error=False)
-    now = cache._now_ms()
+    async with engine.slots.hold(ns.timeout):
+        raw, lease_ttl, fence_ttl, kind = await engine.store.describe(entry, lease, fence)
+    now = engine.now_ms()
     for reply in (lease_ttl, fence_ttl, kind):
         if isinstance(reply, BaseException):
             raise reply
@@ -480,7 +477,8 @@ def _entry_group(identity: str) -> str:
 async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
     if ns.max_keys < 1:
         raise UsageError("--max-keys must be >= 1")
-    prefix = cache._keys.prefix
+    engine = engine_of(cache)
+    prefix = engine.keys.prefix
     kinds: Counter[str] = Counter()
     groups: Counter[str] = Counter()
     entries: list[str] = []
@@ -489,11 +487,10 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
     complete = False
     while scanned < ns.max_keys:
         room = ns.max_keys - scanned
-        async with cache._slots.hold(ns.timeout):
-            cursor, keys = await cache.client.scan(
-                cursor, match=_glob_escape(prefix) + "*", count=min(1000, room)
+        async with engine.slots.hold(ns.timeout):
+            cursor, keys = await engine.store.scan(
+                cursor, _glob_escape(prefix) + "*", min(1000, room)
             )
-        cursor = int(cursor)
         # SCAN's COUNT is a hint: a reply may hold more keys than there is room for.
         cut = len(keys) > room
         for raw in keys[:room]:
@@ -504,7 +501,7 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
             if kind == "e":
                 entries.append(key)
                 try:
-                    groups[_entry_group(cache._keys.identity_of(key))] += 1
+                    groups[_entry_group(engine.keys.identity_of(key))] += 1
                 except KeyEncodingError:
                     groups["(unparsable)"] += 1
         if cursor == 0 and not cut:
@@ -512,13 +509,12 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
             break
     states: Counter[str] = Counter()
     if not ns.no_states and entries:
-        now = cache._now_ms()
+        now = engine.now_ms()
         for i in range(0, len(entries), 500):
-            async with cache._slots.hold(ns.timeout):
-                pipe = cache.client.pipeline(transaction=False)
-                for key in entries[i : i + 500]:
-                    pipe.hmget(key, [M_SOFT, M_HARD, M_NONE])
-                replies = await pipe.execute(raise_on_error=False)
+            async with engine.slots.hold(ns.timeout):
+                replies = await engine.store.read_field_lists(
+                    entries[i : i + 500], [M_SOFT, M_HARD, M_NONE]
+                )
             for reply in replies:
                 states[_state_of(reply, now)] += 1
     data: dict[str, Any] = {

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._engine import Cache
+from ._cache import Cache
 from .streams import StreamConsumer, StreamInvalidator
 
 __all__ = ["main"]

@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _otel
-from ._engine import Cache, _Request
+from ._cache import Cache
+from ._engine_api import EntryRequest, engine_of
 from ._entry import normalize_attributes
 from ._errors import CodecError, ConfigError
 from ._keys import KeyTemplate, encode_args, escape, item_identity, result_identity
@@ -147,7 +148,8 @@ def _caller_locals() -> Mapping[str, Any]:
     string; classes defined in the same function body resolve only here.
     """
     try:
-        return dict(sys._getframe(2).f_locals)
+        # (sys._getframe is the documented way to a caller's frame.)
+        return dict(sys._getframe(2).f_locals)  # noqa: SLF001
     except ValueError:  # no such frame
         return {}
 
@@ -193,6 +195,7 @@ class _Wrapper(Generic[P, T]):
         functools.update_wrapper(self, fn)
         self.__wrapped__ = fn
         self.cache = cache
+        self.engine = engine_of(cache)
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self._binder = _Binder(fn)
         self.metrics: Metrics = cache.metrics.get(self.name, table)
@@ -208,13 +211,13 @@ class _Wrapper(Generic[P, T]):
         # Neither typed values nor spans: calls return the engine's coroutine.
         self._direct = self._plan is None and self._span_attributes is None
 
-    def _call(self, req: _Request) -> Coroutine[Any, Any, T]:
+    def _call(self, req: EntryRequest) -> Coroutine[Any, Any, T]:
         if self._direct:
-            return self.cache._get(req)
+            return self.engine.get(req)
         if self._span_attributes is not None and _otel.recording():
             return self._traced(req)
         if self._plan is None:
-            return self.cache._get(req)
+            return self.engine.get(req)
         return self._typed(req)
 
     def _traced_loader(
@@ -224,7 +227,7 @@ class _Wrapper(Generic[P, T]):
             return load
         return _otel.traced_loader(load, self._span_attributes)
 
-    async def _traced(self, req: _Request) -> T:
+    async def _traced(self, req: EntryRequest) -> T:
         attributes = self._span_attributes
         done = [False]
         token = _otel.CALL_DONE.set(done)
@@ -232,7 +235,7 @@ class _Wrapper(Generic[P, T]):
             with _otel.TRACER.start_as_current_span("swr_cache.get", attributes=attributes) as span:
                 try:
                     if self._plan is None:
-                        result: T = await self.cache._get(req)
+                        result: T = await self.engine.get(req)
                     else:
                         result = await self._typed(req)
                 finally:
@@ -243,8 +246,8 @@ class _Wrapper(Generic[P, T]):
         finally:
             _otel.CALL_DONE.reset(token)
 
-    async def _typed(self, req: _Request) -> T:
-        value = await self.cache._get(req)
+    async def _typed(self, req: EntryRequest) -> T:
+        value = await self.engine.get(req)
         from_origin = req.outcome in ("miss", "bypass")
         try:
             return self._rebuild(value, fresh=from_origin)
@@ -254,7 +257,7 @@ class _Wrapper(Generic[P, T]):
             # Stored by an older version of the type (a field added, say): a
             # counted miss, overwritten by a fresh load.
             self.metrics.counts["decode_errors"] += 1
-        return self._rebuild(await self.cache._refresh_now(req), fresh=True)
+        return self._rebuild(await self.engine.refresh_now(req), fresh=True)
 
     def _rebuild(self, value: Any, fresh: bool = False) -> T:
         plan = self._plan
@@ -272,8 +275,8 @@ class _Wrapper(Generic[P, T]):
             raise CodecError(str(exc)) from exc
         return rebuilt
 
-    async def _peek_typed(self, req: _Request) -> tuple[T, str] | None:
-        got: tuple[Any, str] | None = await self.cache._peek(req)
+    async def _peek_typed(self, req: EntryRequest) -> tuple[T, str] | None:
+        got: tuple[Any, str] | None = await self.engine.peek(req)
         if got is None or self._plan is None:
             return got
         try:
@@ -282,10 +285,12 @@ class _Wrapper(Generic[P, T]):
             self.metrics.counts["decode_errors"] += 1
             return None
 
-    async def _refresh_typed(self, req: _Request) -> T:
-        return self._rebuild(await self.cache._refresh_now(req), fresh=True)
+    async def _refresh_typed(self, req: EntryRequest) -> T:
+        return self._rebuild(await self.engine.refresh_now(req), fresh=True)
 
-    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
+    def _request(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool
+    ) -> EntryRequest:
         raise NotImplementedError
 
     async def _invalidate(
@@ -298,7 +303,7 @@ class _Wrapper(Generic[P, T]):
         # the hit path than an ``async def`` that awaits it.
         req = self._request(args, kwargs, False)
         if self._direct:
-            return self.cache._get(req)
+            return self.engine.get(req)
         return self._call(req)
 
     async def peek(self, *args: P.args, **kwargs: P.kwargs) -> tuple[T, str] | None:
@@ -333,19 +338,20 @@ class _BoundWrapper(Generic[T]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, T]:
         w = self._wrapper
-        return w._call(w._request((self._instance, *args), kwargs, True))
+        # (A bound view is part of its wrapper: it uses the wrapper's own steps.)
+        return w._call(w._request((self._instance, *args), kwargs, True))  # noqa: SLF001
 
     async def peek(self, *args: Any, **kwargs: Any) -> tuple[T, str] | None:
         w = self._wrapper
-        return await w._peek_typed(w._request((self._instance, *args), kwargs, True))
+        return await w._peek_typed(w._request((self._instance, *args), kwargs, True))  # noqa: SLF001
 
     async def refresh(self, *args: Any, **kwargs: Any) -> T:
         w = self._wrapper
-        return await w._refresh_typed(w._request((self._instance, *args), kwargs, True))
+        return await w._refresh_typed(w._request((self._instance, *args), kwargs, True))  # noqa: SLF001
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> None:
         w = self._wrapper
-        await w._invalidate((self._instance, *args), kwargs, True)
+        await w._invalidate((self._instance, *args), kwargs, True)  # noqa: SLF001
 
 
 class CachedItemFunction(_Wrapper[P, T]):
@@ -407,7 +413,9 @@ class CachedItemFunction(_Wrapper[P, T]):
             )
         return item_identity(self.table, key), key, attributes
 
-    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
+    def _request(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool
+    ) -> EntryRequest:
         entry: str | None = None
         if (
             len(args) == 1
@@ -421,7 +429,7 @@ class CachedItemFunction(_Wrapper[P, T]):
             memo = self._memo.get(args[0])
             if memo is None:
                 identity = self._identity(args, {}, False)[0]
-                memo = (identity, self.cache._keys.entry(identity))
+                memo = (identity, self.engine.keys.entry(identity))
                 if len(self._memo) >= _MEMO_SIZE:
                     self._memo.clear()
                 self._memo[args[0]] = memo
@@ -448,18 +456,16 @@ class CachedItemFunction(_Wrapper[P, T]):
             async def load(attrs: tuple[str, ...] | None) -> Any:
                 return await fn(*args, **kwargs)
 
-        return _Request(
-            self.cache,
-            self.metrics,
-            self.policy,
-            identity,
-            True,
-            None if attributes is None else normalize_attributes(attributes),
-            self._traced_loader(load),
-            None,
-            entry,
-            self.consistent_reads,
-            self.version_attribute,
+        return self.engine.request(
+            metrics=self.metrics,
+            policy=self.policy,
+            identity=identity,
+            is_item=True,
+            attrs=None if attributes is None else normalize_attributes(attributes),
+            loader=self._traced_loader(load),
+            entry=entry,
+            consistent=self.consistent_reads,
+            version_attr=self.version_attribute,
         )
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
@@ -518,7 +524,9 @@ class CachedFunction(_Wrapper[P, T]):
             return result_identity("", self._template.render(arguments)), pos, kw
         return result_identity(self.name, encode_args(arguments)), pos, kw
 
-    def _request(self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool) -> _Request:
+    def _request(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], skip_first: bool
+    ) -> EntryRequest:
         identity, pos, kw = self._parts(args, kwargs, skip_first)
         fn = self.__wrapped__
         plan = self._plan
@@ -547,15 +555,14 @@ class CachedFunction(_Wrapper[P, T]):
                 def tags() -> Sequence[str]:
                     return fixed
 
-        return _Request(
-            self.cache,
-            self.metrics,
-            self.policy,
-            identity,
-            False,
-            None,
-            self._traced_loader(load),
-            tags,
+        return self.engine.request(
+            metrics=self.metrics,
+            policy=self.policy,
+            identity=identity,
+            is_item=False,
+            attrs=None,
+            loader=self._traced_loader(load),
+            tags=tags,
         )
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:

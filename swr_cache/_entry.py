@@ -25,12 +25,16 @@ from ._store import (
     M_FORMAT,
     M_HARD,
     M_NONE,
+    M_RESULT,
     M_SOFT,
     M_VERSION,
     M_WHOLE,
 )
 
+_ONE: Final = b"1"
+
 __all__ = [
+    "encode_fields",
     "judge",
     "normalize_attributes",
     "stamp_entry",
@@ -227,6 +231,48 @@ def stamp_entry(
     return expire_ms
 
 
+def encode_fields(
+    is_item: bool,
+    attrs: tuple[str, ...] | None,
+    value: Any,
+    merging: bool,
+    compress_threshold: int | None,
+) -> dict[bytes, bytes]:
+    """The data fields of an entry holding ``value`` (``attrs`` of it, or all).
+
+    A result is one field; an item is a field per attribute, plus the
+    whole-item mark, or the names asked for and found absent; an absent item
+    is the negative mark. Values longer than ``compress_threshold`` bytes are
+    stored compressed when that is smaller. Raises ``CodecError``.
+    """
+    encode: Any = _codec.encode
+    if compress_threshold is not None:
+        threshold = compress_threshold
+
+        def encode(v: Any) -> bytes:
+            packed = _codec.encode(v)
+            return _codec.compress(packed) if len(packed) > threshold else packed
+
+    fields: dict[bytes, bytes] = {}
+    if not is_item:
+        fields[M_RESULT] = encode(value)
+        return fields
+    if value is None:
+        fields[M_NONE] = _ONE
+        return fields
+    for name, attr in value.items():
+        if attrs is not None and name not in attrs:
+            continue  # the origin returned more than asked: keep the projection exact
+        fields[name.encode()] = encode(attr)
+    if attrs is None:
+        fields[M_WHOLE] = _ONE
+    else:
+        absent = [a for a in attrs if a not in value]
+        if absent or merging:
+            fields[M_ABSENT] = encode(absent)
+    return fields
+
+
 def judge(req: Any, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
     """Decide what a snapshot gives this request.
 
@@ -279,7 +325,7 @@ def judge(req: Any, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
         if not missing:
             return state, out
         plan = _Plan()
-        if state == FRESH and snap.version is not None and req.cache._signer is None:
+        if state == FRESH and snap.version is not None and req.engine.signer is None:
             # (A merge would leave the signature covering only the old fields.)
             plan.load_attrs = tuple(missing)
             plan.merge_version = snap.version

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
-from ._engine import Cache
+from ._cache import Cache
 
 
 class CacheHost:

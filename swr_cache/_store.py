@@ -292,6 +292,14 @@ def queue_acquire(pipe: Any, lease_key: str, token: str, lease_ms: int, sha: str
         pipe.execute_command("EVALSHA", sha, 1, lease_key, token, lease_ms)
 
 
+def queue_read(pipe: Any, key: str, fields: Sequence[bytes] | None) -> None:
+    """Queue an entry read on a pipeline: HGETALL (whole) or HMGET of ``fields``."""
+    if fields is None:
+        pipe.hgetall(key)
+    else:
+        pipe.hmget(key, fields)
+
+
 def is_wrongtype(exc: BaseException) -> bool:
     """True for Redis' WRONGTYPE reply: a key of ours holds another type."""
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
@@ -673,6 +681,50 @@ class Store:
                 self.client, (checkpoint_key, lease_key), (token, value, ttl_ms, lease_ms)
             )
         )
+
+    async def get_value(self, key: str) -> bytes | None:
+        """A plain string key's value (GET)."""
+        value: bytes | None = await self.client.get(key)
+        return value
+
+    async def set_value(self, key: str, value: bytes, expire_ms: int) -> None:
+        """Set a plain string key with a lifetime (SET PX)."""
+        await self.client.set(key, value, px=expire_ms)
+
+    async def describe(self, entry: str, lease: str, fence: str) -> list[Any]:
+        """For the CLI: an entry's fields, its lease's and fence's PTTL, and its type."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(entry)
+        pipe.pttl(lease)
+        pipe.pttl(fence)
+        pipe.type(entry)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def scan(self, cursor: int, match: str, count: int) -> tuple[int, list[bytes]]:
+        """One SCAN step (on a cluster, redis-py walks every node)."""
+        cursor_out, keys = await self.client.scan(cursor, match=match, count=count)
+        return int(cursor_out), list(keys)
+
+    async def read_field_lists(self, keys: Sequence[str], fields: Sequence[bytes]) -> list[Any]:
+        """HMGET of the same ``fields`` from many keys, in one pipeline (errors as replies)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, fields)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    def pipeline(self) -> Any:
+        """A non-transactional pipeline (grouped by node on a cluster)."""
+        return self.client.pipeline(transaction=False)
+
+    async def pttl(self, key: str) -> int:
+        """Milliseconds ``key`` has left (-2: absent, -1: no TTL)."""
+        return int(await self.client.pttl(key))
+
+    async def field_names(self, key: str) -> list[bytes]:
+        """The field names of the hash at ``key`` (HKEYS)."""
+        return list(await self.client.hkeys(key))
 
     async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """GET of each key (checkpoints, tag purge stamps), in one pipeline."""

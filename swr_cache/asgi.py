@@ -59,7 +59,8 @@ import anyio
 from redis.exceptions import RedisError
 
 from . import _http
-from ._engine import Cache, Fill, _Request
+from ._cache import Cache
+from ._engine_api import EntryRequest, Fill, engine_of
 from ._errors import CacheNotEnteredError, ConfigError, InvalidationError
 from ._keys import escape, result_identity
 from ._policy import Policy
@@ -360,6 +361,7 @@ class CacheMiddleware:
     ) -> None:
         self.app = app
         self.cache = cache
+        self.engine = engine_of(cache)
         self.policy: Policy = cache.policy.with_overrides(soft_ttl=soft_ttl, hard_ttl=hard_ttl)
         if max_body_size < 0 or max_tags < 0 or max_tag_length < 1:
             raise ConfigError("max_body_size and max_tags must be >= 0, max_tag_length >= 1")
@@ -451,7 +453,7 @@ class CacheMiddleware:
 
     def _now(self) -> float:
         # Redis server time (seconds): every process agrees on ages.
-        return self.cache._now_ms() / 1000.0
+        return self.engine.now_ms() / 1000.0
 
     # -- write-through (every method but GET and HEAD) ------------------------------
 
@@ -598,8 +600,13 @@ class CacheMiddleware:
                 del self._uncacheable[key.identity]
 
         fetch = _Fetch(self, scope, receive, send, h, key, head, has_cookie, has_auth, first)
-        req = _Request(
-            self.cache, self.metrics, self.policy, key.identity, False, None, fetch, None
+        req = self.engine.request(
+            metrics=self.metrics,
+            policy=self.policy,
+            identity=key.identity,
+            is_item=False,
+            attrs=None,
+            loader=fetch,
         )
         started = self._now()
         if directives.only_if_cached:
@@ -610,7 +617,7 @@ class CacheMiddleware:
         try:
             async with asyncio.timeout(self.lock_timeout) as timeout:
                 fetch.timeout = timeout
-                value = await self.cache._get(req)
+                value = await self.engine.get(req)
                 if fetch.phase == _LOOKUP:
                     fetch.phase = _DONE
                     fetch.stored = value  # the validators a refresh sends
@@ -680,11 +687,11 @@ class CacheMiddleware:
         await self._serve(send, entry, fetch, age, member)
 
     async def _only_if_cached(
-        self, req: _Request, fetch: _Fetch, send: Send, started: float
+        self, req: EntryRequest, fetch: _Fetch, send: Send, started: float
     ) -> None:
         """``only-if-cached``: a usable stored response, else 504; never the app."""
         fetch.phase = _DONE
-        peeked = await self.cache._peek(req)
+        peeked = await self.engine.peek(req)
         entry = peeked[0] if peeked is not None else None
         if (
             type(entry) is dict
@@ -805,11 +812,16 @@ class CacheMiddleware:
         async def loader(attrs: object) -> Fill:
             return fill
 
-        req = _Request(
-            self.cache, self.metrics, self.policy, key.identity, False, None, loader, None
+        req = self.engine.request(
+            metrics=self.metrics,
+            policy=self.policy,
+            identity=key.identity,
+            is_item=False,
+            attrs=None,
+            loader=loader,
         )
         try:
-            await self.cache._get(req)
+            await self.engine.get(req)
         except Exception as exc:  # a failed store is a later miss, not this client's error
             log.debug("swr_cache: could not store the variant of %s: %r", key.url, exc)
 
@@ -834,7 +846,7 @@ class CacheMiddleware:
             f"{escape(n.decode('latin-1'))}={escape(v.decode('latin-1'))}" for n, v in keyed
         )
         key.primary = primary
-        key.spec_key = f"{self.cache._keys.prefix}hv:{{{_http.hashed(primary)}}}"
+        key.spec_key = f"{self.engine.keys.prefix}hv:{{{_http.hashed(primary)}}}"
         # Without Vary names, the full key is the primary one.
         key.rendered = primary + "|"
         key.identity = result_identity(_IDENTITY, _http.hashed(key.rendered))
@@ -846,13 +858,13 @@ class CacheMiddleware:
         now = time.monotonic()
         if memo is not None and memo[2] > now:
             return memo[0], memo[1]
-        cache = self.cache
+        engine = self.engine
         names: tuple[str, ...] = ()
         known = False
-        if not cache.breaker.is_open:
+        if not engine.breaker.is_open:
             try:
-                async with cache._slots.hold(cache.call_timeout):
-                    raw = await cache.client.get(key.spec_key)
+                async with engine.slots.hold(engine.call_timeout):
+                    raw = await engine.store.get_value(key.spec_key)
             except (RedisError, OSError):
                 # Reads fail open: the engine's own read will bypass Redis too.
                 self.metrics.counts["redis_errors"] += 1
@@ -876,13 +888,13 @@ class CacheMiddleware:
     async def _store_vary(self, key: _Key, names: tuple[str, ...], keep_s: float) -> None:
         """Record a URL's Vary names in Redis (a response's ``Vary`` differs from the key's)."""
         self._remember_vary(key.primary, names, True)
-        cache = self.cache
+        engine = self.engine
         try:
-            async with cache._slots.hold(cache.call_timeout):
-                await cache.client.set(
+            async with engine.slots.hold(engine.call_timeout):
+                await engine.store.set_value(
                     key.spec_key,
                     ",".join(names).encode("latin-1"),
-                    px=max(1000, round(keep_s * 1000)),
+                    max(1000, round(keep_s * 1000)),
                 )
         except (RedisError, OSError) as exc:
             self.metrics.counts["redis_errors"] += 1
@@ -898,10 +910,10 @@ class CacheMiddleware:
 
     async def _delete_entry(self, key: _Key) -> None:
         """Drop an entry whose refresh came back uncacheable."""
-        cache = self.cache
+        engine = self.engine
         try:
-            async with cache._slots.hold(cache.call_timeout):
-                await cache._store.delete(cache._keys.entry(key.identity))
+            async with engine.slots.hold(engine.call_timeout):
+                await engine.store.delete(engine.keys.entry(key.identity))
         except (RedisError, OSError) as exc:
             self.metrics.counts["redis_errors"] += 1
             log.warning("swr_cache: could not delete the uncacheable entry of %s: %r", key.url, exc)

@@ -40,24 +40,24 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import random
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import anyio
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from . import _codec
-from ._engine import _PURGE_MARGIN_MS, Cache, _Request, _while_renewing
-from ._entry import _Corrupt, _Plan, normalize_attributes, stamp_entry, with_version
+from ._batch import first_error_gather as _first_error_gather
+from ._cache import Cache
+from ._engine_api import EntryRequest, engine_of
+from ._entry import normalize_attributes
 from ._errors import CodecError, ConfigError, KeyEncodingError
-from ._gate import _Bypass, _is_pool_exhausted, _NoSlot
+from ._fills import EntryTooLarge
 from ._keys import (
     change_tags,
     encode_args,
@@ -70,7 +70,6 @@ from ._keys import (
 )
 from ._metrics import Metrics
 from ._policy import Policy
-from ._store import FillOutcome, LeaseOutcome, is_wrongtype, queue_acquire
 
 __all__ = [
     "THROTTLE_CODES",
@@ -112,7 +111,6 @@ _REJECTED_CODES: Final = THROTTLE_CODES | {
 _BATCH_GET_MAX: Final = 100  # keys per BatchGetItem (DynamoDB's limit)
 _BATCH_WRITE_MAX: Final = 25  # requests per BatchWriteItem
 _CHUNKS_IN_FLIGHT: Final = 4  # concurrent batch calls of one operation
-_FILLS_IN_FLIGHT: Final = 32  # concurrent fills of one batch
 _FORMAT: Final = str(_codec.FORMAT_VERSION).encode()
 _RESERVED_PREFIX: Final = "swr_"
 _PATH_PIECE: Final = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
@@ -256,34 +254,6 @@ def _version_text(value: Any) -> str | None:
     return text if text.isdigit() else None
 
 
-async def _first_error_gather(
-    thunks: Sequence[Callable[[], Awaitable[T]]], limit: int | None = None
-) -> list[T]:
-    """Run thunks concurrently; on the first error cancel the rest and raise it unwrapped."""
-    results: list[Any] = [None] * len(thunks)
-    errors: list[BaseException] = []
-    sem = asyncio.Semaphore(limit) if limit else None
-
-    async with anyio.create_task_group() as tg:
-
-        async def run(i: int, thunk: Callable[[], Awaitable[T]]) -> None:
-            try:
-                if sem is None:
-                    results[i] = await thunk()
-                else:
-                    async with sem:
-                        results[i] = await thunk()
-            except Exception as exc:
-                errors.append(exc)
-                tg.cancel_scope.cancel()
-
-        for i, thunk in enumerate(thunks):
-            tg.start_soon(run, i, thunk)
-    if errors:
-        raise errors[0]
-    return results
-
-
 def _has_requests(unprocessed: Any) -> bool:
     """Whether an ``UnprocessedKeys`` entry (keys and options) or ``UnprocessedItems`` entry
     (a list of requests) holds anything."""
@@ -425,25 +395,26 @@ class DynamoTable:
                 self._names = _names_from_schema(table["KeySchema"])
             return self._names
 
+    def _ops(self) -> _TableOps:
+        # The calls are looked up at each use (tests and tools may wrap them).
+        return _TableOps(
+            get=lambda *a: self._get(*a),
+            batch_get=lambda *a: self._batch_get(*a),
+            pages=lambda *a: self._pages(*a),
+            call=lambda *a: self._call(*a),
+            batch_write=lambda *a: self._batch_write(*a),
+            check_key=self._check_key,
+            key_of=self._key_of,
+            consistent_ok=self._consistent_ok,
+            query_params=self._query_params,
+            scan_params=self._scan_params,
+        )
+
     def _check_key(self, key: Key, names: tuple[str, ...]) -> dict[str, Any]:
-        if (
-            not isinstance(key, Mapping)
-            or len(key) != len(names)
-            or any(n not in key for n in names)
-        ):
-            got = sorted(key) if isinstance(key, Mapping) else type(key).__name__
-            raise KeyEncodingError(
-                f"a key of table {self.name!r} has exactly the attributes {list(names)}, got {got}"
-            )
-        return {n: key[n] for n in names}
+        return _check_key(self.name, key, names)
 
     def _key_of(self, item: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-        missing = [n for n in names if n not in item]
-        if missing:
-            raise KeyEncodingError(
-                f"the item lacks key attributes {missing} of table {self.name!r}"
-            )
-        return {n: item[n] for n in names}
+        return _key_of(self.name, item, names)
 
     def _consistent_ok(self, index_name: str | None) -> bool:
         # Strongly consistent reads exist for the table and its local indexes only.
@@ -830,11 +801,30 @@ class DynamoTable:
             self,
             cache,
             policy,
+            ops=self._ops(),
             consistent_fills=consistent_fills,
             write_through=write_through,
             version_attribute=version_attribute,
             name=name,
         )
+
+
+def _check_key(table: str, key: Key, names: tuple[str, ...]) -> dict[str, Any]:
+    """``key`` reduced to exactly the table's key attributes, or KeyEncodingError."""
+    if not isinstance(key, Mapping) or len(key) != len(names) or any(n not in key for n in names):
+        got = sorted(key) if isinstance(key, Mapping) else type(key).__name__
+        raise KeyEncodingError(
+            f"a key of table {table!r} has exactly the attributes {list(names)}, got {got}"
+        )
+    return {n: key[n] for n in names}
+
+
+def _key_of(table: str, item: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The key of ``item``, or KeyEncodingError when it lacks key attributes."""
+    missing = [n for n in names if n not in item]
+    if missing:
+        raise KeyEncodingError(f"the item lacks key attributes {missing} of table {table!r}")
+    return {n: item[n] for n in names}
 
 
 def _names_from_schema(schema: Sequence[str] | Sequence[Mapping[str, str]]) -> tuple[str, ...]:
@@ -859,7 +849,19 @@ def _names_from_schema(schema: Sequence[str] | Sequence[Mapping[str, str]]) -> t
     return names
 
 
-_CORRUPT: Final = object()
+class _TableOps(NamedTuple):
+    """What a ``CachedTable`` calls on its ``DynamoTable`` (handed over by ``cached``)."""
+
+    get: Callable[..., Awaitable[Item | None]]
+    batch_get: Callable[..., Awaitable[dict[str, Item]]]
+    pages: Callable[..., Awaitable[list[Item]]]
+    call: Callable[..., Awaitable[dict[str, Any]]]
+    batch_write: Callable[..., Awaitable[None]]
+    check_key: Callable[[Key, tuple[str, ...]], dict[str, Any]]
+    key_of: Callable[[Mapping[str, Any], tuple[str, ...]], dict[str, Any]]
+    consistent_ok: Callable[[str | None], bool]
+    query_params: Callable[..., dict[str, Any]]
+    scan_params: Callable[..., dict[str, Any]]
 
 
 class CachedTable:
@@ -880,13 +882,16 @@ class CachedTable:
         cache: Cache,
         policy: Policy,
         *,
+        ops: _TableOps,
         consistent_fills: bool,
         write_through: bool,
         version_attribute: str | None,
         name: str | None,
     ) -> None:
         self.table = table
+        self._ops = ops
         self.cache = cache
+        self.engine = engine_of(cache)
         self.policy = policy
         self.consistent_fills = consistent_fills
         self.write_through = write_through
@@ -908,32 +913,26 @@ class CachedTable:
         attrs: tuple[str, ...] | None,
         consistent: bool,
         identity: str | None = None,
-    ) -> _Request:
-        table = self.table
+    ) -> EntryRequest:
+        get = self._ops.get
         counts = self.metrics.counts
 
         async def load(load_attrs: tuple[str, ...] | None) -> Item | None:
-            return await table._get(key, load_attrs, consistent, counts)
+            return await get(key, load_attrs, consistent, counts)
 
-        return _Request(
-            self.cache,
-            self.metrics,
-            self.policy,
-            item_identity(table.name, key) if identity is None else identity,
-            True,
-            attrs,
-            load,
-            None,
-            None,
-            consistent,
-            self.version_attribute,
+        return self.engine.request(
+            metrics=self.metrics,
+            policy=self.policy,
+            identity=item_identity(self.table.name, key) if identity is None else identity,
+            is_item=True,
+            attrs=attrs,
+            loader=load,
+            consistent=consistent,
+            version_attr=self.version_attribute,
         )
 
     async def _key(self, key: Key) -> dict[str, Any]:
-        names = self.table._names
-        if names is None:
-            names = await self.table.key_names()
-        return self.table._check_key(key, names)
+        return self._ops.check_key(key, await self.table.key_names())
 
     # -- reads -----------------------------------------------------------------------
 
@@ -964,58 +963,18 @@ class CachedTable:
         clean = await self._key(key)
         attrs = normalize_attributes(attributes)
         if consistent_read:
-            return await self._consistent_get(self._request(clean, attrs, True))
-        result: Item | None = await self.cache._get(
-            self._request(clean, attrs, self.consistent_fills)
-        )
-        return result
-
-    async def _consistent_get(self, req: _Request) -> Item | None:
-        """Read DynamoDB strongly consistently and store the result under a fresh lease."""
-        cache = self.cache
-        cache._require_entered()
-        token = os.urandom(12).hex()
-        lease = req.lease
-        try:
-            outcome = await cache._guard(
-                req, lambda: cache._store.acquire(lease, token, cache.lease_ms)
+            result: Item | None = await self.engine.consistent_get(
+                self._request(clean, attrs, True)
             )
-        except _Bypass:
-            outcome = LeaseOutcome.HELD_ELSEWHERE  # Redis is unusable: read anyway, store nothing
-        if outcome == LeaseOutcome.REPAIRED:
-            req.metrics.counts["leases_repaired"] += 1
-        got = outcome != LeaseOutcome.HELD_ELSEWHERE
-        if not got:
-            # Another load of this item is under way and will fill it.
-            result: Item | None = await cache._call_loader(req, req.attrs)
             return result
-        cache._held[lease] = token
-        try:
-            start_ms = cache._now_ms() - _PURGE_MARGIN_MS
-            t0 = time.perf_counter()
-            try:
-                value = await cache._call_loader(req, req.attrs)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await cache._release(lease, token)
-                raise
-            delta_ms = (time.perf_counter() - t0) * 1000.0
-            # Shielded like the engine's fills: a fill cut short could leave its
-            # lease behind or skip its tag bookkeeping. Each step is bounded.
-            with anyio.CancelScope(shield=True):
-                await cache._fill(
-                    req, token, req.attrs, value, None, [], delta_ms, [], start_ms, req.policy
-                )
-        finally:
-            cache._held.pop(lease, None)
-        return value  # type: ignore[no-any-return]
+        return await self.engine.get(self._request(clean, attrs, self.consistent_fills))  # type: ignore[no-any-return]
 
     async def peek(
         self, key: Key, attributes: Sequence[str] | None = None
     ) -> tuple[Item | None, str] | None:
         """The cached item and its state (``"fresh"``/``"stale"``) without loading, or ``None``."""
         clean = await self._key(key)
-        got: tuple[Item | None, str] | None = await self.cache._peek(
+        got: tuple[Item | None, str] | None = await self.engine.peek(
             self._request(clean, normalize_attributes(attributes), self.consistent_fills)
         )
         return got
@@ -1057,12 +1016,12 @@ class CachedTable:
     async def _batch(
         self, keys: Iterable[Key], attributes: Sequence[str] | None
     ) -> tuple[list[Item | None], int]:
-        cache = self.cache
-        cache._require_entered()
-        names = self.table._names or await self.table.key_names()
+        self.engine.require_entered()
+        names = await self.table.key_names()
         attrs = normalize_attributes(attributes)
-        clean = [self.table._check_key(k, names) for k in keys]
-        reqs: dict[str, _Request] = {}
+        check_key = self._ops.check_key
+        clean = [check_key(k, names) for k in keys]
+        reqs: dict[str, EntryRequest] = {}
         keymap: dict[str, dict[str, Any]] = {}
         idents = []
         for key in clean:
@@ -1071,380 +1030,19 @@ class CachedTable:
             if ident not in reqs:
                 reqs[ident] = self._request(key, attrs, self.consistent_fills, ident)
                 keymap[ident] = key
-        results: dict[str, Any] = {}
-        loaded = 0
-        todo = list(reqs.values())
-        snaps = await self._read_many(todo) if todo else []
-        if snaps is None:
-            loaded = await self._load_unstored(todo, keymap, results)
-        else:
-            misses = self._judge_many(todo, snaps, results)
-            if misses:
-                loaded = await self._load_misses(misses, keymap, results)
+        batch_get = self._ops.batch_get
+        consistent = self.consistent_fills
+        counts = self.metrics.counts
+
+        async def load_many(
+            loading: Sequence[EntryRequest], load_attrs: tuple[str, ...] | None
+        ) -> dict[str, Item]:
+            return await batch_get(
+                [keymap[req.identity] for req in loading], load_attrs, consistent, counts
+            )
+
+        results, loaded = await self.engine.get_many(list(reqs.values()), load_many)
         return _one_each(idents, results, None), loaded
-
-    def _judge_many(
-        self, reqs: Sequence[_Request], snaps: Sequence[Any], results: dict[str, Any]
-    ) -> list[tuple[_Request, _Plan | None]]:
-        """Serve what the snapshots answer (scheduling stale refreshes); return the misses."""
-        cache = self.cache
-        counts = self.metrics.counts
-        now = cache._now_ms()
-        misses: list[tuple[_Request, _Plan | None]] = []
-        for req, snap in zip(reqs, snaps, strict=True):
-            verdict: Any = None
-            if snap is _CORRUPT:
-                counts["decode_errors"] += 1
-            elif snap is not None:
-                try:
-                    verdict = cache._judge(req, snap, now)
-                except _Corrupt:
-                    counts["decode_errors"] += 1
-            if type(verdict) is tuple:
-                state, value = verdict
-                results[req.identity] = value
-                cache._note_hit(req, snap, state, value is None, now)
-                continue
-            counts["partial_misses" if verdict is not None else "misses"] += 1
-            misses.append((req, verdict))
-        return misses
-
-    def _redis_failed(self, exc: BaseException, n: int) -> None:
-        """Count a failed pipeline and tell the breaker (a busy pool is not a Redis failure)."""
-        counts = self.metrics.counts
-        breaker = self.cache.breaker
-        counts["bypasses"] += n
-        if isinstance(exc, _NoSlot) or _is_pool_exhausted(exc):
-            counts["pool_waits_timed_out"] += 1
-            if breaker._probing:
-                breaker.abandon()
-        else:
-            counts["redis_errors"] += 1
-            breaker.failure()
-
-    async def _pipeline(self, build: Callable[[Any], None], n: int) -> list[Any] | None:
-        """Run one non-transactional pipeline (grouped by node on a cluster); ``None`` to bypass."""
-        cache = self.cache
-        breaker = cache.breaker
-        if not breaker.allow():
-            self.metrics.counts["bypasses"] += n
-            return None
-        t0 = time.perf_counter()
-        try:
-            async with cache._slots.hold(cache.call_timeout):
-                pipe = cache.client.pipeline(transaction=False)
-                build(pipe)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
-            self._redis_failed(exc, n)
-            return None
-        except BaseException:
-            if breaker._probing:
-                breaker.abandon()
-            raise
-        for reply in replies:
-            if isinstance(reply, BaseException) and not is_wrongtype(reply):
-                if isinstance(reply, ResponseError):
-                    # The server answered (OOM, a script error): not a breaker failure.
-                    breaker.success()
-                    self.metrics.counts["redis_errors"] += 1
-                    self.metrics.counts["bypasses"] += n
-                    return None
-                if isinstance(reply, (RedisError, OSError)):
-                    self._redis_failed(reply, n)
-                    return None
-                raise reply
-        breaker.success()
-        self.metrics.redis_latency.observe(time.perf_counter() - t0)
-        return replies
-
-    async def _read_many(self, reqs: Sequence[_Request]) -> list[Any] | None:
-        """Every entry in one pipeline: snapshots (``None`` absent, ``_CORRUPT``), or ``None`` to bypass."""
-
-        def build(pipe: Any) -> None:
-            for req in reqs:
-                if req.fields is None:
-                    pipe.hgetall(req.entry)
-                else:
-                    pipe.hmget(req.entry, req.fields)
-
-        replies = await self._pipeline(build, len(reqs))
-        if replies is None:
-            return None
-        return [self._snap(req, raw) for req, raw in zip(reqs, replies, strict=True)]
-
-    def _snap(self, req: _Request, raw: Any, count: bool = True) -> Any:
-        if isinstance(raw, BaseException):
-            return _CORRUPT  # WRONGTYPE
-        try:
-            return self.cache._snap(req, raw, req.fields, count)
-        except (TypeError, ValueError):
-            return _CORRUPT
-
-    async def _load_unstored(
-        self,
-        reqs: Sequence[_Request],
-        keymap: Mapping[str, dict[str, Any]],
-        results: dict[str, Any],
-    ) -> int:
-        """Redis is unusable: answer from DynamoDB, store nothing."""
-        attrs = reqs[0].attrs if reqs else None  # one batch asks one projection
-        found = await self._timed_batch_get(
-            [keymap[req.identity] for req in reqs], attrs, len(reqs)
-        )
-        for req in reqs:
-            results[req.identity] = _answer(found.get(req.identity), req.attrs, None)
-        return len(reqs)
-
-    async def _timed_batch_get(
-        self, keys: Sequence[dict[str, Any]], attrs: Sequence[str] | None, n: int
-    ) -> dict[str, Item]:
-        counts = self.metrics.counts
-        counts["loads"] += n
-        t0 = time.perf_counter()
-        try:
-            return await self.table._batch_get(keys, attrs, self.consistent_fills, counts)
-        except Exception:
-            counts["load_errors"] += n
-            raise
-        finally:
-            self.metrics.load_latency.observe(time.perf_counter() - t0)
-
-    async def _load_misses(
-        self,
-        misses: list[tuple[_Request, _Plan | None]],
-        keymap: Mapping[str, dict[str, Any]],
-        results: dict[str, Any],
-    ) -> int:
-        """Take the misses' leases in one pipeline (re-reading each entry), then load ours in batches."""
-        cache = self.cache
-        tokens = {req.identity: os.urandom(12).hex() for req, _ in misses}
-
-        def build(pipe: Any) -> None:
-            for req, _ in misses:
-                queue_acquire(pipe, req.lease, tokens[req.identity], cache.lease_ms, None)
-                if req.fields is None:
-                    pipe.hgetall(req.entry)
-                else:
-                    pipe.hmget(req.entry, req.fields)
-
-        replies = await self._pipeline(build, len(misses))
-        if replies is None:
-            return await self._load_unstored([req for req, _ in misses], keymap, results)
-        now = cache._now_ms()
-        mine: list[tuple[_Request, _Plan | None]] = []
-        others: list[_Request] = []
-        release: list[_Request] = []
-        for i, (req, _) in enumerate(misses):
-            reply, raw = replies[2 * i], replies[2 * i + 1]
-            got = bool(reply) and not isinstance(reply, BaseException)
-            if got and reply == LeaseOutcome.REPAIRED:
-                req.metrics.counts["leases_repaired"] += 1
-            # (A bad signature seen again here was counted by the first read.)
-            snap = self._snap(req, raw, count=False)
-            verdict: Any = None
-            if snap is not _CORRUPT and snap is not None:
-                try:
-                    verdict = cache._judge(req, snap, now)
-                except _Corrupt:
-                    verdict = None
-            if type(verdict) is tuple:
-                # Filled between our read and our lease: use it.
-                results[req.identity] = verdict[1]
-                if got:
-                    release.append(req)
-            elif got:
-                mine.append((req, verdict))
-            else:
-                others.append(req)
-        thunks: list[Callable[[], Awaitable[Any]]] = [
-            partial(cache._release, req.lease, tokens[req.identity]) for req in release
-        ]
-        if mine:
-            thunks.append(lambda: self._load_mine(mine, tokens, keymap, results))
-        for req in others:
-
-            async def wait_for_theirs(req: _Request = req) -> None:
-                results[req.identity] = await cache._get(req)
-
-            thunks.append(wait_for_theirs)
-        try:
-            await _first_error_gather(thunks)
-        except BaseException:
-            # Cancelled (or failed) before every lease we took was filled or
-            # released: give them back now rather than at their TTL.
-            await cache._release_all(
-                {req.lease: tokens[req.identity] for req, _ in mine}
-                | {req.lease: tokens[req.identity] for req in release}
-            )
-            raise
-        return len(mine)
-
-    async def _load_mine(
-        self,
-        mine: list[tuple[_Request, _Plan | None]],
-        tokens: dict[str, str],
-        keymap: Mapping[str, dict[str, Any]],
-        results: dict[str, Any],
-    ) -> None:
-        """BatchGetItem the entries whose leases we hold (renewed meanwhile), then fill each."""
-        cache = self.cache
-        held = {req.lease: tokens[req.identity] for req, _ in mine}
-        cache._held.update(held)
-        try:
-            # One projection serves the whole batch: the union of what the
-            # entries lack, or the whole item if any entry needs it.
-            union: set[str] | None = set()
-            for req, plan in mine:
-                need = _needs(req, plan)
-                if need is None:
-                    union = None
-                    break
-                union.update(need)  # type: ignore[union-attr]
-            load_attrs = None if union is None else tuple(sorted(union))
-            start_ms = cache._now_ms() - _PURGE_MARGIN_MS
-            t0 = time.perf_counter()
-            keys = [keymap[req.identity] for req, _ in mine]
-            try:
-                found = await _while_renewing(
-                    partial(self._timed_batch_get, keys, load_attrs, len(mine)),
-                    partial(self._renew, held),
-                )
-            except BaseException:
-                await cache._release_all(held)
-                raise
-            delta_ms = (time.perf_counter() - t0) * 1000.0
-            replace: list[tuple[_Request, Item | None]] = []
-            merges: list[Callable[[], Awaitable[bool]]] = []
-            merged: list[_Request] = []
-            for req, plan in mine:
-                value = found.get(req.identity)
-                if load_attrs is not None and plan is not None and plan.merge_version is not None:
-                    # A fresh entry lacking some attributes: merge just those into it
-                    # (with the item's version attribute, which the merge compares).
-                    merge_attrs = with_version(plan.load_attrs, req.version_attr)
-                    if value is not None:
-                        value = {k: v for k, v in value.items() if k in merge_attrs}  # type: ignore[operator]
-                    results[req.identity] = _answer(value, req.attrs, plan.merged)
-                    merged.append(req)
-                    merges.append(
-                        partial(
-                            cache._fill,
-                            req,
-                            tokens[req.identity],
-                            merge_attrs,
-                            value,
-                            plan.merge_version,
-                            plan.prior_absent,
-                            delta_ms,
-                            [],
-                            start_ms,
-                            req.policy,
-                        )
-                    )
-                else:
-                    # Replace the entry with all we loaded.
-                    results[req.identity] = _answer(value, req.attrs, None)
-                    replace.append((req, value))
-            if merges:
-                superseded = await _first_error_gather(merges, _FILLS_IN_FLIGHT)
-                await self._reload_torn(
-                    [r for r, s in zip(merged, superseded, strict=True) if s], keymap, results
-                )
-            if replace:
-                await self._fill_many(replace, load_attrs, tokens, delta_ms)
-        finally:
-            for lease in held:
-                cache._held.pop(lease, None)
-
-    async def _reload_torn(
-        self, reqs: list[_Request], keymap: Mapping[str, dict[str, Any]], results: dict[str, Any]
-    ) -> None:
-        """Answer again, from one load, the merges an invalidation or a write-through overtook.
-
-        Their answers joined cached attributes to newly loaded ones; once the
-        entry was replaced or invalidated meanwhile, the two may be of
-        different versions of the item (nothing is stored).
-        """
-        if not reqs:
-            return
-        self.metrics.counts["reloads_after_invalidation"] += len(reqs)
-        names: set[str] = set()
-        for req in reqs:
-            names.update(req.attrs or ())
-        whole = any(req.attrs is None for req in reqs)
-        again = await self._timed_batch_get(
-            [keymap[req.identity] for req in reqs],
-            None if whole else tuple(sorted(names)),
-            len(reqs),
-        )
-        for req in reqs:
-            results[req.identity] = _answer(again.get(req.identity), req.attrs, None)
-
-    async def _fill_many(
-        self,
-        fills: Sequence[tuple[_Request, Item | None]],
-        attrs: tuple[str, ...] | None,
-        tokens: Mapping[str, str],
-        delta_ms: float,
-    ) -> None:
-        """Replace many entries under our leases in one pipeline (the engine's fill, batched).
-
-        Like ``Cache._fill`` for a replacing fill without tags: the same
-        fields and deadlines, the same lease/fence compare-and-write script,
-        but one round trip for the whole batch instead of one per entry.
-        """
-        cache = self.cache
-        counts = self.metrics.counts
-        now = cache._now_ms()
-        calls: list[tuple[str, str, str, str, int, Mapping[bytes, bytes], bool]] = []
-        release: list[_Request] = []
-        for req, value in fills:
-            try:
-                fields, expire_ms = _whole_entry(cache, req, attrs, value, now, delta_ms)
-            except (CodecError, _EntryTooLarge) as exc:
-                too_large = isinstance(exc, _EntryTooLarge)
-                counts["fills_skipped_too_large" if too_large else "fills_rejected"] += 1
-                release.append(req)
-                continue
-            token = tokens[req.identity]
-            calls.append(
-                (req.entry, req.lease, req.fence, token, expire_ms, fields, not req.consistent)
-            )
-        if release:
-            await _first_error_gather(
-                [partial(cache._release, r.lease, tokens[r.identity]) for r in release]
-            )
-        if not calls:
-            return
-        try:
-            async with cache._slots.hold(cache.call_timeout):
-                outcomes = await cache._store.fill_many(calls)
-        except (RedisError, OSError):
-            counts["redis_errors"] += 1  # the leases expire by themselves
-            return
-        for outcome in outcomes:
-            if outcome == FillOutcome.STORED_FENCE_REPAIRED:
-                counts["fences_repaired"] += 1
-                counts["fills"] += 1
-            elif outcome == FillOutcome.STORED:
-                counts["fills"] += 1
-            elif isinstance(outcome, BaseException):
-                counts["redis_errors"] += 1
-            else:
-                counts["fills_rejected"] += 1
-
-    async def _renew(self, held: Mapping[str, str]) -> None:
-        """Keep a batch's leases alive while its BatchGetItem calls run."""
-        cache = self.cache
-        while True:
-            await anyio.sleep(cache.lease_ms / 3000.0)
-            for lease, token in held.items():
-                try:
-                    async with cache._slots.hold(cache.call_timeout):
-                        await cache._store.renew_lease(lease, token, cache.lease_ms)
-                except (RedisError, OSError):
-                    pass
 
     # -- cached query / scan -------------------------------------------------------
 
@@ -1471,7 +1069,7 @@ class CachedTable:
         Returns:
             The items (a list of its own per caller).
         """
-        names = self.table._names or await self.table.key_names()
+        names = await self.table.key_names()
         if not isinstance(partition, Mapping) or len(partition) != 1:
             raise ConfigError("partition must be {partition_key_name: value}")
         ((pk_name, _),) = partition.items()
@@ -1479,12 +1077,12 @@ class CachedTable:
             item_tag(self.table.name, partition) if pk_name in names else table_tag(self.table.name)
         )
         consistent = (
-            self.consistent_fills and self.table._consistent_ok(index_name) and pk_name == names[0]
+            self.consistent_fills and self._ops.consistent_ok(index_name) and pk_name == names[0]
         )
         search = _Search(
             index_name, filter_expression, expression_names, expression_values, attributes
         )
-        params = self.table._query_params(partition, sort, scan_forward, search, consistent)
+        params = self._ops.query_params(partition, sort, scan_forward, search, consistent)
         query = {
             "partition": _keyable(partition),
             "sort": None if sort is None else _keyable(list(sort)),
@@ -1505,11 +1103,11 @@ class CachedTable:
         limit: int | None = None,
     ) -> list[Item]:
         """A cached Scan, tagged with :func:`table_tag` (any write through a view purges it)."""
-        consistent = self.consistent_fills and self.table._consistent_ok(index_name)
+        consistent = self.consistent_fills and self._ops.consistent_ok(index_name)
         search = _Search(
             index_name, filter_expression, expression_names, expression_values, attributes
         )
-        params = self.table._scan_params(search, consistent)
+        params = self._ops.scan_params(search, consistent)
         tag = table_tag(self.table.name)
         return await self._cached_search(
             "scan", params, limit, search, {}, tag, consistent, self._scan_metrics
@@ -1528,20 +1126,28 @@ class CachedTable:
     ) -> list[Item]:
         """A Query or Scan result, stored under every argument that shapes it."""
         table = self.table
+        pages = self._ops.pages
         counts = metrics.counts
         described = search.described(table.name, query, limit)
         identity = result_identity(f"dynamodb.{op}", encode_args(described))
 
         async def load(_attrs: tuple[str, ...] | None) -> list[Item]:
-            return await table._pages(op, dict(params), limit, counts)
+            return await pages(op, dict(params), limit, counts)
 
         def tags() -> Sequence[str]:
             return (tag,)
 
-        req = _Request(
-            self.cache, metrics, self.policy, identity, False, None, load, tags, None, consistent
+        req = self.engine.request(
+            metrics=metrics,
+            policy=self.policy,
+            identity=identity,
+            is_item=False,
+            attrs=None,
+            loader=load,
+            tags=tags,
+            consistent=consistent,
         )
-        result: list[Item] = await self.cache._get(req)
+        result: list[Item] = await self.engine.get(req)
         return result
 
     # -- writes --------------------------------------------------------------------
@@ -1568,7 +1174,7 @@ class CachedTable:
     ) -> dict[str, Any]:
         """Call a write; if its outcome is unknown, invalidate before re-raising."""
         try:
-            return await self.table._call(op, params, self.metrics.counts)
+            return await self._ops.call(op, params, self.metrics.counts)
         except BaseException as exc:
             if not _write_rejected(exc):
                 await self._invalidate(touched)
@@ -1590,17 +1196,17 @@ class CachedTable:
         version = _version_text(item.get(self.version_attribute))
         if version is None:
             return False
-        cache = self.cache
+        engine = self.engine
         req = self._request(key, None, True)
         try:
-            fields, expire_ms = _whole_entry(cache, req, None, item, cache._now_ms(), 1.0)
-        except (CodecError, _EntryTooLarge):
+            fields, expire_ms = engine.whole_entry(req, None, item, engine.now_ms(), 1.0)
+        except (CodecError, EntryTooLarge):
             return False
         stored = False
         try:
             with anyio.CancelScope(shield=True):
-                async with cache._slots.hold(cache._invalidation_wait):
-                    stored = await cache._store.write_through(
+                async with engine.slots.hold(engine.invalidation_wait):
+                    stored = await engine.store.write_through(
                         req.entry,
                         req.lease,
                         self.version_attribute.encode(),
@@ -1613,7 +1219,7 @@ class CachedTable:
         if stored:
             # Reads and loads of this entry begun before it was written must
             # not be shared with callers who start after this write returns.
-            cache._detach([req.entry])
+            engine.detach([req.entry])
         return stored
 
     async def put_item(
@@ -1644,7 +1250,7 @@ class CachedTable:
                 could not be told.
         """
         names = await self.table.key_names()
-        key = self.table._key_of(item, names)
+        key = self._ops.key_of(item, names)
         serialized = _to_dynamo(item)
         params = self._params(
             {"TableName": self.table.name, "Item": serialized},
@@ -1766,10 +1372,10 @@ class CachedTable:
         requests: list[dict[str, Any]] = []
         keys: list[tuple[str, Mapping[str, Any]]] = []
         for item in puts:
-            keys.append((self.table.name, self.table._key_of(item, names)))
+            keys.append((self.table.name, self._ops.key_of(item, names)))
             requests.append({"PutRequest": {"Item": _to_dynamo(item)}})
         for key in deletes:
-            clean = self.table._check_key(key, names)
+            clean = self._ops.check_key(key, names)
             keys.append((self.table.name, clean))
             requests.append({"DeleteRequest": {"Key": _to_dynamo(clean)}})
         touched: list[tuple[str, Mapping[str, Any]]] = []
@@ -1778,7 +1384,7 @@ class CachedTable:
                 chunk_keys = keys[start : start + _BATCH_WRITE_MAX]
                 touched.extend(chunk_keys)
                 try:
-                    await self.table._batch_write(
+                    await self._ops.batch_write(
                         requests[start : start + _BATCH_WRITE_MAX], self.metrics.counts
                     )
                 except BaseException as exc:
@@ -1827,9 +1433,9 @@ class CachedTable:
             names = await table.key_names()
             if "Item" in converted:
                 converted["Item"] = _to_dynamo(body["Item"])
-                key: dict[str, Any] = table._key_of(body["Item"], names)
+                key: dict[str, Any] = _key_of(table_name, body["Item"], names)
             else:
-                key = table._check_key(body["Key"], names)
+                key = _check_key(table_name, body["Key"], names)
                 converted["Key"] = _to_dynamo(key)
             if body.get("ExpressionAttributeValues"):
                 converted["ExpressionAttributeValues"] = _to_dynamo(
@@ -1849,56 +1455,6 @@ class CachedTable:
         if other is None:
             other = self._others[table_name] = DynamoTable(self.table.client, table_name)
         return other
-
-
-class _EntryTooLarge(Exception):
-    """An entry over the cache's ``max_entry_bytes``: not stored."""
-
-
-def _whole_entry(
-    cache: Cache,
-    req: _Request,
-    attrs: tuple[str, ...] | None,
-    value: Item | None,
-    now: float,
-    delta_ms: float | None,
-) -> tuple[dict[bytes, bytes], int]:
-    """The fields of an entry that replaces ``req``'s with ``value``, and its pexpire (ms).
-
-    The same fields and deadlines ``Cache._fill`` writes: the attributes
-    (``attrs`` of them, or all), the soft deadline less the policy's jitter
-    and the hard one (the negative TTL for ``None``), the format, a fresh
-    version and, when known, how long the load took (``delta_ms``). Filled
-    from batches, write-throughs and stream records.
-
-    Raises:
-        CodecError: ``value`` cannot be encoded.
-        _EntryTooLarge: the entry would exceed ``cache.max_entry_bytes``.
-    """
-    fields = cache._encode_fields(req, attrs, value, False)
-    if sum(len(k) + len(v) for k, v in fields.items()) > cache.max_entry_bytes:
-        raise _EntryTooLarge(req.identity)
-    return fields, stamp_entry(fields, req.policy, value is None, now, delta_ms)
-
-
-def _needs(req: _Request, plan: _Plan | None) -> tuple[str, ...] | None:
-    """What a miss must load: the attributes it lacks, or ``None`` for the whole item."""
-    if plan is not None and plan.merge_version is not None:
-        return with_version(plan.load_attrs, req.version_attr)
-    return with_version(req.attrs, req.version_attr)
-
-
-def _answer(
-    value: Item | None, attrs: tuple[str, ...] | None, merged: dict[str, Any] | None
-) -> Item | None:
-    """What a caller asking for ``attrs`` gets from a loaded item (``merged``: cached attributes)."""
-    if value is None or attrs is None:
-        return value
-    out = {} if merged is None else dict(merged)
-    for name in attrs:
-        if name in value:
-            out[name] = value[name]
-    return out
 
 
 def _attributes(reply: Mapping[str, Any], return_values: str) -> Item | None:

@@ -37,7 +37,7 @@ from ._metrics import COUNTERS
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ._engine import Cache
+    from ._cache import Cache
 
 __all__ = ["COUNTERS", "EmfReporter", "SwrCacheCollector", "register"]
 

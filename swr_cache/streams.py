@@ -55,7 +55,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._engine import Cache, _Request, _while_renewing
+from ._cache import Cache
+from ._engine_api import engine_of
 from ._errors import (
     CodecError,
     ConfigError,
@@ -63,16 +64,16 @@ from ._errors import (
     KeyEncodingError,
     StreamRecordError,
 )
+from ._fills import EntryTooLarge
 from ._host import CacheHost
 from ._keys import from_typed, item_identity
+from ._loads import while_renewing
 from ._metrics import Metrics
 from ._policy import Policy
 from ._store import StreamPut
 from .dynamodb import (
     _converters,
-    _EntryTooLarge,
     _error_code,
-    _whole_entry,
     item_tags,
     table_tag,
 )
@@ -454,6 +455,7 @@ class StreamInvalidator:
         if batch_size < 1 or timeout <= 0 or sequence_ttl <= 0:
             raise ConfigError("batch_size, timeout and sequence_ttl must be positive")
         self.cache = cache
+        self.engine = engine_of(cache)
         self.mode: Mode = mode
         self._policy = policy
         self.sequence_ttl = float(sequence_ttl)
@@ -512,7 +514,7 @@ class StreamInvalidator:
             CacheNotEnteredError: refresh mode on a cache never entered.
         """
         if self.mode == "refresh":
-            self.cache._require_entered()  # deadlines are in Redis time, measured on entry
+            self.engine.require_entered()  # deadlines are in Redis time, measured on entry
         counts = self.metrics.counts
         report = StreamReport()
         parsed: list[StreamRecord] = []
@@ -556,6 +558,7 @@ class StreamInvalidator:
 
     async def _apply_chunk(self, chunk: Sequence[StreamRecord]) -> int:
         cache = self.cache
+        engine = self.engine
         tags = _purged_tags(chunk)
         if self.mode == "invalidate":
             identities = list(dict.fromkeys(r.identity for r in chunk))
@@ -563,7 +566,7 @@ class StreamInvalidator:
             return 0
         plain: list[str] = []
         puts = []
-        ks = cache._keys
+        ks = engine.keys
         for record in chunk:
             if record.sequence is None:
                 plain.append(record.identity)
@@ -578,11 +581,11 @@ class StreamInvalidator:
             puts.append((keys, record.sequence, seq_ms, expire_ms, op, fields))
         superseded = 0
         if puts:
-            async with cache._slots.hold(cache._invalidation_wait):
-                replies = await cache._store.stream_put_many(puts)
+            async with engine.slots.hold(engine.invalidation_wait):
+                replies = await engine.store.stream_put_many(puts)
             # As for an invalidation: this process's reads and loads of these
             # entries begun before the writes are not shared from now on.
-            cache._detach(put[0][0] for put in puts)
+            engine.detach(put[0][0] for put in puts)
             counts = self.metrics.counts
             for reply in replies:
                 if isinstance(reply, BaseException):
@@ -599,7 +602,7 @@ class StreamInvalidator:
 
     def _entry_fields(self, record: StreamRecord) -> tuple[bytes, dict[bytes, bytes], int, int]:
         """``(op, fields, entry pexpire ms, high-water pexpire ms)`` for a refresh."""
-        cache = self.cache
+        engine = self.engine
         policy = self.policy_for(record.table)
         seq_ms = max(round(self.sequence_ttl * 1000), policy.hard_ms, policy.negative_ms)
         value: dict[str, Any] | None
@@ -618,10 +621,17 @@ class StreamInvalidator:
                     exc,
                 )
                 return _DELETE, {}, 1, seq_ms
-        req = _Request(cache, self.metrics, policy, record.identity, True, None, _no_loader, None)
+        req = engine.request(
+            metrics=self.metrics,
+            policy=policy,
+            identity=record.identity,
+            is_item=True,
+            attrs=None,
+            loader=_no_loader,
+        )
         try:
             # What an engine fill writes; no load time, so no early refresh.
-            fields, expire_ms = _whole_entry(cache, req, None, value, cache._now_ms(), None)
+            fields, expire_ms = engine.whole_entry(req, None, value, engine.now_ms(), None)
         except CodecError as exc:
             log.warning(
                 "swr_cache: NewImage of %s cannot be cached (%s); invalidating",
@@ -629,7 +639,7 @@ class StreamInvalidator:
                 exc,
             )
             return _DELETE, {}, 1, seq_ms
-        except _EntryTooLarge:
+        except EntryTooLarge:
             self.metrics.counts["fills_skipped_too_large"] += 1
             return _DELETE, {}, 1, seq_ms
         return _WRITE, fields, expire_ms, seq_ms
@@ -666,7 +676,7 @@ class StreamInvalidator:
         records = _event_records(event)
         host = self._host
         if host is None or not host.alive:
-            if self.cache._entered and host is None:
+            if self.engine.entered and host is None:
                 raise RuntimeError(
                     "lambda_handler enters its cache itself; do not enter the cache elsewhere"
                 )
@@ -773,6 +783,7 @@ class StreamConsumer:
             raise ConfigError("batch_limit, max_batches and max_shards must be >= 1")
         self.invalidator = invalidator
         self.cache = invalidator.cache
+        self.engine = invalidator.engine
         self.client = streams_client
         self.stream_arn = stream_arn
         self.table = table
@@ -802,14 +813,14 @@ class StreamConsumer:
     # -- Redis -----------------------------------------------------------------
 
     async def _redis(self, call: Callable[[], Any]) -> Any:
-        cache = self.cache
-        async with cache._slots.hold(cache._invalidation_wait):
+        engine = self.engine
+        async with engine.slots.hold(engine.invalidation_wait):
             return await call()
 
     async def _claim(self, shard_id: str) -> bool:
-        key = self.cache._keys.shard_lease(self.stream_arn, shard_id)
+        key = self.engine.keys.shard_lease(self.stream_arn, shard_id)
         got = await self._redis(
-            lambda: self.cache._store.claim_shard(key, self.token, self.lease_ms)
+            lambda: self.engine.store.claim_shard(key, self.token, self.lease_ms)
         )
         if got:
             self._held.add(shard_id)
@@ -822,13 +833,13 @@ class StreamConsumer:
         self._iterators.pop(shard_id, None)
 
     async def _checkpoint(self, shard_id: str, value: str) -> None:
-        ks = self.cache._keys
+        ks = self.engine.keys
         ck, lease = (
             ks.checkpoint(self.stream_arn, shard_id),
             ks.shard_lease(self.stream_arn, shard_id),
         )
         ok = await self._redis(
-            lambda: self.cache._store.write_checkpoint(
+            lambda: self.engine.store.write_checkpoint(
                 ck, lease, self.token, value, self.checkpoint_ms, self.lease_ms
             )
         )
@@ -844,12 +855,12 @@ class StreamConsumer:
 
     async def _renew_forever(self, shard_id: str) -> None:
         """Keep a shard's lease alive while a batch is applied (Redis may be slow)."""
-        key = self.cache._keys.shard_lease(self.stream_arn, shard_id)
+        key = self.engine.keys.shard_lease(self.stream_arn, shard_id)
         while True:
             await anyio.sleep(self.lease_ms / 3000.0)
             with contextlib.suppress(RedisError, OSError):
                 await self._redis(
-                    lambda: self.cache._store.renew_lease(key, self.token, self.lease_ms)
+                    lambda: self.engine.store.renew_lease(key, self.token, self.lease_ms)
                 )
 
     # -- AWS -------------------------------------------------------------------
@@ -915,10 +926,10 @@ class StreamConsumer:
         """
         shards = await self._shards()
         by_id = {s["ShardId"]: s for s in shards if isinstance(s.get("ShardId"), str)}
-        ks = self.cache._keys
+        ks = self.engine.keys
         ids = list(by_id)
         raw = await self._redis(
-            lambda: self.cache._store.read_many([ks.checkpoint(self.stream_arn, i) for i in ids])
+            lambda: self.engine.store.read_many([ks.checkpoint(self.stream_arn, i) for i in ids])
         )
         checkpoints: dict[str, str | None] = {
             i: None if v is None else v.decode() for i, v in zip(ids, raw, strict=True)
@@ -1030,7 +1041,7 @@ class StreamConsumer:
 
     async def _apply_renewing(self, shard_id: str, records: list[Any]) -> StreamReport:
         """Apply a batch while a sibling task keeps the shard's lease alive."""
-        return await _while_renewing(
+        return await while_renewing(
             partial(self.invalidator.handle_records, records, table=self.table),
             partial(self._renew_forever, shard_id),
         )
@@ -1038,9 +1049,9 @@ class StreamConsumer:
     async def release_shard(self, shard_id: str) -> None:
         """Give up the lease of one shard."""
         self._forget(shard_id)
-        key = self.cache._keys.shard_lease(self.stream_arn, shard_id)
+        key = self.engine.keys.shard_lease(self.stream_arn, shard_id)
         with contextlib.suppress(RedisError, OSError):
-            await self._redis(lambda: self.cache._store.release_lease(key, self.token))
+            await self._redis(lambda: self.engine.store.release_lease(key, self.token))
 
     async def run(self) -> None:
         """Poll until :meth:`stop`: at once while records flow, backing off when idle.

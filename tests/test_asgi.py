@@ -563,7 +563,9 @@ async def test_purge_beats_an_in_flight_refresh(
     await origin.entered.wait()  # the refresh is inside the app
     await cache.purge_tags(["t1"])
     origin.gate.set()
-    await wait_until(lambda: stats(cache)["refreshes"] == 1 and not cache._refreshing)
+    await wait_until(
+        lambda: stats(cache)["refreshes"] == 1 and not cache._engine.refresher.refreshing
+    )
     assert (await client.get("/q")).headers["cache-status"].startswith("swr-cache; fwd=uri-miss")
 
 
@@ -676,7 +678,9 @@ async def test_uncacheable_refresh_deletes_the_entry(
     origin.handler = respond(200, ("cache-control", "no-store"))
     await client.get("/d")
     assert [k async for k in cache.client.scan_iter(match="h:e:*")]
-    await wait_until(lambda: stats(cache)["http_uncacheable"] == 1 and not cache._refreshing)
+    await wait_until(
+        lambda: stats(cache)["http_uncacheable"] == 1 and not cache._engine.refresher.refreshing
+    )
     assert [k async for k in cache.client.scan_iter(match="h:e:*")] == []
 
 
@@ -1743,7 +1747,9 @@ async def test_revalidation_failure_passes_the_error_and_keeps_the_entry(
     r = await client.get("/r")
     assert r.status_code == 503 and r.headers["cache-status"].startswith("swr-cache; fwd=stale")
     # The engine's refresh takes that failure as its own (and backs off): no second call.
-    await wait_until(lambda: stats(cache)["refresh_errors"] == 1 and not cache._refreshing)
+    await wait_until(
+        lambda: stats(cache)["refresh_errors"] == 1 and not cache._engine.refresher.refreshing
+    )
     assert origin.count == 2
     origin.handler = validating()
     r = await client.get("/r")

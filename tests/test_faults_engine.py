@@ -33,8 +33,8 @@ def origin() -> RecordingOrigin:
 
 def assert_quiet(cache: Cache, slots: int) -> None:
     """Nothing is left registered in the engine once every caller is done."""
-    assert cache._reads == {}
-    assert cache._flights == {}
+    assert cache._engine.reads == {}
+    assert cache._engine.flights == {}
     assert cache._slots.free == slots
     assert not any(not f.done() for f in cache._slots.waiters)
 
@@ -136,10 +136,10 @@ async def _storm(cache: Cache, origin: RecordingOrigin, slots: int) -> None:
         )
         assert answers == [origin.items[f"u{i}"] for i in range(16)]
         assert wrong == []
-        assert cache._reads == {}
+        assert cache._engine.reads == {}
         # Background refreshes (soft_ttl is 0.05 s) may still hold slots: let them end.
         for _ in range(500):
-            if cache._slots.free == slots and not cache._refreshing:
+            if cache._slots.free == slots and not cache._engine.refresher.refreshing:
                 break
             await asyncio.sleep(0.01)
         assert cache._slots.free == slots
@@ -162,7 +162,7 @@ async def test_cache_closed_under_a_load_answers_its_callers(
     origin.release()
     with pytest.raises(Exception, match="closed"):
         await asyncio.wait_for(waiting, 5)
-    assert cache._flights == {}
+    assert cache._engine.flights == {}
 
 
 # --- 2. a failed background refresh -----------------------------------------------------
@@ -181,7 +181,7 @@ class FlakyOrigin(RecordingOrigin):
 
 
 async def refreshes_done(cache: Cache) -> None:
-    while cache._refreshing:
+    while cache._engine.refresher.refreshing:
         await asyncio.sleep(0.005)
 
 
@@ -250,7 +250,7 @@ async def test_back_off_is_shared_across_processes(
         assert origin.count == calls
         assert two.stats()[get_two.name]["refresh_errors"] == 0
         # It remembers the back-off for a while: more stale hits do not ask Redis again.
-        assert "Users|pk=S:u1" in next(iter(two._backoff))
+        assert "Users|pk=S:u1" in next(iter(two._engine.refresher.backoff))
         refreshes = two.stats()[get_two.name]["refreshes"]
         for _ in range(3):
             await get_two("u1")

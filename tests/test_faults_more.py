@@ -411,7 +411,7 @@ async def count_points(redis_client: aioredis.Redis, name: str) -> list[str]:
     """The gates one uncancelled run of a scenario passes, in order."""
     cache = Cache(redis_client, namespace=f"count-{name}", fence_ttl=0)
     store = GateStore(redis_client, stop_at=-1)
-    cache._store = store
+    cache._engine.use_store(store)
     async with cache:
         scenario, expected = SCENARIOS[name]
         assert await scenario(cache, [store], RecordingOrigin({"u1": ITEM})) == expected
@@ -435,7 +435,7 @@ async def test_cancellation_at_every_await_of_the_load_path(
             redis_client, namespace=namespace, fence_ttl=0, lease_ttl=0.3, drain_timeout=drain
         )
         store = GateStore(redis_client, stop_at=n)
-        cache._store = store
+        cache._engine.use_store(store)
         origin = RecordingOrigin({"u1": ITEM})
         async with cache:
             task = asyncio.create_task(scenario(cache, [store], origin))
@@ -464,7 +464,7 @@ async def test_cancellation_at_every_await_of_the_load_path(
         # A fresh process over the same keys gets the right value, at most one origin call away.
         after = Cache(redis_client, namespace=namespace, fence_ttl=0, lease_wait=0.5)
         fresh_store = GateStore(redis_client, stop_at=-1)
-        after._store = fresh_store
+        after._engine.use_store(fresh_store)
         async with after:
             calls = origin.count
             assert await scenario(after, [fresh_store], origin) == expected, (point, how)
@@ -482,7 +482,7 @@ async def test_shutdown_while_a_command_waits_at_the_server(
     )
     origin = RecordingOrigin({"u1": ITEM})
     store = GateStore(client, stop_at=-1)
-    cache._store = store
+    cache._engine.use_store(store)
     paused = False
     try:
         async with cache:

@@ -108,7 +108,8 @@ async def test_flight_that_already_stored_is_not_joined_after_an_invalidation(
     origin = SnapshotOrigin(held=0)
     landed = asyncio.Event()
     gate = asyncio.Event()
-    fill = cache._fill
+    loads = cache._engine.fills
+    fill = loads.fill
 
     async def slow_fill(*args: Any, **kwargs: Any) -> Any:
         out = await fill(*args, **kwargs)
@@ -116,13 +117,13 @@ async def test_flight_that_already_stored_is_not_joined_after_an_invalidation(
         await gate.wait()  # the fill has landed; the flight is still running
         return out
 
-    monkeypatch.setattr(cache, "_fill", slow_fill)
+    monkeypatch.setattr(loads, "fill", slow_fill)
     get = accessor(cache, origin)
     early = asyncio.create_task(get("k"))
     await landed.wait()  # version 1 is stored
     origin.version = 2
     await other.invalidate_item("T", {"pk": "k"})  # another process: this one is not told
-    monkeypatch.setattr(cache, "_fill", fill)
+    monkeypatch.setattr(loads, "fill", fill)
     late = await get("k")  # finds the entry gone: must not take the landed flight's value
     assert late["v"] == 2
     gate.set()
@@ -184,7 +185,7 @@ async def test_flight_answered_from_redis_is_not_joined_after_another_process_in
 
     late: list[asyncio.Task[dict[str, Any]]] = []
     joined = asyncio.Event()
-    real_flight, real_release = b._flight, b._release
+    real_flight, real_release = b._engine.flight, b._engine.loads.release
 
     async def spy_flight(req: Any, **kw: Any) -> Any:
         joined.set()
@@ -200,8 +201,8 @@ async def test_flight_answered_from_redis_is_not_joined_after_another_process_in
             late.append(asyncio.create_task(get_b("k")))
             await joined.wait()
 
-    monkeypatch.setattr(b, "_flight", spy_flight)
-    monkeypatch.setattr(b, "_release", release_then_write)
+    monkeypatch.setattr(b._engine, "flight", spy_flight)
+    monkeypatch.setattr(b._engine.loads, "release", release_then_write)
     gate.set()
     assert (await first)["v"] == 1
     assert (await flight)["v"] == 1  # began before the write

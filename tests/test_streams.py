@@ -796,10 +796,10 @@ def test_lambda_handler_across_warm_invocations(redis_url: str, sync_redis: redi
         keys = seed(sync_redis, "lam", 101)
         assert inv.lambda_handler({"Records": [sample(1)]}, object()) == {"batchItemFailures": []}
         assert sync_redis.exists(*keys) == 0
-        assert inv._loop is loop and inv._host is host and inv.cache._entered
+        assert inv._loop is loop and inv._host is host and inv.cache._engine.entered
     finally:
         inv.close()
-    assert not inv.cache._entered
+    assert not inv.cache._engine.entered
 
 
 def test_lambda_handler_reports_failed_sequence_numbers_when_redis_is_unreachable() -> None:

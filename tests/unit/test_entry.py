@@ -40,7 +40,7 @@ def request(
     attrs: tuple[str, ...] | None = None, *, item: bool = True, signed: bool = False
 ) -> Any:
     return SimpleNamespace(
-        is_item=item, attrs=attrs, cache=SimpleNamespace(_signer=object() if signed else None)
+        is_item=item, attrs=attrs, engine=SimpleNamespace(signer=object() if signed else None)
     )
 
 
