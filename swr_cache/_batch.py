@@ -410,7 +410,7 @@ class _Batch:
     ) -> None:
         """Replace many entries under our leases in one pipeline (the engine's fill, batched).
 
-        Like ``Cache._fill`` for a replacing fill without tags: the same
+        Like ``Fills.fill`` for a replacing fill without tags: the same
         fields and deadlines, the same lease/fence compare-and-write script,
         but one round trip for the whole batch instead of one per entry.
         """

@@ -33,7 +33,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -172,38 +173,12 @@ class RedisEngine:
         self.consistent_get = self.loads.consistent_get
         self.whole_entry = self.fills.whole_entry
         self.get_many = BatchReads(self).get_many
+        # Requests are built on every call: a partial adds no Python frame.
+        self.request = partial(EntryRequest, self)
 
     @property
     def entered(self) -> bool:
         return self.tg is not None
-
-    def request(
-        self,
-        *,
-        metrics: Metrics,
-        policy: Policy,
-        identity: str,
-        is_item: bool,
-        attrs: tuple[str, ...] | None,
-        loader: Callable[[tuple[str, ...] | None], Awaitable[Any]],
-        tags: Callable[[], Sequence[str]] | None = None,
-        entry: str | None = None,
-        consistent: bool = False,
-        version_attr: str | None = None,
-    ) -> EntryRequest:
-        return EntryRequest(
-            self,
-            metrics=metrics,
-            policy=policy,
-            identity=identity,
-            is_item=is_item,
-            attrs=attrs,
-            loader=loader,
-            tags=tags,
-            entry=entry,
-            consistent=consistent,
-            version_attr=version_attr,
-        )
 
     # -- lifecycle -----------------------------------------------------------
 

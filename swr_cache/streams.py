@@ -66,17 +66,12 @@ from ._errors import (
 )
 from ._fills import EntryTooLarge
 from ._host import CacheHost
-from ._keys import from_typed, item_identity
+from ._keys import from_typed, item_identity, item_tags, table_tag
 from ._loads import while_renewing
 from ._metrics import Metrics
 from ._policy import Policy
 from ._store import StreamPut
-from .dynamodb import (
-    _converters,
-    _error_code,
-    item_tags,
-    table_tag,
-)
+from .dynamodb._common import _converters, _error_code
 
 __all__ = [
     "StreamConsumer",
