@@ -193,38 +193,16 @@ class Loads:
             if got == LeaseOutcome.REPAIRED:
                 req.metrics.counts["leases_repaired"] += 1
             if backoff_left:
-                # A refresh failed lately (here or in another process): keep
-                # serving stale. Remember it briefly, so stale hits do not ask
-                # Redis again each time, yet a success elsewhere ends it soon.
-                now = time.monotonic()
-                mirror = min(backoff_left / 1000.0, self.refresh_backoff)
-                prev = self.backoff.get(req.entry)
-                self.backoff[req.entry] = (now + mirror, prev[1] if prev else 0.0)
+                # A refresh failed lately (here or in another process): keep serving stale.
+                self._mirror_backoff(req.entry, backoff_left)
                 if got:
                     await self.release(lease, token)
                 return LoadResult(None)
-            # (A bad signature seen again here was counted by the read that led here.)
-            snap = None if raw is None else self.engine.snap(req, raw, fields, count=False)
-            verdict: tuple[str, Any] | _Plan | None = None
-            if snap is not None:
-                try:
-                    verdict = judge(req, snap, self.now_ms())
-                except _Corrupt:
-                    verdict = None
-            plan: _Plan | None
-            if type(verdict) is tuple:
-                # A refresh is moot once someone else replaced the entry it saw.
-                if not background or (snap is not None and snap.version != seen_version):
-                    # Answered from what Redis held: a reader that finds the
-                    # entry gone from now on must not join us (see _flight).
-                    req.landed = True
-                    if got:
-                        await self.release(lease, token)
-                    return LoadResult(verdict[1], verdict[0])
-                plan = _Plan()
-                plan.state = verdict[0]
-            else:
-                plan = verdict  # type: ignore[assignment]
+            answer, plan = self._examine(req, raw, fields, background, seen_version)
+            if answer is not None:
+                if got:
+                    await self.release(lease, token)
+                return answer
             if got:
                 if waited:
                     req.metrics.counts["lease_takeovers"] += 1
@@ -252,6 +230,42 @@ class Loads:
             return await self.load_with_lease(req, token, plan, background)
         finally:
             self.held.pop(lease, None)
+
+    def _mirror_backoff(self, entry: str, backoff_left: int) -> None:
+        """Remember another refresh's back-off briefly, so stale hits do not ask
+        Redis again each time, yet a success elsewhere ends it soon."""
+        mirror = min(backoff_left / 1000.0, self.refresh_backoff)
+        prev = self.backoff.get(entry)
+        self.backoff[entry] = (time.monotonic() + mirror, prev[1] if prev else 0.0)
+
+    def _examine(
+        self,
+        req: EntryRequest,
+        raw: Any,
+        fields: tuple[bytes, ...] | None,
+        background: bool,
+        seen_version: bytes | None,
+    ) -> tuple[LoadResult | None, _Plan | None]:
+        """What the entry read with the lease says: an answer, or the plan of a load."""
+        # (A bad signature seen again here was counted by the read that led here.)
+        snap = None if raw is None else self.engine.snap(req, raw, fields, count=False)
+        verdict: tuple[str, Any] | _Plan | None = None
+        if snap is not None:
+            try:
+                verdict = judge(req, snap, self.now_ms())
+            except _Corrupt:
+                verdict = None
+        if type(verdict) is not tuple:
+            return None, verdict  # type: ignore[return-value]
+        # A refresh is moot once someone else replaced the entry it saw.
+        if not background or (snap is not None and snap.version != seen_version):
+            # Answered from what Redis held: a reader that finds the entry
+            # gone from now on must not join us (see RedisEngine.flight).
+            req.landed = True
+            return LoadResult(verdict[1], verdict[0]), None
+        plan = _Plan()
+        plan.state = verdict[0]
+        return None, plan
 
     async def load_unleased(self, req: EntryRequest) -> LoadResult:
         """Load without a lease (its holder is slow) and store nothing.

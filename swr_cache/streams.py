@@ -45,7 +45,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, Literal
@@ -921,55 +921,68 @@ class StreamConsumer:
         """
         shards = await self._shards()
         by_id = {s["ShardId"]: s for s in shards if isinstance(s.get("ShardId"), str)}
-        ks = self.engine.keys
-        ids = list(by_id)
-        raw = await self._redis(
-            lambda: self.engine.store.read_many([ks.checkpoint(self.stream_arn, i) for i in ids])
-        )
-        checkpoints: dict[str, str | None] = {
-            i: None if v is None else v.decode() for i, v in zip(ids, raw, strict=True)
-        }
+        checkpoints = await self._checkpoints(list(by_id))
         done = {i for i, v in checkpoints.items() if v == _SHARD_DONE}
         # Shards we stopped seeing are gone (trimmed): let go of them.
         for shard_id in list(self._held):
             if shard_id not in by_id:
                 self._forget(shard_id)
-        pending = [i for i in ids if i not in done]
+        pending = [i for i in by_id if i not in done]
         applied = 0
-        first_error: BaseException | None = None
+        errors: list[BaseException] = []
         progress = True
         while progress and pending and not self._stopping:
             progress = False
-            for shard_id in list(pending):
-                if self._stopping:
-                    break
-                parent = by_id[shard_id].get("ParentShardId")
-                if parent in by_id and parent not in done:
-                    continue  # its parent's records come first
-                pending.remove(shard_id)
-                if (
-                    self.max_shards is not None
-                    and shard_id not in self._held
-                    and len(self._held) >= self.max_shards
-                ):
-                    continue
-                try:
-                    count, closed = await self._poll_shard(shard_id, checkpoints[shard_id])
-                except _LeaseLost:
-                    log.info("swr_cache: lost the lease of shard %s to another consumer", shard_id)
-                    continue
-                except Exception as exc:
-                    self._iterators.pop(shard_id, None)
-                    log.warning("swr_cache: reading shard %s failed: %r", shard_id, exc)
-                    first_error = first_error or exc
-                    continue
+            for shard_id in self._ready(pending, by_id, done):
+                count, closed = await self._poll_counted(shard_id, checkpoints[shard_id], errors)
                 applied += count
                 if closed:
                     done.add(shard_id)
                     progress = True
-        if first_error is not None:
-            raise first_error
+        if errors:
+            raise errors[0]
         return applied
+
+    async def _checkpoints(self, ids: list[str]) -> dict[str, str | None]:
+        """Each shard's checkpoint (a sequence number, the done mark, or None)."""
+        ks = self.engine.keys
+        raw = await self._redis(
+            lambda: self.engine.store.read_many([ks.checkpoint(self.stream_arn, i) for i in ids])
+        )
+        return {i: None if v is None else v.decode() for i, v in zip(ids, raw, strict=True)}
+
+    def _ready(
+        self, pending: list[str], by_id: Mapping[str, Mapping[str, Any]], done: set[str]
+    ) -> Iterator[str]:
+        """Take off ``pending`` the shards to read now: parents first, within ``max_shards``."""
+        for shard_id in list(pending):
+            if self._stopping:
+                return
+            parent = by_id[shard_id].get("ParentShardId")
+            if parent in by_id and parent not in done:
+                continue  # its parent's records come first
+            pending.remove(shard_id)
+            if (
+                self.max_shards is not None
+                and shard_id not in self._held
+                and len(self._held) >= self.max_shards
+            ):
+                continue
+            yield shard_id
+
+    async def _poll_counted(
+        self, shard_id: str, checkpoint: str | None, errors: list[BaseException]
+    ) -> tuple[int, bool]:
+        """``_poll_shard``, with a lost lease skipped and other errors kept for the end."""
+        try:
+            return await self._poll_shard(shard_id, checkpoint)
+        except _LeaseLost:
+            log.info("swr_cache: lost the lease of shard %s to another consumer", shard_id)
+        except Exception as exc:
+            self._iterators.pop(shard_id, None)
+            log.warning("swr_cache: reading shard %s failed: %r", shard_id, exc)
+            errors.append(exc)
+        return 0, False
 
     async def _poll_shard(self, shard_id: str, checkpoint: str | None) -> tuple[int, bool]:
         """Read one shard to its current end. Returns ``(records applied, closed and done)``."""
@@ -1007,17 +1020,9 @@ class StreamConsumer:
             records = reply.get("Records") or []
             next_iterator = reply.get("NextShardIterator")
             if records:
-                report = await self._apply_renewing(shard_id, records)
-                cut = report.failed_records[0].position if report.failed_records else len(records)
-                seq = _last_sequence(records[:cut])
-                if seq is not None:
-                    await self._checkpoint(shard_id, seq)
-                    last = seq
-                applied += report.applied
-                if report.failed_records:
-                    # Not past a record that failed: read it again next time.
-                    assert report.error is not None
-                    raise report.error
+                count, seq = await self._apply_batch(shard_id, records)
+                applied += count
+                last = seq or last
             if not isinstance(next_iterator, str):
                 # Closed and read to its end: its children may start.
                 await self._checkpoint(shard_id, _SHARD_DONE)
@@ -1033,6 +1038,23 @@ class StreamConsumer:
             return applied, True
         self._iterators[shard_id] = iterator
         return applied, False
+
+    async def _apply_batch(self, shard_id: str, records: list[Any]) -> tuple[int, str | None]:
+        """Apply one GetRecords batch and checkpoint past what applied.
+
+        Returns the records applied and the new checkpoint (``None``: unchanged).
+        Raises the first failed record's error, after checkpointing before it:
+        it is read again next time.
+        """
+        report = await self._apply_renewing(shard_id, records)
+        cut = report.failed_records[0].position if report.failed_records else len(records)
+        seq = _last_sequence(records[:cut])
+        if seq is not None:
+            await self._checkpoint(shard_id, seq)
+        if report.failed_records:
+            assert report.error is not None
+            raise report.error
+        return report.applied, seq
 
     async def _apply_renewing(self, shard_id: str, records: list[Any]) -> StreamReport:
         """Apply a batch while a sibling task keeps the shard's lease alive."""
