@@ -711,8 +711,8 @@ def straddling_loads(loads: Sequence[Load], writes: Sequence[Write]) -> int:
     n = 0
     for x in loads:
         got = index.get(x.key)
-        if got is None:
-            continue
+        if got is None or not x.version:
+            continue  # (a projection without v and w tells no version)
         times, running, _ = got
         i = bisect.bisect_left(times, x.t1)
         if i and running[i - 1] > x.version:

@@ -620,9 +620,9 @@ def cached_item(
             include it, and missing attributes are merged into a fresh entry
             only if the entry holds the same version as the load read; else
             the entry is dropped and the caller gets one consistent load
-            (``merges_outdated``). Without it, a merge made while a write's
-            invalidation is still on its way (a stream's lag, say) can join
-            attributes of two versions of the item.
+            (``merges_outdated``). Without it, a projection missing some
+            attributes loads the cached ones again with them and replaces the
+            entry, so an answer never joins two versions of the item.
 
     Raises:
         ConfigError: invalid TTLs or arguments; at call time, a ``key`` that

@@ -325,7 +325,16 @@ def judge(req: Any, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
         if not missing:
             return state, out
         plan = _Plan()
-        if state == FRESH and snap.version is not None and req.engine.signer is None:
+        if (
+            state == FRESH
+            and snap.version is not None
+            and req.version_attr is not None
+            and req.engine.signer is None
+        ):
+            # A merge joins cached attributes to newly loaded ones: only the
+            # item's version attribute, compared by the merge script, proves
+            # they are of one version. Without it the entry is replaced from
+            # one load of the union (an answer never mixes two versions).
             # (A merge would leave the signature covering only the old fields.)
             plan.load_attrs = tuple(missing)
             plan.merge_version = snap.version

@@ -183,10 +183,10 @@ async def test_cancelled_caller_does_not_cancel_the_load(
     assert await get_user.peek("u1") is not None
 
 
-async def test_partial_fill_loads_only_missing_attributes(
+async def test_partial_fill_loads_the_union_and_remembers_absent_ones(
     cache: Cache, origin: RecordingOrigin
 ) -> None:
-    """A projection loads only the attributes not yet cached, and remembers absent ones."""
+    """A projection missing attributes loads them with the cached ones (one version), and remembers absent ones."""
     get_user = users(cache, origin)
     assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
     assert origin.calls[-1] == ("u1", ["name"])
@@ -194,7 +194,7 @@ async def test_partial_fill_loads_only_missing_attributes(
         "name": "Ada",
         "age": Decimal("36"),
     }
-    assert origin.calls[-1] == ("u1", ["age", "nickname"])
+    assert origin.calls[-1] == ("u1", ["age", "name", "nickname"])
     # Everything asked is now cached or known absent.
     assert await get_user("u1", attributes=["nickname", "age"]) == {"age": Decimal("36")}
     assert await get_user("u1", attributes=["nickname"]) == {}
@@ -204,6 +204,25 @@ async def test_partial_fill_loads_only_missing_attributes(
     assert origin.calls[-1] == ("u1", None)
     assert await get_user("u1", attributes=["tags"]) == {"tags": {"a", "b"}}
     assert origin.count == 3
+
+
+async def test_partial_fill_with_a_version_attribute_loads_only_missing_attributes(
+    cache: Cache, origin: RecordingOrigin
+) -> None:
+    """With a version attribute, a projection loads only the attributes not yet cached (and the version), and merges them."""
+    origin.items["u1"]["version"] = Decimal(1)
+    get_user = users(cache, origin, version_attribute="version")
+    assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
+    assert await get_user("u1", attributes=["name", "age", "nickname"]) == {
+        "name": "Ada",
+        "age": Decimal("36"),
+    }
+    assert origin.calls[-1] == ("u1", ["age", "nickname", "version"])
+    assert await get_user("u1", attributes=["nickname", "age", "name"]) == {
+        "name": "Ada",
+        "age": Decimal("36"),
+    }
+    assert origin.count == 2
 
 
 async def test_projection_of_whole_entry_makes_no_call(
@@ -926,12 +945,13 @@ async def _projected_then_changed(
     return get_user, got
 
 
-async def test_without_a_version_attribute_a_merge_can_mix_versions(
+async def test_without_a_version_attribute_partial_entries_are_replaced_not_merged(
     cache: Cache, origin: RecordingOrigin
 ) -> None:
-    """The documented limit: a fresh entry is assumed current, so a merge joins two versions."""
+    """Nothing proves a cached attribute is of the version a merge would load: the union is loaded at once, so an answer never joins two versions."""
     _get_user, got = await _projected_then_changed(cache, origin)
-    assert got == {"name": "Ada", "age": Decimal(37)}
+    assert got == {"name": "Ada v2", "age": Decimal(37)}
+    assert [attrs for _key, attrs in origin.calls] == [["name"], ["age", "name"]]
 
 
 async def test_version_attribute_refuses_to_merge_into_another_version(

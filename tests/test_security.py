@@ -600,11 +600,11 @@ def test_signature_message_is_unambiguous() -> None:
 # The engine suite, again, on a signing cache: signing must not change any behaviour
 # it checks, except the merge of missing attributes and which counter a corrupt field bumps.
 _NOT_UNDER_SIGNING = {
-    "test_partial_fill_loads_only_missing_attributes",  # loads the union instead (tested above)
-    "test_corrupt_field_is_a_counted_miss",  # bad_signatures instead of decode_errors
-    # Signed entries never merge, so neither the mixed-version limit nor its guard applies.
-    "test_without_a_version_attribute_a_merge_can_mix_versions",
+    # Signed entries never merge (they load the union, tested above), so the merge
+    # of missing attributes and its version guard do not apply.
+    "test_partial_fill_with_a_version_attribute_loads_only_missing_attributes",
     "test_version_attribute_refuses_to_merge_into_another_version",
+    "test_corrupt_field_is_a_counted_miss",  # bad_signatures instead of decode_errors
 }
 
 

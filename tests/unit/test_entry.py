@@ -37,10 +37,17 @@ NOW = 1_000_000.0
 
 
 def request(
-    attrs: tuple[str, ...] | None = None, *, item: bool = True, signed: bool = False
+    attrs: tuple[str, ...] | None = None,
+    *,
+    item: bool = True,
+    signed: bool = False,
+    version_attr: str | None = None,
 ) -> Any:
     return SimpleNamespace(
-        is_item=item, attrs=attrs, engine=SimpleNamespace(signer=object() if signed else None)
+        is_item=item,
+        attrs=attrs,
+        version_attr=version_attr,
+        engine=SimpleNamespace(signer=object() if signed else None),
     )
 
 
@@ -127,12 +134,12 @@ def test_projection_of_whole_entry_returns_what_exists() -> None:
 
 
 def test_fresh_partial_entry_plans_a_merge_of_the_missing() -> None:
-    """A fresh partial entry loads just the missing names and merges them into its version."""
+    """With a version attribute, a fresh partial entry loads just the missing names and merges them into its version."""
     fields = entry(whole=False, name="Ada")
     fields[M_ABSENT] = _codec.encode(["gone"])
     snap = _snap_from_list(projection(fields, ("age", "gone", "name")))
     assert snap is not None
-    plan = judge(request(("age", "gone", "name")), snap, NOW)
+    plan = judge(request(("age", "gone", "name"), version_attr="ver"), snap, NOW)
     assert isinstance(plan, _Plan)
     assert plan.load_attrs == ("age",)
     assert plan.merge_version == b"v1"
@@ -140,13 +147,16 @@ def test_fresh_partial_entry_plans_a_merge_of_the_missing() -> None:
     assert plan.prior_absent == ["gone"]
 
 
-@pytest.mark.parametrize("why", ["stale", "signed"])
-def test_stale_or_signed_partial_entry_plans_a_replacement(why: str) -> None:
-    """A stale partial entry (or any signed one) reloads the union instead of merging."""
+@pytest.mark.parametrize("why", ["stale", "signed", "unversioned"])
+def test_stale_signed_or_unversioned_partial_entry_plans_a_replacement(why: str) -> None:
+    """A stale partial entry, a signed one, or one without a version attribute to compare reloads the union instead of merging."""
     fields = entry(whole=False, soft=NOW - 1 if why == "stale" else NOW + 10, name="Ada")
     snap = _snap_from_list(projection(fields, ("age", "name")))
     assert snap is not None
-    plan = judge(request(("age", "name"), signed=why == "signed"), snap, NOW)
+    version_attr = None if why == "unversioned" else "ver"
+    plan = judge(
+        request(("age", "name"), signed=why == "signed", version_attr=version_attr), snap, NOW
+    )
     assert isinstance(plan, _Plan)
     assert plan.merge_version is None and plan.load_attrs == ("age", "name")
 
