@@ -19,6 +19,7 @@ from ._errors import (
     SwrCacheError,
 )
 from ._keys import item_tag
+from ._near import NearCache
 from ._policy import Policy
 from .asgi import CacheMiddleware
 from .dynamodb import CachedTable, DynamoTable
@@ -38,6 +39,7 @@ __all__ = [
     "EntryState",
     "InvalidationError",
     "KeyEncodingError",
+    "NearCache",
     "Policy",
     "StreamConsumer",
     "StreamInvalidator",

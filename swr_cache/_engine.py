@@ -71,6 +71,7 @@ from ._gate import (
 )
 from ._keys import KeySpace, change_tags, item_identity
 from ._metrics import Metrics, MetricsRegistry
+from ._near import NearCache
 from ._policy import Policy
 from ._readiness import describe_client, ping_client
 from ._signing import M_SIG, Signer
@@ -375,6 +376,9 @@ class Cache:
             ``bad_signatures``), so a shared Redis cannot feed forged values.
             ``str``/``bytes`` of at least 16 bytes, or a list for rotation
             (the first signs, any verifies). See ``swr_cache._signing``.
+        near_cache: a ``NearCache`` to serve hot entries from process memory,
+            kept correct by Redis client tracking (off by default; one near
+            cache per ``Cache``). See the README's "Near cache" section.
         clock: wall clock in seconds; shared deadlines are in Redis server time,
             this clock plus a measured offset.
 
@@ -410,6 +414,7 @@ class Cache:
         direct_reads: bool = True,
         compress_threshold: int | None = None,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
+        near_cache: NearCache | None = None,
         clock: Callable[[], float] = time.time,
         _owns_client: bool = False,
     ) -> None:
@@ -469,6 +474,10 @@ class Cache:
         self._held: dict[str, str] = {}  # lease key -> token, for release at shutdown
         self._pending = 0
         self._idle: anyio.Event | None = None  # made on entry: no event loop is needed to construct
+        # near cache: entry copies in memory, dropped by Redis tracking announcements
+        self._near = near_cache
+        if near_cache is not None:
+            near_cache.bind(self)
 
     # -- construction helpers ------------------------------------------------
 
@@ -553,6 +562,15 @@ class Cache:
         self._entered = True
         await self.sync_clock()
         tg.start_soon(self._clock_loop)
+        if self._near is not None:  # near cache: start tracking this namespace's entry keys
+            self._near.start(
+                self.client,
+                self._keys.entry_prefix,
+                tg,
+                now_ms=self._now_ms,
+                on_invalidate=self._detach,
+                metrics=self._engine_metrics,
+            )
         log.info(
             "swr_cache: cache on %s, namespace %r", describe_client(self.client), self.namespace
         )
@@ -592,6 +610,8 @@ class Cache:
             finally:
                 self._tg = None
                 self._entered = False
+                if self._near is not None:  # near cache: stop serving copies
+                    self._near.stop()
                 self._abandon_background()
                 with anyio.CancelScope(shield=True):
                     await self._release_held()
@@ -795,9 +815,11 @@ class Cache:
         share it. (The detached work still finishes for those already waiting;
         a detached load cannot store, its lease is gone.)
         """
+        gone = set(entries)
+        if self._near is not None:  # near cache: own invalidations drop copies before returning
+            self._near.drop(gone)
         if not self._reads and not self._flights:
             return
-        gone = set(entries)
         for rkey in [k for k in self._reads if (k if type(k) is str else k[0]) in gone]:
             del self._reads[rkey]
         for fkey in [k for k in self._flights if k[0] in gone]:
@@ -934,8 +956,15 @@ class Cache:
         if self._tg is None:
             self._require_entered()
         counts = req.metrics.counts
+        near = self._near
         try:
-            snap = await self._read(req)
+            # near cache: a held copy skips the round trip; a read installs what it got
+            if near is None:
+                snap = await self._read(req)
+            elif (snap := near.lookup(req.entry, req.fields)) is None:
+                snap = await near.read(self._read, req)
+            else:
+                near = None  # (marks a near hit below)
         except _Bypass:
             req.outcome = "bypass"
             return await self._bypass(req)
@@ -952,6 +981,8 @@ class Cache:
                 state, value = verdict
                 self._note_hit(req, snap, state, value is None, now)
                 req.outcome = state
+                if near is None and self._near is not None:  # near cache: a hit from memory
+                    counts["near_hits"] += 1
                 return value
         if verdict is not None:
             counts["partial_misses"] += 1
@@ -1472,6 +1503,8 @@ class Cache:
             return outcome in (FillOutcome.LEASE_LOST, FillOutcome.CHANGED, FillOutcome.OUTDATED)
         counts["fills"] += 1
         req.landed = True
+        if self._near is not None:  # near cache: a copy read before this fill is outdated
+            self._near.drop((req.entry,))
         self._backoff.pop(req.entry, None)  # (the fill script ended it in Redis)
         if tags:
             return await self._check_tags(req, tags, start_ms, expire_ms)

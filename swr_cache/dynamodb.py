@@ -1074,7 +1074,13 @@ class CachedTable:
         results: dict[str, Any] = {}
         loaded = 0
         todo = list(reqs.values())
-        snaps = await self._read_many(todo) if todo else []
+        near = cache._near
+        if not todo:
+            snaps: list[Any] | None = []
+        elif near is None:
+            snaps = await self._read_many(todo)
+        else:  # near cache: held copies skip the pipeline
+            snaps = await near.read_many(self._read_many, todo, self.metrics)
         if snaps is None:
             loaded = await self._load_unstored(todo, keymap, results)
         else:
