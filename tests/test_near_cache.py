@@ -557,3 +557,62 @@ async def test_stream_handler_drops_copies(
     }
     await StreamInvalidator(cache).handle({"Records": [record]})
     assert len(near) == 0
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+async def test_cluster_tracks_every_master(cluster_client: Any, origin: RecordingOrigin) -> None:
+    """On a cluster, one tracking connection per master; keys on every master are invalidated."""
+    near = NearCache()
+    c = Cache(cluster_client, namespace="t", early_refresh=0, near_cache=near)
+    async with CacheHost(c) as cache:
+        await asyncio.wait_for(near.wait_ready(), 10)
+        assert len(near._up) == 3
+        get_user = users(cache, origin)
+        pks = ["u1", "u2", "u3", "u4", "u5"]
+        for pk in pks * 2:
+            await get_user(pk)
+        masters = {
+            cluster_client.get_node_from_key(cache._keys.entry(f"Users|pk=S:{pk}")).port
+            for pk in pks
+        }
+        assert len(masters) > 1 and len(near) == 5
+        for pk in pks:  # raw deletes: only tracking can tell us
+            await cluster_client.delete(cache._keys.entry(f"Users|pk=S:{pk}"))
+        await wait_until(lambda: len(near) == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.standalone_only(reason="a private cluster with replicas")
+async def test_cluster_failover_retracks(origin: RecordingOrigin) -> None:
+    """A master dies: the near cache is flushed and bypassed, then tracks the promoted replica."""
+    from test_cluster import owner_index, private_cluster
+
+    async with private_cluster(masters=3, replicas=1, node_timeout_ms=1000) as (cluster, client):
+        near = NearCache(health_check_interval=0.2, topology_interval=0.2, max_reconnect_delay=0.2)
+        c = Cache(client, namespace="fo", early_refresh=0, near_cache=near, breaker_cooldown=0.1)
+        async with CacheHost(c) as cache:
+            await asyncio.wait_for(near.wait_ready(), 10)
+            get_user = users(cache, origin)
+            await get_user("u1")
+            await get_user("u1")
+            assert len(near) == 1
+            entry = cache._keys.entry("Users|pk=S:u1")
+            victim = owner_index(cluster, client, entry)
+            before = {(n.host, n.port) for n in client.get_primaries()}
+            cluster.kill_node(victim)
+            await wait_until(lambda: not near.usable)
+            assert len(near) == 0 and engine(cache)["near_flushes"] >= 1
+            await asyncio.to_thread(cluster.wait_ok, 60)
+            await asyncio.wait_for(near.wait_ready(), 30)
+            after = {(n.host, n.port) for n in client.get_primaries()}
+            assert after != before and set(near._up) == after
+            # Tracking works on the new master: a raw delete there drops the copy.
+            await get_user("u1")
+            await get_user("u1")
+            await wait_until(lambda: len(near) == 1)
+            await client.delete(entry)
+            await wait_until(lambda: len(near) == 0)
