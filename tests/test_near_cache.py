@@ -616,3 +616,35 @@ async def test_cluster_failover_retracks(origin: RecordingOrigin) -> None:
             await wait_until(lambda: len(near) == 1)
             await client.delete(entry)
             await wait_until(lambda: len(near) == 0)
+
+
+# -- DynamoTable ---------------------------------------------------------------------------------
+
+
+@pytest.mark.dynamodb
+async def test_dynamo_table_reads_batches_and_writes(
+    cache: Cache, near: NearCache, dynamodb_client: Any
+) -> None:
+    """``DynamoTable.cached()`` reads and batches hit memory; a write drops the copy before returning."""
+    from test_dynamodb import create_users, raw_put
+
+    from swr_cache import DynamoTable
+
+    await create_users(dynamodb_client)
+    await raw_put(dynamodb_client, "Users", {"pk": "u1", "name": "Ada"})
+    await raw_put(dynamodb_client, "Users", {"pk": "u2", "name": "Bob"})
+    view = DynamoTable(dynamodb_client, "Users").cached(cache)
+    keys = [{"pk": "u1"}, {"pk": "u2"}]
+    await view.get_item({"pk": "u1"})  # filled
+    await view.batch_get_item(keys)  # u1 read and installed, u2 filled
+    await view.batch_get_item(keys)  # u1 from memory, u2 read and installed
+    got = await view.batch_get_item(keys)  # both from memory
+    assert got == [{"pk": "u1", "name": "Ada"}, {"pk": "u2", "name": "Bob"}]
+    assert cache.stats()[view.name]["near_hits"] == 3 and len(near) == 2
+    item = await view.get_item({"pk": "u1"})
+    assert item == {"pk": "u1", "name": "Ada"} and cache.stats()[view.name]["near_hits"] == 4
+    await view.put_item({"pk": "u1", "name": "Ada v2"})
+    assert len(near) == 1  # dropped before put_item returned
+    cache._clock.advance(2)  # type: ignore[attr-defined]  # past the write's fence
+    again = await view.get_item({"pk": "u1"})
+    assert again == {"pk": "u1", "name": "Ada v2"}
