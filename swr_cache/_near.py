@@ -292,6 +292,7 @@ class NearCache:
 
     def stop(self) -> None:
         """Stop serving (the cache is exiting; its task group ends the tracking)."""
+        self.usable = False  # (leaving is not a lost connection: not counted as a flush)
         self._down(None)
         self._running = False
         self._now_ms = _no_clock
