@@ -292,8 +292,7 @@ class NearCache:
 
     def stop(self) -> None:
         """Stop serving (the cache is exiting; its task group ends the tracking)."""
-        self.usable = False  # (leaving is not a lost connection: not counted as a flush)
-        self._down(None)
+        self._down(None, False)
         self._running = False
         self._now_ms = _no_clock
         self._on_invalidate = _ignore
@@ -311,13 +310,17 @@ class NearCache:
             if self._ready is not None:
                 self._ready.set()
 
-    def _down(self, node: Any) -> None:
-        """A tracking connection is gone (``None``: all of them): flush and bypass."""
+    def _down(self, node: Any, lost: bool) -> None:
+        """A tracking connection is gone (``None``: all of them): flush and bypass.
+
+        ``lost``: it failed (counted in ``near_flushes``), rather than being
+        closed on purpose (the cache exiting, the cluster's masters changing).
+        """
         if node is None:
             self._up.clear()
         else:
             self._up.discard(node)
-        if self.usable:
+        if self.usable and lost:
             self._metrics.counts["near_flushes"] += 1
         self.usable = False
         self.flush()

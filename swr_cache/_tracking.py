@@ -88,7 +88,7 @@ class Tracker:
                 self.near._expect({("", 0)})
                 await self._track_node(("", 0), standalone_factory(self.client))
         finally:
-            self.near._down(None)
+            self.near._down(None, False)
 
     # -- one connection ----------------------------------------------------------
 
@@ -98,6 +98,7 @@ class Tracker:
         delay = near.reconnect_delay
         while True:
             conn = make()
+            lost = False
             try:
                 with anyio.fail_after(max(near.health_check_interval, 1.0)):
                     await self._subscribe(conn)
@@ -105,9 +106,10 @@ class Tracker:
                 delay = near.reconnect_delay
                 await self._listen(conn)
             except (RedisError, OSError, TimeoutError) as exc:
+                lost = True
                 log.warning("swr_cache: near cache tracking lost (%r); bypassing it", exc)
             finally:
-                near._down(node)
+                near._down(node, lost)
                 with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
                     await conn.disconnect()
             await anyio.sleep(delay)
