@@ -81,14 +81,22 @@ class Tracker:
 
     async def run(self) -> None:
         """Track until cancelled (the cache's exit)."""
+        near = self.near
         try:
-            if is_cluster(self.client):
-                await self._run_cluster()
-            else:
-                self.near._expect({("", 0)})
-                await self._track_node(("", 0), standalone_factory(self.client))
+            while True:
+                try:
+                    if is_cluster(self.client):
+                        await self._run_cluster()
+                    else:
+                        near._expect({("", 0)})
+                        await self._track_node(("", 0), standalone_factory(self.client))
+                except Exception:
+                    # Never take the cache's task group down: stay bypassed, retry.
+                    log.exception("swr_cache: near cache tracking failed; bypassing it")
+                    near._down(None, True)
+                await anyio.sleep(near.max_reconnect_delay)
         finally:
-            self.near._down(None, False)
+            near._down(None, False)
 
     # -- one connection ----------------------------------------------------------
 
@@ -97,9 +105,10 @@ class Tracker:
         near = self.near
         delay = near.reconnect_delay
         while True:
-            conn = make()
+            conn: Any = None
             lost = False
             try:
+                conn = make()
                 with anyio.fail_after(max(near.health_check_interval, 1.0)):
                     await self._subscribe(conn)
                 near._node_up(node)
@@ -107,11 +116,19 @@ class Tracker:
                 await self._listen(conn)
             except (RedisError, OSError, TimeoutError) as exc:
                 lost = True
-                log.warning("swr_cache: near cache tracking lost (%r); bypassing it", exc)
+                # Loud once per outage; retries that keep failing stay quiet.
+                level = logging.WARNING if delay == near.reconnect_delay else logging.DEBUG
+                log.log(level, "swr_cache: near cache tracking lost (%r); bypassing it", exc)
+            except Exception:
+                # Never let the listener take the cache's task group down (a
+                # client whose connections cannot be copied, say): stay bypassed.
+                lost = True
+                log.exception("swr_cache: near cache tracking failed; bypassing it")
             finally:
                 near._down(node, lost)
-                with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
-                    await conn.disconnect()
+                if conn is not None:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await conn.disconnect()
             await anyio.sleep(delay)
             delay = min(delay * 2, near.max_reconnect_delay)
 

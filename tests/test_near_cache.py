@@ -648,3 +648,21 @@ async def test_dynamo_table_reads_batches_and_writes(
     cache._clock.advance(2)  # type: ignore[attr-defined]  # past the write's fence
     again = await view.get_item({"pk": "u1"})
     assert again == {"pk": "u1", "name": "Ada v2"}
+
+
+@pytest.mark.standalone_only(reason="fakeredis")
+async def test_without_tracking_support_reads_still_work(origin: RecordingOrigin) -> None:
+    """A server that refuses CLIENT TRACKING leaves the near cache bypassed; nothing fails."""
+    import fakeredis
+
+    client = fakeredis.FakeAsyncRedis()
+    near = NearCache(max_reconnect_delay=0.05)
+    c = Cache(client, namespace="t", early_refresh=0, near_cache=near)
+    async with CacheHost(c) as cache:
+        get_user = users(cache, origin)
+        for _ in range(3):
+            assert await get_user("u1") == origin.items["u1"]
+        await asyncio.sleep(0.1)  # several attempts to track
+        assert not near.usable and len(near) == 0
+        assert cache.stats()[get_user.name]["hits"] == 2 and origin.count == 1
+    await client.aclose()
