@@ -77,9 +77,11 @@ async def peer(url: str, rounds: int) -> None:
 
 
 async def invalidation_delays(
-    url: str, client: Any, cache: Cache, near: NearCache, get_user: Any, rounds: int
+    url: str, cache: Cache, near: NearCache, get_user: Any, rounds: int
 ) -> list[float]:
     """Microseconds from another process's ``invalidate_item`` returning to our copy being gone."""
+    # BLPOP waits longer than the cache client's socket timeout allows.
+    client = aioredis.Redis.from_url(url, socket_timeout=60)
     await client.delete(GO, DONE)
     proc = await asyncio.create_subprocess_exec(sys.executable, SELF, "--peer", url, str(rounds))
     entry = cache._keys.entry(f"Users|pk=S:{KEY}")
@@ -100,6 +102,7 @@ async def invalidation_delays(
             delays.append((gone - int(reply[1])) / 1000.0)
     finally:
         await proc.wait()
+        await client.aclose()
     return delays
 
 
@@ -153,7 +156,7 @@ async def run(url: str, rounds: int, calls: int, invalidations: int, mode: str) 
                 means[name].append(await timed_sequential(fn, calls, each[name]))
         commands = {name: await commands_per_1000(client, fn) for name, fn in contenders.items()}
         say(f"  {mode}: {invalidations} cross-process invalidations")
-        delays = await invalidation_delays(url, client, cached, near, from_memory, invalidations)
+        delays = await invalidation_delays(url, cached, near, from_memory, invalidations)
         stats = cached.stats()
     await client.aclose()
     p50 = {k: percentile(v, 50) for k, v in each.items()}
