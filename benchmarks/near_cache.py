@@ -33,9 +33,19 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import msgpack
 import redis.asyncio as aioredis
-from _common import finish, make_item, percentile, say, start_redis, table, total_commands
+from _common import (
+    finish,
+    floor_reader,
+    make_item,
+    percentile,
+    pin,
+    pin_modes,
+    say,
+    start_redis,
+    table,
+    total_commands,
+)
 from hit_path import Fn, timed_sequential
 
 from swr_cache import Cache, NearCache, _codec, cached_item
@@ -110,12 +120,7 @@ async def run(url: str, rounds: int, calls: int, invalidations: int, mode: str) 
     client = aioredis.Redis.from_url(url, max_connections=50, socket_timeout=1)
     item = make_item(KEY)
     await client.set("floor:item", _codec.encode(item))
-    ext_hook = _codec._ext_hook
-
-    async def floor() -> Any:
-        return msgpack.unpackb(
-            await client.get("floor:item"), raw=False, strict_map_key=False, ext_hook=ext_hook
-        )
+    floor = floor_reader(client, "floor:item")
 
     near = NearCache(max_items=10_000, max_age=3600)
     plain = Cache(client, namespace=NS + "-plain", soft_ttl=3600, hard_ttl=7200, early_refresh=0)
@@ -240,10 +245,7 @@ def main() -> None:
         args.rounds, args.calls, args.no_pin = min(args.rounds, 3), min(args.calls, 500), True
         args.invalidations = min(args.invalidations, 50)
     url, server = start_redis(args.redis_url)
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    modes = {"unpinned": "unpinned: the scheduler places the processes"}
-    if not args.no_pin and len(cpus) >= 2 and server is not None and server.pid:
-        modes["pinned"] = f"pinned: this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}"
+    modes = pin_modes(server, args.no_pin)
     results: dict[str, Any] = {
         "benchmark": "near_cache",
         "config": {"rounds": args.rounds, "calls": args.calls, "invalidations": args.invalidations},
@@ -254,8 +256,7 @@ def main() -> None:
     try:
         for mode in modes:
             if mode == "pinned":
-                os.sched_setaffinity(0, {cpus[0]})
-                os.sched_setaffinity(server.pid, {cpus[1]})
+                pin(server)
             results[mode] = asyncio.run(run(url, args.rounds, args.calls, args.invalidations, mode))
     finally:
         if server is not None:

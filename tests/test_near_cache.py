@@ -99,6 +99,18 @@ class HeldRead:
         return snap
 
 
+async def held_read(
+    cache: Cache, origin: RecordingOrigin
+) -> tuple[Any, HeldRead, asyncio.Task[Any]]:
+    """``u1`` filled, then a read of it that Redis answered, held before it installs its copy."""
+    get_user = users(cache, origin)
+    await get_user("u1")
+    held = HeldRead(cache)
+    reader = asyncio.create_task(get_user("u1"))
+    await held.answered.wait()
+    return get_user, held, reader
+
+
 async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
     """Poll a condition the code under test drives (never a fixed sleep as synchronisation)."""
     deadline = time.monotonic() + limit
@@ -413,11 +425,7 @@ async def test_announcement_during_read_refuses_install(
     cache: Cache, peer: Cache, near: NearCache, origin: RecordingOrigin, clock: FakeClock
 ) -> None:
     """A read whose entry is invalidated (by another client) while in flight is not installed."""
-    get_user = users(cache, origin)
-    await get_user("u1")  # filled; the copy is installed by the next read
-    held = HeldRead(cache)
-    reader = asyncio.create_task(get_user("u1"))
-    await held.answered.wait()  # Redis answered with the old entry; not yet installed
+    get_user, held, reader = await held_read(cache, origin)  # Redis answered: old entry
     heard = engine(cache)["near_invalidations"]
     await peer.invalidate_item("Users", {"pk": "u1"})
     await wait_until(lambda: engine(cache)["near_invalidations"] > heard)
@@ -436,14 +444,10 @@ async def test_own_invalidation_during_read_refuses_install(
     cache: Cache, near: NearCache, origin: RecordingOrigin
 ) -> None:
     """Our own invalidation during a read also spoils its install (and joiners start afresh)."""
-    get_user = users(cache, origin)
-    await get_user("u1")
-    held = HeldRead(cache)
-    first = asyncio.create_task(get_user("u1"))
-    await held.answered.wait()
+    get_user, held, reader = await held_read(cache, origin)
     await cache.invalidate_item("Users", {"pk": "u1"})
     held.gate.set()
-    await first
+    await reader
     assert len(near) == 0
     assert cache.stats()[get_user.name]["near_install_refusals"] == 1
 
@@ -452,11 +456,7 @@ async def test_read_without_race_installs(
     cache: Cache, near: NearCache, origin: RecordingOrigin
 ) -> None:
     """The same held read with no invalidation installs its copy (the guard is not a blanket no)."""
-    get_user = users(cache, origin)
-    await get_user("u1")
-    held = HeldRead(cache)
-    reader = asyncio.create_task(get_user("u1"))
-    await held.answered.wait()
+    get_user, held, reader = await held_read(cache, origin)
     held.gate.set()
     await reader
     assert len(near) == 1
@@ -467,11 +467,7 @@ async def test_cancelled_read_leaves_no_ticket(
     cache: Cache, near: NearCache, origin: RecordingOrigin
 ) -> None:
     """A read cancelled in flight unregisters itself: nothing is left pending."""
-    get_user = users(cache, origin)
-    await get_user("u1")
-    held = HeldRead(cache)
-    reader = asyncio.create_task(get_user("u1"))
-    await held.answered.wait()
+    _, _, reader = await held_read(cache, origin)
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
