@@ -815,11 +815,12 @@ class Cache:
         share it. (The detached work still finishes for those already waiting;
         a detached load cannot store, its lease is gone.)
         """
-        gone = set(entries)
         if self._near is not None:  # near cache: own invalidations drop copies before returning
-            self._near.drop(gone)
+            entries = set(entries)
+            self._near.drop(entries)
         if not self._reads and not self._flights:
             return
+        gone = set(entries)
         for rkey in [k for k in self._reads if (k if type(k) is str else k[0]) in gone]:
             del self._reads[rkey]
         for fkey in [k for k in self._flights if k[0] in gone]:
@@ -957,14 +958,15 @@ class Cache:
             self._require_entered()
         counts = req.metrics.counts
         near = self._near
+        from_near = False
         try:
             # near cache: a held copy skips the round trip; a read installs what it got
             if near is None:
                 snap = await self._read(req)
-            elif (snap := near.lookup(req.entry, req.fields)) is None:
-                snap = await near.read(self._read, req)
+            elif (snap := near.lookup(req.entry, req.fields)) is not None:
+                from_near = True
             else:
-                near = None  # (marks a near hit below)
+                snap = await near.read(self._read, req)
         except _Bypass:
             req.outcome = "bypass"
             return await self._bypass(req)
@@ -981,7 +983,7 @@ class Cache:
                 state, value = verdict
                 self._note_hit(req, snap, state, value is None, now)
                 req.outcome = state
-                if near is None and self._near is not None:  # near cache: a hit from memory
+                if from_near:  # near cache: a hit from memory
                     counts["near_hits"] += 1
                 return value
         if verdict is not None:

@@ -662,3 +662,15 @@ async def test_without_tracking_support_reads_still_work(origin: RecordingOrigin
         assert not near.usable and len(near) == 0
         assert cache.stats()[get_user.name]["hits"] == 2 and origin.count == 1
     await client.aclose()
+
+
+async def test_from_url_takes_a_near_cache(redis_url: str, origin: RecordingOrigin) -> None:
+    """``Cache.from_url(..., near_cache=...)`` tracks on the client it builds (from_env passes it on)."""
+    near = NearCache()
+    async with CacheHost(Cache.from_url(redis_url, namespace="t", near_cache=near)) as cache:
+        await asyncio.wait_for(near.wait_ready(), 10)
+        get_user = users(cache, origin)
+        for _ in range(3):
+            await get_user("u1")
+        assert cache.stats()[get_user.name]["near_hits"] == 1 and len(near) == 1
+    assert not near.usable and len(near) == 0  # emptied on exit
