@@ -674,3 +674,46 @@ async def test_from_url_takes_a_near_cache(redis_url: str, origin: RecordingOrig
             await get_user("u1")
         assert cache.stats()[get_user.name]["near_hits"] == 1 and len(near) == 1
     assert not near.usable and len(near) == 0  # emptied on exit
+
+
+class _Req:
+    """What the near cache reads of a request: its entry, fields and metrics."""
+
+    def __init__(self, cache: Cache, entry: str) -> None:
+        self.entry = entry
+        self.fields: tuple[bytes, ...] | None = None
+        self.metrics = cache.metrics.get("batch")
+
+
+def _snap(hard_ms: float) -> _Snap:
+    snap = _Snap()
+    snap.hard = str(hard_ms).encode()
+    return snap
+
+
+async def test_batch_reads_keep_only_what_no_invalidation_overtook(
+    cache: Cache, near: NearCache
+) -> None:
+    """A batch read installs each snapshot unless its entry was invalidated while the batch was in flight."""
+    reqs = [_Req(cache, "t:e:{a}"), _Req(cache, "t:e:{b}"), _Req(cache, "t:e:{c}")]
+    far = cache._now_ms() + 60_000
+    answered, gate = asyncio.Event(), asyncio.Event()
+
+    async def read_many(asked: Any) -> list[Any]:
+        answered.set()
+        await gate.wait()
+        return [_snap(far) for _ in asked]
+
+    metrics = cache.metrics.get("batch")
+    task = asyncio.create_task(near.read_many(read_many, reqs, metrics))
+    await answered.wait()
+    near.drop(["t:e:{b}"])  # b changes while the batch is in flight
+    gate.set()
+    got = await task
+    assert got is not None and all(type(s) is _Snap for s in got)
+    assert near.lookup("t:e:{a}", None) is got[0] and near.lookup("t:e:{c}", None) is got[2]
+    assert near.lookup("t:e:{b}", None) is None
+    assert metrics.counts["near_install_refusals"] == 1
+    again = await near.read_many(read_many, reqs[:1] + reqs[2:], metrics)
+    assert again == [got[0], got[2]] and metrics.counts["near_hits"] == 2
+    assert near._inflight == {} and near._spoiled == {}
