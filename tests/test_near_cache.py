@@ -717,3 +717,38 @@ async def test_batch_reads_keep_only_what_no_invalidation_overtook(
     again = await near.read_many(read_many, reqs[:1] + reqs[2:], metrics)
     assert again == [got[0], got[2]] and metrics.counts["near_hits"] == 2
     assert near._inflight == {} and near._spoiled == {}
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_tracking_copies_the_clients_settings(
+    redis_url: str, redis_client: Any, origin: RecordingOrigin, protocol: int
+) -> None:
+    """An ACL user's RESP2 or RESP3 client: the tracking connection logs in as that user, in RESP2."""
+    await redis_client.acl_setuser(
+        "near-user",
+        enabled=True,
+        passwords=["+s3cret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all"],
+    )
+    try:
+        url = redis_url.replace("redis://", "redis://near-user:s3cret@")
+        client = aioredis.Redis.from_url(url, protocol=protocol, socket_timeout=2)
+        near = NearCache()
+        c = Cache(client, namespace="t", early_refresh=0, near_cache=near)
+        async with CacheHost(c) as cache:
+            await asyncio.wait_for(near.wait_ready(), 10)
+            tracking = [
+                e for e in await redis_client.client_list() if e["name"] == "swr_cache-near"
+            ]
+            assert [(e["user"], e["resp"]) for e in tracking] == [("near-user", "2")]
+            get_user = users(cache, origin)
+            await get_user("u1")
+            await get_user("u1")
+            assert len(near) == 1
+            await redis_client.delete(cache._keys.entry("Users|pk=S:u1"))
+            await wait_until(lambda: len(near) == 0)
+        await client.aclose()
+    finally:
+        await redis_client.acl_deluser("near-user")
