@@ -15,8 +15,9 @@ tracking in its name, and its reader sees the end of the stream at once.
 
 ``run`` keeps these connections up: on a failure it marks the near cache
 unusable (flushing it), waits with back-off and starts again. On a Redis
-Cluster it tracks every master and restarts when the set of masters changes
-(a failover, a node added or removed).
+Cluster it tracks every master (and every replica, when the client reads
+from replicas) and restarts when that set of nodes changes (a failover, a
+node added or removed).
 """
 
 from __future__ import annotations
@@ -179,8 +180,18 @@ class Tracker:
             log.info("swr_cache: Redis Cluster masters changed; near cache tracking restarts")
 
     def _masters(self) -> dict[_Node, _Factory]:
+        """The nodes to track: the masters, and the replicas too when entries are read there.
+
+        A replica announces a change when it applies it; a read from a replica
+        that lags its master must not be kept past that.
+        """
+        client = self.client
+        replicas = bool(getattr(client, "read_from_replicas", False)) or (
+            getattr(client, "load_balancing_strategy", None) is not None
+        )
+        nodes = client.get_nodes() if replicas else client.get_primaries()
         out: dict[_Node, _Factory] = {}
-        for n in self.client.get_primaries():
+        for n in nodes:
             out[(n.host, n.port)] = _connection_for(n.connection_class, n.connection_kwargs)
         return out
 

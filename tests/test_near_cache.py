@@ -752,3 +752,32 @@ async def test_tracking_copies_the_clients_settings(
         await client.aclose()
     finally:
         await redis_client.acl_deluser("near-user")
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.standalone_only(reason="a private cluster with replicas")
+async def test_cluster_replica_reads_track_replicas_too(origin: RecordingOrigin) -> None:
+    """A client that reads from replicas: every replica is tracked as well as every master."""
+    from redis.cluster import LoadBalancingStrategy
+    from test_cluster import private_cluster
+
+    async with private_cluster(
+        {"load_balancing_strategy": LoadBalancingStrategy.RANDOM_REPLICA},
+        masters=3,
+        replicas=1,
+    ) as (_, client):
+        near = NearCache()
+        c = Cache(client, namespace="rr", early_refresh=0, near_cache=near)
+        async with CacheHost(c) as cache:
+            await asyncio.wait_for(near.wait_ready(), 10)
+            assert len(near._up) == 6
+            get_user = users(cache, origin)
+            await get_user("u1")  # filled on its master
+            for _ in range(50):  # replicas may lag the fill: read until a copy is held
+                await get_user("u1")
+                if len(near):
+                    break
+            assert len(near) == 1
+            await client.delete(cache._keys.entry("Users|pk=S:u1"))
+            await wait_until(lambda: len(near) == 0)
