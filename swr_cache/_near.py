@@ -36,7 +36,6 @@ and ``stop``; nothing else here is the engine's business.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -51,8 +50,6 @@ from ._metrics import Metrics
 from ._tracking import Tracker, entries_of
 
 __all__ = ["NearCache"]
-
-log = logging.getLogger("swr_cache")
 
 
 class NearCache:
@@ -73,7 +70,7 @@ class NearCache:
             failure, doubling up to ``max_reconnect_delay``.
         max_reconnect_delay: longest such wait.
         topology_interval: seconds between checks of a Redis Cluster's
-            master set (tracking follows failovers and resharding).
+            nodes (tracking follows failovers and nodes added or removed).
 
     Raises:
         ConfigError: on a non-positive size or duration.
@@ -107,7 +104,7 @@ class NearCache:
         self.reconnect_delay = float(reconnect_delay)
         self.max_reconnect_delay = max(float(max_reconnect_delay), self.reconnect_delay)
         self.topology_interval = float(topology_interval)
-        #: ``True`` while every master's tracking connection is subscribed:
+        #: ``True`` while every tracked node's connection is subscribed:
         #: only then are copies served or installed.
         self.usable = False
         # rkey (entry, or (entry, fields) for a projection) -> (snapshot, serve-until ms)
