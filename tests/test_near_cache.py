@@ -781,3 +781,46 @@ async def test_cluster_replica_reads_track_replicas_too(origin: RecordingOrigin)
             assert len(near) == 1
             await client.delete(cache._keys.entry("Users|pk=S:u1"))
             await wait_until(lambda: len(near) == 0)
+
+
+async def test_stale_copies_in_two_caches_refresh_once(
+    cache: Cache, near: NearCache, redis_client: Any, clock: FakeClock, origin: RecordingOrigin
+) -> None:
+    """Stale copies held by two caches (two processes' worth) still make one origin call: the lease."""
+    near_b = NearCache(max_age=30.0)
+    c = Cache(
+        redis_client,
+        namespace="t",
+        soft_ttl=10,
+        hard_ttl=100,
+        clock=clock,
+        early_refresh=0,
+        near_cache=near_b,
+    )
+    async with CacheHost(c) as other:
+        await asyncio.wait_for(near_b.wait_ready(), 10)
+        get_a, get_b = users(cache, origin), users(other, origin)
+        await get_a("u1")  # filled; both hear of the fill, then install copies
+        await wait_until(
+            lambda: engine(cache)["near_invalidations"] == 1 == engine(other)["near_invalidations"]
+        )
+        for get in (get_a, get_b, get_a, get_b):
+            await get("u1")
+        assert len(near) == len(near_b) == 1 and origin.count == 1
+        hits_before = [
+            cache.stats()[get_a.name]["near_hits"],
+            other.stats()[get_b.name]["near_hits"],
+        ]
+        clock.advance(11)
+        origin.hold()
+        stale_a = await get_a("u1")  # from memory, stale: A's refresh takes the lease
+        await origin.entered.wait()
+        stale_b = await get_b("u1")  # from memory, stale: B's refresh finds the lease taken
+        await wait_until(lambda: not other._refreshing)
+        origin.release()
+        await wait_until(lambda: not cache._refreshing)
+        assert stale_a == stale_b == origin.items["u1"]
+        assert origin.count == 2
+        for cc, get, before in ((cache, get_a, hits_before[0]), (other, get_b, hits_before[1])):
+            stats = cc.stats()[get.name]
+            assert stats["stale_hits"] == 1 and stats["near_hits"] == before + 1
