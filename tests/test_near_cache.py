@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 WORKER = pathlib.Path(__file__).parent / "workers" / "near_peer.py"
 Reader = Callable[[_Request], Awaitable[_Snap | None]]
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -124,6 +125,20 @@ def engine(cache: Cache) -> dict[str, Any]:
     return cache.stats()["swr_cache"]
 
 
+async def settled(cache: Cache, call: Awaitable[_T]) -> _T:
+    """Await a call that fills entries, then until this cache has heard Redis announce the fills.
+
+    A fill's announcement may arrive after the next read installed a copy
+    (and drop it): tests that count Redis reads wait for it first.
+    """
+    heard = engine(cache)["near_invalidations"]
+    fills = sum(m["fills"] for m in cache.stats().values())
+    result = await call
+    filled = sum(m["fills"] for m in cache.stats().values()) - fills
+    await wait_until(lambda: engine(cache)["near_invalidations"] >= heard + filled)
+    return result
+
+
 async def run_peer(url: str, action: str, *pks: str) -> int:
     """Run ``tests/workers/near_peer.py`` in another OS process; its ``done_ns``."""
     proc = await asyncio.create_subprocess_exec(
@@ -170,7 +185,7 @@ async def test_one_near_cache_per_cache(redis_client: aioredis.Redis) -> None:
 async def test_hot_reads_skip_redis(cache: Cache, near: NearCache, origin: RecordingOrigin) -> None:
     """After one Redis read installs the copy, hits come from memory: no Redis read, counted."""
     get_user = users(cache, origin)
-    assert await get_user("u1") == origin.items["u1"]  # miss, load, fill
+    assert await settled(cache, get_user("u1")) == origin.items["u1"]  # miss, load, fill
     reads = ReadCounter(cache)
     for _ in range(10):
         assert await get_user("u1") == origin.items["u1"]
@@ -184,7 +199,7 @@ async def test_each_caller_gets_its_own_object(
 ) -> None:
     """A value served from memory is decoded per call: mutating it changes nothing for others."""
     get_user = users(cache, origin)
-    await get_user("u1")
+    await settled(cache, get_user("u1"))
     await get_user("u1")
     a = await get_user("u1")
     assert a is not None
@@ -200,7 +215,7 @@ async def test_projections_are_held_apart(
 ) -> None:
     """A projection's copy answers only that projection; invalidating the item drops them all."""
     get_user = users(cache, origin)
-    await get_user("u1")
+    await settled(cache, get_user("u1"))
     for _ in range(3):
         assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
         assert await get_user("u1", attributes=["age"]) == {"age": Decimal("36")}
@@ -220,7 +235,7 @@ async def test_cached_results(cache: Cache, near: NearCache) -> None:
         calls.append(customer)
         return [{"id": len(calls)}]
 
-    assert await orders("c1") == [{"id": 1}]
+    assert await settled(cache, orders("c1")) == [{"id": 1}]
     for _ in range(3):
         assert await orders("c1") == [{"id": 1}]
     assert cache.stats()[orders.name]["near_hits"] == 2 and len(near) == 1
@@ -239,11 +254,13 @@ async def test_bounded_least_recently_used_go_first(
     async with CacheHost(c) as cache:
         await asyncio.wait_for(near.wait_ready(), 10)
         get_user = users(cache, origin)
-        for pk in ("u1", "u2", "u3", "u1", "u2", "u3"):  # fill, then install
+        for pk in ("u1", "u2", "u3"):
+            await settled(cache, get_user(pk))
+        for pk in ("u1", "u2", "u3"):
             await get_user(pk)
         assert len(near) == 3
         await get_user("u1")  # u1 is now the most recently used: u2 goes next
-        await get_user("u4")
+        await settled(cache, get_user("u4"))
         await get_user("u4")
         assert len(near) == 3
         reads = ReadCounter(cache)
@@ -262,7 +279,7 @@ async def test_soft_ttl_serves_stale_and_refreshes_once(
 ) -> None:
     """Past soft, a copy is served stale and triggers the one refresh; the refresh replaces it."""
     get_user = users(cache, origin)
-    await get_user("u1")
+    await settled(cache, get_user("u1"))
     await get_user("u1")
     origin.items["u1"]["name"] = "Ada v2"
     clock.advance(11)
@@ -299,7 +316,7 @@ async def test_hard_ttl_and_max_age_bound_copies(
     async with CacheHost(c) as cache:
         await asyncio.wait_for(near.wait_ready(), 10)
         get_user = users(cache, origin)
-        await get_user("u1")
+        await settled(cache, get_user("u1"))
         await get_user("u1")
         reads = ReadCounter(cache)
         clock.advance(3.5)  # past hard (Redis still holds the key: PEXPIRE runs on its own clock)
@@ -314,7 +331,7 @@ async def test_hard_ttl_and_max_age_bound_copies(
     async with CacheHost(c) as cache:
         await asyncio.wait_for(near.wait_ready(), 10)
         get_user = users(cache, origin)
-        await get_user("u2")
+        await settled(cache, get_user("u2"))
         await get_user("u2")
         reads = ReadCounter(cache)
         await get_user("u2")
@@ -631,8 +648,8 @@ async def test_dynamo_table_reads_batches_and_writes(
     await raw_put(dynamodb_client, "Users", {"pk": "u2", "name": "Bob"})
     view = DynamoTable(dynamodb_client, "Users").cached(cache)
     keys = [{"pk": "u1"}, {"pk": "u2"}]
-    await view.get_item({"pk": "u1"})  # filled
-    await view.batch_get_item(keys)  # u1 read and installed, u2 filled
+    await settled(cache, view.get_item({"pk": "u1"}))  # filled
+    await settled(cache, view.batch_get_item(keys))  # u1 read and installed, u2 filled
     await view.batch_get_item(keys)  # u1 from memory, u2 read and installed
     got = await view.batch_get_item(keys)  # both from memory
     assert got == [{"pk": "u1", "name": "Ada"}, {"pk": "u2", "name": "Bob"}]
@@ -670,7 +687,8 @@ async def test_from_url_takes_a_near_cache(redis_url: str, origin: RecordingOrig
     async with CacheHost(Cache.from_url(redis_url, namespace="t", near_cache=near)) as cache:
         await asyncio.wait_for(near.wait_ready(), 10)
         get_user = users(cache, origin)
-        for _ in range(3):
+        await settled(cache, get_user("u1"))
+        for _ in range(2):
             await get_user("u1")
         assert cache.stats()[get_user.name]["near_hits"] == 1 and len(near) == 1
     assert not near.usable and len(near) == 0  # emptied on exit
