@@ -83,6 +83,7 @@ class Tracker:
     async def run(self) -> None:
         """Track until cancelled (the cache's exit)."""
         near = self.near
+        failed = False
         try:
             while True:
                 try:
@@ -93,7 +94,12 @@ class Tracker:
                         await self._track_node(("", 0), standalone_factory(self.client))
                 except Exception:
                     # Never take the cache's task group down: stay bypassed, retry.
-                    log.exception("swr_cache: near cache tracking failed; bypassing it")
+                    log.log(
+                        logging.DEBUG if failed else logging.ERROR,
+                        "swr_cache: near cache tracking failed; bypassing it",
+                        exc_info=True,
+                    )
+                    failed = True
                     near._down(None, True)
                 await anyio.sleep(near.max_reconnect_delay)
         finally:
@@ -124,7 +130,8 @@ class Tracker:
                 # Never let the listener take the cache's task group down (a
                 # client whose connections cannot be copied, say): stay bypassed.
                 lost = True
-                log.exception("swr_cache: near cache tracking failed; bypassing it")
+                level = logging.ERROR if delay == near.reconnect_delay else logging.DEBUG
+                log.log(level, "swr_cache: near cache tracking failed; bypassing it", exc_info=True)
             finally:
                 near._down(node, lost)
                 if conn is not None:
