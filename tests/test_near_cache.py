@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pathlib
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
-from helpers import users
+from helpers import users, wait_until
 
 from devtools.devservers import RedisServer
 from swr_cache import Cache, ConfigError, NearCache, cached, item_tag
@@ -41,6 +41,16 @@ def origin() -> RecordingOrigin:
     )
 
 
+@contextlib.asynccontextmanager
+async def tracking(client: Any, near: NearCache, **kwargs: Any) -> AsyncIterator[Cache]:
+    """An entered cache on ``client`` with ``near``, once tracking is up (namespace ``t``, no XFetch)."""
+    kwargs.setdefault("namespace", "t")
+    kwargs.setdefault("early_refresh", 0)
+    async with CacheHost(Cache(client, near_cache=near, **kwargs)) as cache:
+        await asyncio.wait_for(near.wait_ready(), 30)
+        yield cache
+
+
 @pytest.fixture
 def near() -> NearCache:
     return NearCache(max_items=100, max_age=30.0)
@@ -49,17 +59,7 @@ def near() -> NearCache:
 @pytest.fixture
 async def cache(redis_client: Any, clock: FakeClock, near: NearCache) -> AsyncIterator[Cache]:
     """An entered cache with a near cache whose tracking is up (namespace ``t``)."""
-    c = Cache(
-        redis_client,
-        namespace="t",
-        soft_ttl=10,
-        hard_ttl=100,
-        clock=clock,
-        early_refresh=0,
-        near_cache=near,
-    )
-    async with CacheHost(c) as entered:
-        await asyncio.wait_for(near.wait_ready(), 10)
+    async with tracking(redis_client, near, soft_ttl=10, hard_ttl=100, clock=clock) as entered:
         yield entered
 
 
@@ -110,15 +110,6 @@ async def held_read(
     reader = asyncio.create_task(get_user("u1"))
     await held.answered.wait()
     return get_user, held, reader
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    """Poll a condition the code under test drives (never a fixed sleep as synchronisation)."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.001)
 
 
 def engine(cache: Cache) -> dict[str, Any]:
@@ -250,9 +241,7 @@ async def test_bounded_least_recently_used_go_first(
 ) -> None:
     """At most ``max_items`` copies; the least recently used one is dropped first."""
     near = NearCache(max_items=3)
-    c = Cache(redis_client, namespace="t", clock=clock, early_refresh=0, near_cache=near)
-    async with CacheHost(c) as cache:
-        await asyncio.wait_for(near.wait_ready(), 10)
+    async with tracking(redis_client, near, clock=clock) as cache:
         get_user = users(cache, origin)
         for pk in ("u1", "u2", "u3"):
             await settled(cache, get_user(pk))
@@ -304,17 +293,7 @@ async def test_hard_ttl_and_max_age_bound_copies(
 ) -> None:
     """A copy is never served past its entry's hard deadline, nor older than ``max_age``."""
     near = NearCache(max_age=5.0)
-    c = Cache(
-        redis_client,
-        namespace="t",
-        soft_ttl=2,
-        hard_ttl=3,
-        clock=clock,
-        early_refresh=0,
-        near_cache=near,
-    )
-    async with CacheHost(c) as cache:
-        await asyncio.wait_for(near.wait_ready(), 10)
+    async with tracking(redis_client, near, soft_ttl=2, hard_ttl=3, clock=clock) as cache:
         get_user = users(cache, origin)
         await settled(cache, get_user("u1"))
         await get_user("u1")
@@ -327,9 +306,7 @@ async def test_hard_ttl_and_max_age_bound_copies(
         assert cache.stats()[get_user.name]["near_hits"] == 0
 
     near = NearCache(max_age=1.0)
-    c = Cache(redis_client, namespace="t2", clock=clock, early_refresh=0, near_cache=near)
-    async with CacheHost(c) as cache:
-        await asyncio.wait_for(near.wait_ready(), 10)
+    async with tracking(redis_client, near, namespace="t2", clock=clock) as cache:
         get_user = users(cache, origin)
         await settled(cache, get_user("u2"))
         await get_user("u2")
@@ -529,10 +506,8 @@ async def test_restarted_redis_flushes_then_resumes(
     """While Redis is down, reads bypass memory (and fail open); tracking resumes after restart."""
     client = aioredis.Redis.from_url(restartable_redis.url, socket_timeout=0.5)
     near = NearCache(health_check_interval=0.2, max_reconnect_delay=0.2)
-    c = Cache(client, namespace="t", early_refresh=0, near_cache=near, breaker_cooldown=0.05)
     try:
-        async with CacheHost(c) as cache:
-            await asyncio.wait_for(near.wait_ready(), 10)
+        async with tracking(client, near, breaker_cooldown=0.05) as cache:
             get_user = users(cache, origin)
             await get_user("u1")
             await get_user("u1")
@@ -579,9 +554,7 @@ async def test_stream_handler_drops_copies(
 async def test_cluster_tracks_every_master(cluster_client: Any, origin: RecordingOrigin) -> None:
     """On a cluster, one tracking connection per master; keys on every master are invalidated."""
     near = NearCache()
-    c = Cache(cluster_client, namespace="t", early_refresh=0, near_cache=near)
-    async with CacheHost(c) as cache:
-        await asyncio.wait_for(near.wait_ready(), 10)
+    async with tracking(cluster_client, near) as cache:
         assert len(near._up) == 3
         get_user = users(cache, origin)
         pks = ["u1", "u2", "u3", "u4", "u5"]
@@ -606,9 +579,7 @@ async def test_cluster_failover_retracks(origin: RecordingOrigin) -> None:
 
     async with private_cluster(masters=3, replicas=1, node_timeout_ms=1000) as (cluster, client):
         near = NearCache(health_check_interval=0.2, topology_interval=0.2, max_reconnect_delay=0.2)
-        c = Cache(client, namespace="fo", early_refresh=0, near_cache=near, breaker_cooldown=0.1)
-        async with CacheHost(c) as cache:
-            await asyncio.wait_for(near.wait_ready(), 10)
+        async with tracking(client, near, namespace="fo", breaker_cooldown=0.1) as cache:
             get_user = users(cache, origin)
             await get_user("u1")
             await get_user("u1")
@@ -756,13 +727,11 @@ async def test_tracking_copies_the_clients_settings(
         url = redis_url.replace("redis://", "redis://near-user:s3cret@")
         client = aioredis.Redis.from_url(url, protocol=protocol, socket_timeout=2)
         near = NearCache()
-        c = Cache(client, namespace="t", early_refresh=0, near_cache=near)
-        async with CacheHost(c) as cache:
-            await asyncio.wait_for(near.wait_ready(), 10)
-            tracking = [
+        async with tracking(client, near) as cache:
+            trackers = [
                 e for e in await redis_client.client_list() if e["name"] == "swr_cache-near"
             ]
-            assert [(e["user"], e["resp"]) for e in tracking] == [("near-user", "2")]
+            assert [(e["user"], e["resp"]) for e in trackers] == [("near-user", "2")]
             get_user = users(cache, origin)
             await get_user("u1")
             await get_user("u1")
@@ -788,9 +757,7 @@ async def test_cluster_replica_reads_track_replicas_too(origin: RecordingOrigin)
         replicas=1,
     ) as (_, client):
         near = NearCache()
-        c = Cache(client, namespace="rr", early_refresh=0, near_cache=near)
-        async with CacheHost(c) as cache:
-            await asyncio.wait_for(near.wait_ready(), 10)
+        async with tracking(client, near, namespace="rr") as cache:
             assert len(near._up) == 6
             get_user = users(cache, origin)
             await get_user("u1")  # filled on its master
@@ -808,17 +775,7 @@ async def test_stale_copies_in_two_caches_refresh_once(
 ) -> None:
     """Stale copies held by two caches (two processes' worth) still make one origin call: the lease."""
     near_b = NearCache(max_age=30.0)
-    c = Cache(
-        redis_client,
-        namespace="t",
-        soft_ttl=10,
-        hard_ttl=100,
-        clock=clock,
-        early_refresh=0,
-        near_cache=near_b,
-    )
-    async with CacheHost(c) as other:
-        await asyncio.wait_for(near_b.wait_ready(), 10)
+    async with tracking(redis_client, near_b, soft_ttl=10, hard_ttl=100, clock=clock) as other:
         get_a, get_b = users(cache, origin), users(other, origin)
         await get_a("u1")  # filled; both hear of the fill, then install copies
         await wait_until(
