@@ -3,8 +3,6 @@
 Run as ``python near_peer.py REDIS_URL NAMESPACE ACTION [PK ...]`` with ACTION:
 
 * ``invalidate``: ``Cache.invalidate_item("Users", {"pk": PK})`` for each PK;
-* ``fill``: read each PK through ``@cached_item`` (its origin answers
-  ``{"pk": PK, "name": "peer"}``), which fills the entry;
 * ``flushall``: FLUSHALL.
 
 It prints one JSON line: ``{"done_ns": time.monotonic_ns() when the action returned}``
@@ -17,28 +15,18 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
-
 import redis.asyncio as aioredis
 
-from swr_cache import Cache, cached_item
+from swr_cache import Cache
 
 
 async def main(url: str, namespace: str, action: str, pks: list[str]) -> None:
     client = aioredis.Redis.from_url(url, socket_timeout=5)
     cache = Cache(client, namespace=namespace, soft_ttl=10, hard_ttl=100, early_refresh=0)
     async with cache:
-
-        @cached_item(cache, table="Users", key=lambda pk: {"pk": pk})
-        async def get_user(pk: str) -> dict[str, Any] | None:
-            return {"pk": pk, "name": "peer"}
-
         if action == "invalidate":
             for pk in pks:
                 await cache.invalidate_item("Users", {"pk": pk})
-        elif action == "fill":
-            for pk in pks:
-                await get_user(pk)
         elif action == "flushall":
             await client.flushall()
         else:
