@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 import time
+
 import redis.asyncio as aioredis
 
 from swr_cache import Cache
