@@ -123,6 +123,20 @@ def aiocache_kwargs(url: str) -> dict[str, Any]:
     }
 
 
+def floor_reader(client: Any, key: str) -> Any:
+    """The floor of a hit: one GET of ``key`` (a codec-encoded item) and one ``msgpack.unpackb``."""
+    import msgpack
+
+    ext_hook = _codec._ext_hook
+
+    async def floor() -> Any:
+        return msgpack.unpackb(
+            await client.get(key), raw=False, strict_map_key=False, ext_hook=ext_hook
+        )
+
+    return floor
+
+
 async def total_commands(client: Any) -> int:
     """Redis' ``total_commands_processed`` (to count the commands a run sent)."""
     info = await client.info("stats")
@@ -149,6 +163,15 @@ def pin(server: Any) -> str | None:
     os.sched_setaffinity(0, {cpus[0]})
     os.sched_setaffinity(server.pid, {cpus[1]})
     return f"this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}"
+
+
+def pin_modes(server: Any, no_pin: bool) -> dict[str, str]:
+    """``unpinned``, then ``pinned`` (see :func:`pin`) where there are two CPUs and our server."""
+    modes = {"unpinned": "unpinned: the scheduler places the processes"}
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not no_pin and len(cpus) >= 2 and server is not None and server.pid:
+        modes["pinned"] = f"pinned: this process on CPU {cpus[0]}, redis-server on CPU {cpus[1]}"
+    return modes
 
 
 def fmt(value: Any, digits: int | None = None) -> str:

@@ -56,6 +56,11 @@ Modes:
   readers: projections never mix two versions (torn reads target 0).
 * ``processes``: two processes share Redis and DynamoDB, each mixing the
   ``sync`` and ``table`` readers and writers at random.
+* ``near``: as ``processes`` with a ``NearCache`` in every process. A read
+  after a completed write *of its own process* must never be stale (own
+  invalidations drop the copies before they return); a read in another
+  process may be, until Redis' tracking announcement arrives: the report
+  splits the two and gives that cross-process window (p50/p99).
 
     python benchmarks/consistency.py [--quick] [--modes sync,stream] [--ops 10000] [--seed 1] [--json FILE]
 
@@ -93,6 +98,7 @@ from _common import MotoProcess, finish, percentile, say, start_redis, table  # 
 from swr_cache import (  # noqa: E402
     Cache,
     DynamoTable,
+    NearCache,
     StreamConsumer,
     StreamInvalidator,
     _codec,
@@ -100,7 +106,7 @@ from swr_cache import (  # noqa: E402
 )
 from swr_cache._keys import KeySpace, item_identity  # noqa: E402
 
-MODES = ("sync", "table", "write_through", "stream", "stream_versioned", "processes")
+MODES = ("sync", "table", "write_through", "stream", "stream_versioned", "processes", "near")
 #: Modes whose writers invalidate (or write through) before returning: 0 stale reads expected.
 SYNC_MODES = frozenset({"sync", "table", "write_through", "processes"})
 PROJECTIONS: tuple[tuple[str, ...] | None, ...] = (
@@ -145,6 +151,7 @@ class Config:
     flavor: str = ""  # set by the mode: "sync", "table", "write_through", "stream" or "mixed"
     index: int = 0  # worker process number
     version_attribute: str | None = None  # readers' version_attribute ("v" to guard merges)
+    near: bool = False  # a NearCache in every process (the near mode)
 
 
 @dataclass
@@ -823,6 +830,8 @@ def analyze(
         for r in records.reads
         if r.torn
     ][:10]
+    if cfg.near:
+        out.update(near_split(records, stats))
     if cfg.flavor == "stream":
         window_values = [windows.get((w.key, w.version), 0.0) for w in records.writes]
         out["window_p50_ms"], out["window_p99_ms"], out["window_max_ms"] = ms(window_values)
@@ -861,6 +870,38 @@ def analyze(
         ]
         out["timeline"] = timeline(records, stale)
     return out
+
+
+def near_split(records: Records, stats: Mapping[str, int]) -> dict[str, Any]:
+    """Near mode: stale reads after a write of the reader's own process, and of another one.
+
+    Each process writes its own share of the items, so a stale read is either
+    within one process (a near copy outliving our own invalidation: must be 0)
+    or across processes (the tracking announcement still on its way).
+    """
+    procs = sorted({r.proc for r in records.reads} | {w.proc for w in records.writes})
+    within = 0
+    for p in procs:
+        own_writes = [w for w in records.writes if w.proc == p]
+        own_reads = [r for r in records.reads if r.proc == p]
+        within += len(find_stale(own_reads, own_writes)[0])
+    across: list[float] = []
+    for p in procs:
+        others = [w for w in records.writes if w.proc != p]
+        reads = [r for r in records.reads if r.proc == p]
+        across += [s for _, s, _ in find_stale(reads, others)[0]]
+    p50, p99, top = ms(across)
+    return {
+        "stale_within_process": within,
+        "stale_across_processes": len(across),
+        "cross_window_p50_ms": p50,
+        "cross_window_p99_ms": p99,
+        "cross_window_max_ms": top,
+        "near_hits": stats.get("near_hits", 0),
+        "near_install_refusals": stats.get("near_install_refusals", 0),
+        "near_invalidations": stats.get("near_invalidations", 0),
+        "near_flushes": stats.get("near_flushes", 0),
+    }
 
 
 def timeline(records: Records, stale: Sequence[tuple[Read, float, int]]) -> list[dict[str, float]]:
@@ -989,7 +1030,10 @@ def entry_problem(raw: Mapping[bytes, bytes], truth: Mapping[str, Any] | None) -
 
 def mode_config(mode: str, base: Config) -> Config:
     cfg = Config(**{**asdict(base), "mode": mode})
-    cfg.flavor = {"processes": "mixed", "stream_versioned": "stream"}.get(mode, mode)
+    cfg.flavor = {"processes": "mixed", "near": "mixed", "stream_versioned": "stream"}.get(
+        mode, mode
+    )
+    cfg.near = mode == "near"
     if mode == "stream_versioned":
         cfg.version_attribute = "v"  # readers merge projections only into the version they load
     cfg.table = f"Consistency_{mode}_{base.seed}"
@@ -1015,7 +1059,7 @@ async def run_mode(
                 session.create_client("dynamodb", **session_kwargs(endpoint_url))
             )
             arn = await create_table(client, cfg, stream=cfg.flavor == "stream")
-            if cfg.mode == "processes":
+            if cfg.mode in ("processes", "near"):
                 stats = await run_processes(cfg, redis_url, endpoint_url, records)
             else:
                 cache = Cache(redis_client, namespace=cfg.namespace)
@@ -1129,8 +1173,11 @@ async def worker_main(cfg: Config, redis_url: str, endpoint_url: str, out: str) 
         async with get_session().create_client(
             "dynamodb", **session_kwargs(endpoint_url)
         ) as client:
-            cache = Cache(redis_client, namespace=cfg.namespace)
+            near = NearCache() if cfg.near else None
+            cache = Cache(redis_client, namespace=cfg.namespace, near_cache=near)
             async with cache:
+                if near is not None:
+                    await asyncio.wait_for(near.wait_ready(), 30)
                 await redis_client.incr(f"{barrier}:ready")
                 # A barrier across processes: an asyncio.Event cannot span them.
                 while not await redis_client.exists(f"{barrier}:go"):  # noqa: ASYNC110
@@ -1218,6 +1265,38 @@ def render(results: dict[str, Any]) -> None:
             ],
         )
     ]
+    near = [r for r in runs if r["mode"] == "near"]
+    if near:
+        n = near[0]
+        results["tables"].append(
+            table(
+                f"Near cache in each of {cfg['processes']} processes: reads after a completed write",
+                ["measure", "count", "p50 ms", "p99 ms", "max ms"],
+                [
+                    [
+                        "stale, write of the same process (target 0)",
+                        n["stale_within_process"],
+                        "",
+                        "",
+                        "",
+                    ],
+                    [
+                        "stale, write of another process (the tracking window)",
+                        n["stale_across_processes"],
+                        n["cross_window_p50_ms"],
+                        n["cross_window_p99_ms"],
+                        n["cross_window_max_ms"],
+                    ],
+                ],
+                notes=[
+                    f"near hits {n['near_hits']:,}, installs refused (an invalidation overtook the read)"
+                    f" {n['near_install_refusals']:,}, announcements heard {n['near_invalidations']:,},"
+                    f" flushes on losing tracking {n['near_flushes']:,}",
+                    "window: from the write (DynamoDB and invalidate_item both returned) in one process to the"
+                    " start of the last read in another process that still returned the older version",
+                ],
+            )
+        )
     stream = [r for r in runs if r["mode"] == "stream"]
     if stream:
         s = stream[0]
@@ -1285,6 +1364,11 @@ def render(results: dict[str, Any]) -> None:
 def violations(results: Mapping[str, Any]) -> list[str]:
     out = []
     for r in results["modes"]:
+        if r.get("stale_within_process"):
+            out.append(
+                f"{r['mode']}: {r['stale_within_process']} stale reads after a completed write"
+                " of the same process"
+            )
         if r["mode"] in SYNC_MODES and r["stale_reads_after_completed_write"]:
             out.append(
                 f"{r['mode']}: {r['stale_reads_after_completed_write']} stale reads after completed writes"

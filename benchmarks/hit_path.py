@@ -32,9 +32,17 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import msgpack
 import redis.asyncio as aioredis
-from _common import aiocache_kwargs, finish, make_item, percentile, say, start_redis, table
+from _common import (
+    aiocache_kwargs,
+    finish,
+    floor_reader,
+    make_item,
+    percentile,
+    say,
+    start_redis,
+    table,
+)
 
 from swr_cache import Cache, _codec, cached_item
 
@@ -115,12 +123,7 @@ async def run(url: str, rounds: int, calls: int, mode: str) -> dict[str, Any]:
     client = aioredis.Redis.from_url(url, max_connections=200, socket_timeout=0.5)
     item = make_item(KEY)
     await client.set("floor:item", _codec.encode(item))
-    ext_hook = _codec._ext_hook
-
-    async def floor() -> Any:
-        return msgpack.unpackb(
-            await client.get("floor:item"), raw=False, strict_map_key=False, ext_hook=ext_hook
-        )
+    floor = floor_reader(client, "floor:item")
 
     cache = Cache(client, namespace="bench", soft_ttl=3600, hard_ttl=7200)
     async with cache:

@@ -57,6 +57,7 @@ KEEP_BEGIN, KEEP_END = "<!-- conformance:begin -->", "<!-- conformance:end -->"
 #: Benchmarks in report order; any other ``benchmarks/*.py`` (not ``_*``) runs after them.
 KNOWN: dict[str, str] = {
     "hit_path": "Hit path: one cached item against the raw Redis floor and the peers",
+    "near_cache": "Near cache: a hit from process memory, and its cross-process window",
     "stampede": "Cold stampede: 1000 concurrent callers of one key",
     "stale_latency": "Stale reads while a 50 ms origin refreshes",
     "batch": "A batch of 100 keys",
@@ -633,6 +634,31 @@ def summary_rows(name: str, data: dict[str, Any]) -> list[list[str]]:
             _side_by_side(
                 "100 concurrent hits of one key: calls/s",
                 {("raw GET + unpackb" if k == "floor" else k): _n(int(v)) for k, v in conc.items()},
+            )
+        )
+    elif name == "near_cache":
+        mode = next((m for m in ("pinned", "unpinned") if m in data), None)
+        if mode is None:
+            return rows
+        r = data[mode]
+        p50, commands = r["p50_us"], r["commands_per_1000_reads"]
+        rows.append(
+            _side_by_side(
+                f"hit from a NearCache ({mode}): p50 µs (x faster than the floor), Redis commands"
+                " per 1,000 reads",
+                {
+                    ("raw GET + unpackb" if k == "floor" else k): (
+                        f"{_n(v)} ({p50['floor'] / v:.1f}x), {_n(commands[k])}"
+                    )
+                    for k, v in p50.items()
+                },
+            )
+        )
+        d = r["invalidation_delay_us"]
+        rows.append(
+            _side_by_side(
+                "NearCache: another process's invalidate_item returned -> copy gone here: p50 / p99 µs",
+                {"swr_cache": f"{_n(d['p50'])} / {_n(d['p99'])}"},
             )
         )
     elif name == "stampede":

@@ -20,6 +20,7 @@ from ._errors import (
     SwrCacheError,
 )
 from ._keys import item_tag
+from ._near import NearCache
 from ._policy import Policy
 from .asgi import CacheMiddleware
 from .dynamodb import CachedTable, DynamoTable
@@ -39,6 +40,7 @@ __all__ = [
     "EntryState",
     "InvalidationError",
     "KeyEncodingError",
+    "NearCache",
     "Policy",
     "StreamConsumer",
     "StreamInvalidator",

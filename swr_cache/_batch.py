@@ -116,7 +116,11 @@ class _Batch:
 
     async def run(self, reqs: Sequence[EntryRequest]) -> tuple[dict[str, Any], int]:
         todo = list(reqs)
-        snaps = await self._read_many(todo)
+        near = self.engine.near
+        if near is None:
+            snaps = await self._read_many(todo)
+        else:  # held copies skip the pipeline
+            snaps = await near.read_many(self._read_many, todo, self.metrics)
         if snaps is None:
             loaded = await self._load_unstored(todo)
         else:

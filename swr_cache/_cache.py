@@ -22,6 +22,7 @@ from ._errors import ConfigError, InvalidationError
 from ._gate import _pool_size, _reject_decoding_client, _warn_without_timeout
 from ._keys import change_tags, item_identity
 from ._metrics import MetricsRegistry
+from ._near import NearCache
 from ._policy import Policy
 from ._readiness import describe_client, ping_client
 from ._signing import Signer
@@ -89,6 +90,9 @@ class Cache:
             ``bad_signatures``), so a shared Redis cannot feed forged values.
             ``str``/``bytes`` of at least 16 bytes, or a list for rotation
             (the first signs, any verifies). See ``swr_cache._signing``.
+        near_cache: a ``NearCache`` to serve hot entries from process memory,
+            kept correct by Redis client tracking (off by default; one near
+            cache per ``Cache``). See the README's "Near cache" section.
         clock: wall clock in seconds; shared deadlines are in Redis server time,
             this clock plus a measured offset.
 
@@ -124,6 +128,7 @@ class Cache:
         direct_reads: bool = True,
         compress_threshold: int | None = None,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
+        near_cache: NearCache | None = None,
         clock: Callable[[], float] = time.time,
         _owns_client: bool = False,
     ) -> None:
@@ -188,8 +193,11 @@ class Cache:
             clock_sync_interval=self.clock_sync_interval,
             tag_stamp_ms=self.tag_stamp_ms,
             compress_threshold=compress_threshold,
+            near=near_cache,
             clock=clock,
         )
+        if near_cache is not None:
+            near_cache.bind(self)
         # The engine's parts, for tests and tools that look inside.
         self._keys = self._engine.keys
         self._slots = self._engine.slots

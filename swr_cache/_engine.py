@@ -61,6 +61,7 @@ from ._invalidate import Invalidator
 from ._keys import KeySpace
 from ._loads import LoadResult, Loads
 from ._metrics import Metrics, MetricsRegistry
+from ._near import NearCache
 from ._policy import Policy
 from ._refresh import Refresher
 from ._signing import Signer
@@ -130,6 +131,7 @@ class RedisEngine:
         clock_sync_interval: float,
         tag_stamp_ms: int,
         compress_threshold: int | None,
+        near: NearCache | None,
         clock: Callable[[], float],
     ) -> None:
         self.client = client
@@ -155,6 +157,8 @@ class RedisEngine:
         self.clock_sync_interval = clock_sync_interval
         self.tag_stamp_ms = tag_stamp_ms
         self.compress_threshold = compress_threshold
+        # Entry copies in memory, dropped by Redis tracking announcements.
+        self.near = near
         self.clock = Clock(clock)
         self.now_ms = self.clock.now_ms
         self.tg: TaskGroup | None = None
@@ -191,6 +195,15 @@ class RedisEngine:
         self.tg = tg
         await self.sync_clock()
         tg.start_soon(self.clock_loop)
+        if self.near is not None:  # track this namespace's entry keys
+            self.near.start(
+                self.client,
+                self.keys.entry_prefix,
+                tg,
+                now_ms=self.now_ms,
+                on_invalidate=self.detach,
+                metrics=self.metrics.get("swr_cache"),
+            )
 
     async def sync_clock(self) -> None:
         await self.clock.sync(self.store.server_time_ms, self.call_timeout)
@@ -224,6 +237,8 @@ class RedisEngine:
                 await tg.__aexit__(None, None, None)
             finally:
                 self.tg = None
+                if self.near is not None:  # stop serving copies
+                    self.near.stop()
                 self.abandon_background()
                 with anyio.CancelScope(shield=True):
                     await self.release_held()
@@ -277,8 +292,13 @@ class RedisEngine:
         A read or load begun before an invalidation may return what it saw
         before it; a caller arriving after the invalidation completed must not
         share it. (The detached work still finishes for those already waiting;
-        a detached load cannot store, its lease is gone.)
+        a detached load cannot store, its lease is gone.) Near copies of the
+        entries are dropped first, so our own invalidations take effect here
+        before they return.
         """
+        if self.near is not None:
+            entries = set(entries)
+            self.near.drop(entries)
         if not self.reads and not self.flights:
             return
         gone = set(entries)
@@ -416,8 +436,16 @@ class RedisEngine:
         if self.tg is None:
             self.require_entered()
         counts = req.metrics.counts
+        near = self.near
+        from_near = False
         try:
-            snap = await self.read(req)
+            # A near copy skips the round trip; a read through the near cache installs what it got.
+            if near is None:
+                snap = await self.read(req)
+            elif (snap := near.lookup(req.entry, req.fields)) is not None:
+                from_near = True
+            else:
+                snap = await near.read(self.read, req)
         except _Bypass:
             req.outcome = "bypass"
             return await self.bypass(req)
@@ -434,6 +462,8 @@ class RedisEngine:
                 state, value = verdict
                 self.refresher.note_hit(req, snap, state, value is None, now)
                 req.outcome = state
+                if from_near:
+                    counts["near_hits"] += 1
                 return value
         if verdict is not None:
             counts["partial_misses"] += 1

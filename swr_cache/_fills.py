@@ -147,6 +147,8 @@ class Fills:
             return outcome in (FillOutcome.LEASE_LOST, FillOutcome.CHANGED, FillOutcome.OUTDATED)
         counts["fills"] += 1
         req.landed = True
+        if self.engine.near is not None:  # a copy read before this fill is outdated
+            self.engine.near.drop((req.entry,))
         self.backoff.pop(req.entry, None)  # (the fill script ended it in Redis)
         if tags:
             return await self.check_tags(req, tags, start_ms, expire_ms)

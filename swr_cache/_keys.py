@@ -435,6 +435,11 @@ class KeySpace:
         set_(self, "_checkpoint", prefix + "ck:{")
         set_(self, "_shard_lease", prefix + "sl:{")
 
+    @property
+    def entry_prefix(self) -> str:
+        """What every entry key of the namespace starts with, and no other key of it."""
+        return self._entry
+
     def entry(self, identity: str) -> str:
         """The entry hash of an identity: ``<ns>:e:{<identity>}``."""
         return self._entry + identity + "}"

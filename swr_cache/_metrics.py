@@ -39,6 +39,13 @@ COUNTERS: Final = (
     "bypasses",
     "pool_waits_timed_out",
     "invalidations",
+    # Near cache (NearCache): hits from memory, copies not installed because
+    # an invalidation overtook their read; engine-wide: announcements heard
+    # and flushes on losing tracking
+    "near_hits",
+    "near_install_refusals",
+    "near_invalidations",
+    "near_flushes",
     # Keys of ours found broken and repaired (see README, "Faults that heal")
     "leases_repaired",
     "fences_repaired",

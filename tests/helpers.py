@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from swr_cache import Cache, cached_item
@@ -18,3 +21,12 @@ def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
         return await origin.get(user_id, attributes)
 
     return get_user
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll a condition the code under test drives (never a fixed sleep as synchronisation)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)

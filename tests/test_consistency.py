@@ -203,3 +203,35 @@ async def test_stream_mode_with_a_version_attribute_never_mixes_versions(
         "stale_after_applied_samples"
     ]
     assert result["entries_not_equal_to_table"] == 0, result["mismatches"]
+
+
+def test_near_split_tells_own_writes_from_others() -> None:
+    """Near mode: a stale read after its own process's write is told apart from one after another's."""
+    records = checker.Records()
+    records.writes = [
+        Write(0, 2, 9.0, 10.0, 10.0, "invalidate_item", 0),
+        Write(1, 2, 9.0, 10.0, 10.0, "invalidate_item", 1),
+    ]
+    mine = read(0, 11.0, got=1)
+    mine.proc = 0
+    theirs = read(1, 10.002, got=1)
+    theirs.proc = 0
+    fine = read(1, 12.0, got=2)
+    fine.proc = 0
+    records.reads = [mine, theirs, fine]
+    split = checker.near_split(records, {"near_hits": 5})
+    assert split["stale_within_process"] == 1 and split["stale_across_processes"] == 1
+    assert round(split["cross_window_p99_ms"], 3) == 2.0 and split["near_hits"] == 5
+
+
+@pytest.mark.redis
+@pytest.mark.dynamodb
+async def test_near_mode_own_writes_never_stale(redis_url: str, dynamodb_endpoint: str) -> None:
+    """Near caches in two processes: no read is stale after its own process's write; the rest converge."""
+    result = await run("near", 1_200, redis_url, dynamodb_endpoint)
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["origin_anomalies"] == 0
+    assert result["stale_within_process"] == 0, result["stale_samples"]
+    assert result["entries_not_equal_to_table"] == 0, result["mismatches"]
+    assert result["near_hits"] > 0 and result["near_invalidations"] > 0
+    assert result["near_flushes"] == 0
