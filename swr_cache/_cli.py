@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from . import _codec
 from ._cache import Cache
 from ._engine_api import engine_of
+from ._entry import expand
 from ._errors import (
     CacheUnavailableError,
     ConfigError,
@@ -45,7 +46,6 @@ from ._errors import (
 )
 from ._keys import from_typed, item_identity
 from ._readiness import describe_client
-from ._entry import expand
 from ._store import (
     M_ABSENT,
     M_DELTA,

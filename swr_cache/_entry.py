@@ -212,8 +212,8 @@ def expand(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:
         out[M_NONE] = _ONE
     else:
         out[M_WHOLE] = _ONE
-        for name, value in _decode_whole(snap).items():
-            out[str(name).encode()] = _codec.encode(value)
+        for attr, value in _decode_whole(snap).items():
+            out[str(attr).encode()] = _codec.encode(value)
     return out
 
 

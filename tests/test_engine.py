@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from helpers import users
+from helpers import entry_field, users
 
 from swr_cache import Cache, CacheNotEnteredError, ConfigError, cached, cached_item, item_tag
-from swr_cache.testing import FakeClock, RecordingOrigin
 from swr_cache._store import M_ENTRY
+from swr_cache.testing import FakeClock, RecordingOrigin
 
 pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
@@ -308,7 +308,7 @@ async def test_corrupt_field_is_a_counted_miss(
     get_user = users(cache, origin)
     await get_user("u1")
     entry = cache._keys.entry("Users|pk=S:u1")
-    raw = await redis_client.hget(entry, M_ENTRY)
+    raw = await entry_field(redis_client, entry, M_ENTRY)
     assert raw is not None
     header = raw.split(b"|", 7)[:7]
     await redis_client.hset(entry, M_ENTRY, b"|".join([*header, b"\xc1\xc1garbage"]))
@@ -339,7 +339,7 @@ async def test_other_format_version_is_a_miss(
     get_user = users(cache, origin)
     await get_user("u1")
     entry = cache._keys.entry("Users|pk=S:u1")
-    raw = await redis_client.hget(entry, M_ENTRY)
+    raw = await entry_field(redis_client, entry, M_ENTRY)
     assert raw is not None and raw.startswith(b"2|")
     await redis_client.hset(entry, M_ENTRY, b"999" + raw[1:])
     await get_user("u1")
@@ -900,7 +900,7 @@ async def test_compression_above_threshold_round_trips(redis_client: aioredis.Re
         assert await get("a", attributes=["text"]) == {"text": "abc" * 1000}
         assert calls == 1
         entry = c._keys.entry("T|pk=S:a")
-        stored = await redis_client.hget(entry, M_ENTRY)  # the header, then the compressed blob
+        stored = await entry_field(redis_client, entry, M_ENTRY)  # header, compressed blob
         assert stored is not None and len(stored) < 200
         await redis_client.hset(entry, M_ENTRY, stored[:-5])  # truncated compressed bytes
         assert (await get("a"))["text"] == "abc" * 1000

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from helpers import users
+from helpers import entry_field, entry_hash, memory_usage, users
 
 from swr_cache import Cache, _codec
 from swr_cache._entry import encode_fields, stamp_entry
@@ -28,7 +28,7 @@ def origin() -> RecordingOrigin:
 
 async def write_format_1(redis_client: Any, key: str, attrs: dict[str, Any], now_ms: int) -> None:
     """An entry as format 1 wrote it: a field per attribute, seven metadata fields."""
-    fields: dict[bytes, bytes] = {name.encode(): _codec.encode(v) for name, v in attrs.items()}
+    fields: dict[Any, Any] = {name.encode(): _codec.encode(v) for name, v in attrs.items()}
     fields |= {
         M_SOFT: b"%d" % (now_ms + 60_000),
         M_HARD: b"%d" % (now_ms + 600_000),
@@ -56,7 +56,7 @@ async def test_format_1_entry_is_a_counted_miss_then_overwritten(
     assert got == (ADA if attributes is None else {"name": "Ada"})
     stats = cache.stats()[get_user.name]
     assert stats["decode_errors"] == 1 and origin.count == 1
-    raw = await redis_client.hgetall(entry)
+    raw = await entry_hash(redis_client, entry)
     if attributes is None:
         assert set(raw) == {M_ENTRY} and raw[M_ENTRY].startswith(b"2|")  # replaced whole
     else:
@@ -101,11 +101,11 @@ async def test_whole_read_of_a_partial_entry_loads_the_whole_item(
     get_user = users(cache, origin)
     assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
     entry = cache._keys.entry("Users|pk=S:u1")
-    assert b"name" in await redis_client.hgetall(entry)
+    assert b"name" in await entry_hash(redis_client, entry)
     assert await get_user("u1") == ADA
     stats = cache.stats()[get_user.name]
     assert stats["partial_misses"] == 1 and stats["decode_errors"] == 0 and origin.count == 2
-    assert set(await redis_client.hgetall(entry)) == {M_ENTRY}
+    assert set(await entry_hash(redis_client, entry)) == {M_ENTRY}
     assert await get_user("u1", attributes=["age"]) == {"age": Decimal("36")}
     assert origin.count == 2
 
@@ -116,7 +116,7 @@ async def test_negative_entries_are_one_field(
     get_user = users(cache, origin)
     assert await get_user("nobody") is None
     assert await get_user("nobody", attributes=["name"]) is None
-    raw = await redis_client.hgetall(cache._keys.entry("Users|pk=S:nobody"))
+    raw = await entry_hash(redis_client, cache._keys.entry("Users|pk=S:nobody"))
     assert set(raw) == {M_ENTRY} and raw[M_ENTRY].split(b"|")[5] == b"n"
     assert origin.count == 1
 
@@ -148,16 +148,16 @@ async def test_memory_of_a_whole_entry_stays_near_its_blob(
     entry = cache._keys.entry("Users|pk=S:u9")
     blob_key = entry.replace(":e:", ":b:")  # a key of the same length
     await redis_client.set(blob_key, _codec.encode(item))
-    entry_bytes = await redis_client.memory_usage(entry, samples=0)
-    blob_bytes = await redis_client.memory_usage(blob_key, samples=0)
+    entry_bytes = await memory_usage(redis_client, entry)
+    blob_bytes = await memory_usage(redis_client, blob_key)
     assert entry_bytes <= 1.1 * blob_bytes, (entry_bytes, blob_bytes)
     # The same item as format 1 laid it out, for contrast.
     old = entry.replace(":e:", ":o:")
     await write_format_1(redis_client, old, item, 0)
-    assert entry_bytes < 0.7 * await redis_client.memory_usage(old, samples=0)
+    assert entry_bytes < 0.7 * await memory_usage(redis_client, old)
 
 
-def whole_fields(value: dict[str, Any], now_ms: float) -> dict[bytes, bytes]:
+def whole_fields(value: dict[str, Any], now_ms: float) -> dict[Any, Any]:
     fields = encode_fields(True, None, value, False, None, "v")
     stamp_entry(fields, Policy(soft_ttl=60, hard_ttl=600), False, now_ms, 1.0)
     return fields
@@ -171,9 +171,9 @@ async def test_write_through_compares_the_header_version(
     entry, lease = cache._keys.entry("Users|pk=S:u1"), cache._keys.lease("Users|pk=S:u1")
 
     async def cached_v() -> Any:
-        return _codec.decode((await redis_client.hget(entry, M_ENTRY) or b"").split(b"|", 7)[7])[
-            "v"
-        ]
+        raw = await entry_field(redis_client, entry, M_ENTRY)
+        assert raw is not None
+        return _codec.decode(raw.split(b"|", 7)[7])["v"]
 
     await redis_client.hset(entry, mapping=whole_fields({"pk": "u1", "v": Decimal(9)}, now))
     newer = whole_fields({"pk": "u1", "v": Decimal(10)}, now)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import test_engine
+from helpers import entry_field
 from redis.exceptions import NoPermissionError
 
 from devtools.devservers import RedisServer
@@ -453,7 +454,7 @@ async def forge(redis_client: aioredis.Redis, source: str, attrs: dict[str, Any]
     """Write ``attrs`` as a whole entry, with the header (deadlines, format) of a real one from ``source``."""
     from swr_cache._codec import encode
 
-    real = await redis_client.hget(source, M_ENTRY)
+    real = await entry_field(redis_client, source, M_ENTRY)
     assert real is not None
     header = real.split(b"|", 7)[:7]
     await redis_client.delete(source)
