@@ -49,9 +49,14 @@ ITEM = {"pk": "u1", "name": "Ada", "age": Decimal("36"), "tags": {"a", "b"}, "v"
 POLICY = Policy(soft_ttl=10, hard_ttl=100, negative_ttl=5)
 
 
-def request(attrs: tuple[str, ...] | None = None, *, signed: bool = False) -> Any:
+def request(
+    attrs: tuple[str, ...] | None = None, *, signed: bool = False, version_attr: str | None = "v"
+) -> Any:
     return SimpleNamespace(
-        is_item=True, attrs=attrs, engine=SimpleNamespace(signer=object() if signed else None)
+        is_item=True,
+        attrs=attrs,
+        version_attr=version_attr,
+        engine=SimpleNamespace(signer=object() if signed else None),
     )
 
 
