@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -44,20 +43,16 @@ from swr_cache._store import (
     WHOLE_FIELDS,
 )
 
+from .test_entry import request as entry_request
+
 NOW = 1_000_000.0
 ITEM = {"pk": "u1", "name": "Ada", "age": Decimal("36"), "tags": {"a", "b"}, "v": Decimal("7")}
 POLICY = Policy(soft_ttl=10, hard_ttl=100, negative_ttl=5)
 
 
-def request(
-    attrs: tuple[str, ...] | None = None, *, signed: bool = False, version_attr: str | None = "v"
-) -> Any:
-    return SimpleNamespace(
-        is_item=True,
-        attrs=attrs,
-        version_attr=version_attr,
-        engine=SimpleNamespace(signer=object() if signed else None),
-    )
+def request(attrs: tuple[str, ...] | None = None, *, signed: bool = False) -> Any:
+    """An item request with a version attribute (so a fresh partial entry plans a merge)."""
+    return entry_request(attrs, signed=signed, version_attr="v")
 
 
 def filled(
