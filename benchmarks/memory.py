@@ -12,13 +12,14 @@ and batch.py read) this fills, on one redis-server with its default config:
 and sums ``MEMORY USAGE key SAMPLES 0`` (every field counted) per kind. The
 ratio to the floor is the number to watch: a hash whose values exceed
 ``hash-max-listpack-value`` (64 bytes by default) is a hashtable, which costs
-a node per field; format 1's field per attribute cost ~1.8x, format 2's
-whole entry (one field: header and blob) ~1.13x.
+a node per field: format 1's field per attribute cost 1.78x, format 2's
+whole entry (one field: header and blob) 1.12x. ``--listpack-value 1024``
+raises that limit first: both become listpacks (1.13x and 1.00x).
 
 Deterministic: no timing, so no pinning and no rounds. Runs against an older
 tree too (``PYTHONPATH=/path/to/tree``): it uses only the public API.
 
-    python benchmarks/memory.py [--items 1000] [--redis-url URL] [--json FILE]
+    python benchmarks/memory.py [--items 1000] [--listpack-value N] [--redis-url URL] [--json FILE]
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ async def usage(client: aioredis.Redis, keys: list[str]) -> int:
     return sum(int(n) for n in await pipe.execute())
 
 
-async def measure(url: str, n: int) -> dict[str, Any]:
+async def measure(url: str, n: int, listpack_value: int | None = None) -> dict[str, Any]:
     client = aioredis.Redis.from_url(url)
     await client.flushdb()
+    if listpack_value is not None:
+        await client.config_set("hash-max-listpack-value", listpack_value)
     items = {f"user#{i:06d}": make_item(f"user#{i:06d}") for i in range(n)}
     cache = Cache.from_url(url, namespace="mem", soft_ttl=3600, hard_ttl=7200)
     out: dict[str, Any] = {}
@@ -104,13 +107,20 @@ def main() -> None:
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="200 items")
+    parser.add_argument(
+        "--listpack-value",
+        type=int,
+        help="CONFIG SET hash-max-listpack-value first (only on a server this script started)",
+    )
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     n = 200 if args.quick else args.items
     url, server = start_redis(args.redis_url)
     say(f"memory: {n} items")
     try:
-        got = asyncio.run(measure(url, n))
+        if args.listpack_value is not None and server is None:
+            parser.error("--listpack-value changes the server's config: not with --redis-url")
+        got = asyncio.run(measure(url, n, args.listpack_value))
     finally:
         if server is not None:
             server.stop()
