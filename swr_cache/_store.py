@@ -23,7 +23,12 @@ text header and the item as **one msgpack map**::
     kind           ``w`` a whole item, ``n`` not found (negative, empty blob)
     item version   the item's ``version_attribute`` as canonical digits, or
                    empty: what the write-through script compares (it cannot
-                   decode msgpack, so the number sits in the header)
+                   decode msgpack, so the number sits in the header). Only a
+                   writer that knows the attribute writes it: an entry
+                   written without one (a stream refresh, an accessor with no
+                   ``version_attribute``) has none, and a write-through over
+                   it invalidates instead (always safe; format 1 found the
+                   attribute's own field whoever wrote the entry)
     blob           msgpack of the attributes map, zlib-compressed (codec
                    extension 9) above ``compress_threshold``
 
