@@ -186,3 +186,9 @@ async def test_write_through_compares_the_header_version(
     # A whole entry whose version is no integer carries no digits: never replaced.
     await redis_client.hset(entry, mapping=whole_fields({"pk": "u1", "v": "x"}, now))
     assert not await store.write_through(entry, lease, b"v", "11", 600_000, newer)
+    # Nor is one written by a writer that did not know the version attribute
+    # (a stream refresh): the caller invalidates instead.
+    unknown: dict[Any, Any] = encode_fields(True, None, {"pk": "u1", "v": 3}, False, None)
+    stamp_entry(unknown, Policy(soft_ttl=60, hard_ttl=600), False, now, None)
+    await redis_client.hset(entry, mapping=unknown)
+    assert not await store.write_through(entry, lease, b"v", "11", 600_000, newer)
