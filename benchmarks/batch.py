@@ -2,12 +2,14 @@
 
 The floor is the least any cache must do for 100 items: one ``MGET`` of 100
 msgpack blobs (the same ~1 KB item each) and 100 ``msgpack.unpackb`` calls. A
-second floor is what a hash per item (swr_cache's layout, which lets a caller
-read single attributes) costs at least: a redis-py pipeline of 100 HGETALL.
+second floor is what a hash with a field per attribute (swr_cache's format 1
+layout) costs at least: a redis-py pipeline of 100 HGETALL. A second table
+gives the cost of decoding swr_cache's replies alone (no I/O), per item, and
+its Python calls per item.
 Contenders read the same 100 items, all cached beforehand:
 
 * swr_cache ``DynamoTable.cached(...).batch_get_item`` (one pipeline of 100
-  HGETALL; filled once from moto's DynamoDB server), when ``swr_cache.dynamodb``
+  HMGET; filled once from moto's DynamoDB server), when ``swr_cache.dynamodb``
   exists;
 * swr_cache: 100 concurrent ``@cached_item`` hits (``asyncio.gather``);
 * aiocache ``multi_cached`` (one MGET, msgpack serializer on the same codec);
@@ -54,7 +56,7 @@ N = 100
 
 CONFIG = {
     "floor (MGET + unpackb)": "one MGET of 100 msgpack blobs, then msgpack.unpackb with the codec's ext hook",
-    "floor (pipeline of HGETALL)": "a redis-py pipeline of 100 HGETALL (a hash per item), msgpack.unpackb per field",
+    "floor (pipeline of HGETALL)": "a redis-py pipeline of 100 HGETALL (format 1's field per attribute), msgpack.unpackb per field",
     "swr_cache DynamoTable.batch_get_item": "DynamoTable(...).cached(cache).batch_get_item(100 keys): one pipeline",
     "swr_cache 100x @cached_item": "asyncio.gather of 100 @cached_item hits (Cache.from_url defaults)",
     "aiocache multi_cached": "aiocache.multi_cached(keys_from_attr='keys', RedisCache), msgpack serializer",
@@ -126,7 +128,7 @@ async def contenders(
         ]
 
     out["floor (MGET + unpackb)"] = floor
-    # The floor of a hash per item (swr_cache's layout): a pipeline of HGETALLs, one unpackb per field.
+    # The floor of a field per attribute (swr_cache's format 1): a pipeline of HGETALLs, one unpackb per field.
     hash_keys = [f"floorh:{pk}" for pk in pks]
     pipe = client.pipeline(transaction=False)
     for k, pk in zip(hash_keys, pks, strict=True):
@@ -176,6 +178,7 @@ async def contenders(
 
     for pk in pks:
         await get_user(pk)
+    DECODE.update(await decode_cost(cache, pks, args.rounds))
 
     async def swr_gather() -> Any:
         return await asyncio.gather(*(get_user(pk) for pk in pks))
@@ -234,6 +237,69 @@ async def contenders(
     return out
 
 
+#: The decode cost of swr_cache's batch replies, measured once the entries are filled.
+DECODE: dict[str, Any] = {}
+
+
+async def decode_cost(cache: Any, pks: list[str], rounds: int) -> dict[str, Any]:
+    """What turning one entry's reply into its item costs, without I/O.
+
+    The replies of the 100 ``@cached_item`` entries are read once as the engine
+    reads them (``EntryRequest.fields``), then snapshot and judged (what
+    ``get_many`` and every hit do after the round trip) again and again:
+    median microseconds per item over rounds, and Python function calls per
+    item under cProfile (deterministic, unlike the timing). Uses only names
+    that exist before and after the entry format 2 change, so a run from an
+    older tree (``PYTHONPATH``) compares the two.
+    """
+    import cProfile
+    import pstats
+
+    from swr_cache._engine_api import engine_of
+    from swr_cache._entry import judge
+    from swr_cache._keys import item_identity
+    from swr_cache._policy import Policy
+
+    engine = engine_of(cache)
+    metrics = engine.metrics.get("decode-cost")
+    policy = Policy(soft_ttl=3600, hard_ttl=7200)
+
+    async def never(attrs: Any) -> Any:
+        raise AssertionError("decode_cost does not load")
+
+    pairs = []
+    for pk in pks:
+        req = engine.request(
+            metrics=metrics,
+            policy=policy,
+            identity=item_identity("BatchUsers", {"pk": pk}),
+            is_item=True,
+            attrs=None,
+            loader=never,
+        )
+        pairs.append((req, await engine.store.read_entry(req.entry, req.fields)))
+    now = engine.now_ms()
+
+    def decode_all() -> None:
+        for req, raw in pairs:
+            snap = engine.snap(req, dict(raw) if type(raw) is dict else raw, req.fields)
+            verdict = judge(req, snap, now)
+            if type(verdict) is not tuple or verdict[1] is None:
+                raise RuntimeError("an entry did not decode as a hit")
+
+    decode_all()
+    per_round = []
+    for _ in range(max(rounds, 5)):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            decode_all()
+        per_round.append((time.perf_counter() - t0) / (20 * len(pairs)) * 1e6)
+    profile = cProfile.Profile()
+    profile.runcall(decode_all)
+    calls = pstats.Stats(profile).total_calls / len(pairs)  # type: ignore[attr-defined]
+    return {"us_per_item": median(per_round), "rounds": per_round, "calls_per_item": calls}
+
+
 async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         batch = await contenders(url, args, stack)
@@ -251,6 +317,19 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     return {name: {"us_per_batch": median(v), "rounds": v} for name, v in times.items()}
 
 
+def decode_table(decode: dict[str, Any]) -> dict[str, Any]:
+    rounds = decode["rounds"]
+    return table(
+        "Decoding swr_cache's batch replies (no I/O): snapshot + judge per entry",
+        ["us per item (median)", "min", "max", "Python calls per item"],
+        [[decode["us_per_item"], min(rounds), max(rounds), decode["calls_per_item"]]],
+        notes=[
+            "the replies of the 100 entries read once as the engine reads them, then decoded "
+            "20 times a round; calls counted under cProfile for one pass"
+        ],
+    )
+
+
 def render(results: dict[str, Any], args: argparse.Namespace) -> None:
     per = results["libraries"]
     floor = per["floor (MGET + unpackb)"]["us_per_batch"]
@@ -266,6 +345,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
             notes=[f"{k}: {v}" for k, v in CONFIG.items() if k in per],
         )
     ]
+    if results.get("decode"):
+        results["tables"].append(decode_table(results["decode"]))
     names = list(per)
     results["charts"] = [
         {
@@ -312,6 +393,7 @@ def main() -> None:
         "benchmark": "batch",
         "config": {"keys": N, "rounds": args.rounds, "batches": args.batches, "contenders": CONFIG},
         "libraries": libraries,
+        "decode": DECODE,
     }
     render(results, args)
     finish(results, args.json)

@@ -1001,7 +1001,10 @@ def summary(item: Mapping[str, Any] | None) -> str:
 
 def entry_problem(raw: Mapping[bytes, bytes], truth: Mapping[str, Any] | None) -> str | None:
     """How a raw entry hash differs from the table's item (``None``: it matches)."""
+    from swr_cache._entry import expand
     from swr_cache._store import M_ABSENT, M_NONE, M_WHOLE
+
+    raw = expand(dict(raw))  # a whole entry's blob as a field per attribute
 
     attrs = {
         name.decode(): _codec.decode(value)

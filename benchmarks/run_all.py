@@ -65,6 +65,7 @@ KNOWN: dict[str, str] = {
     "asgi": "ASGI middleware: cached HTTP responses",
     "consistency": "Consistency: staleness after writes",
     "replica_lag": "Replica reads: how long a replica still has an invalidated entry",
+    "memory": "Redis memory per cached item against the same item as one msgpack blob",
 }
 #: Libraries of the side-by-side README table, matched on the start of a contender's name.
 LIBRARIES = ("swr_cache", "aiocache", "cashews")

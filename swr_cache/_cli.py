@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from . import _codec
 from ._cache import Cache
 from ._engine_api import engine_of
+from ._entry import expand
 from ._errors import (
     CacheUnavailableError,
     ConfigError,
@@ -48,6 +49,7 @@ from ._readiness import describe_client
 from ._store import (
     M_ABSENT,
     M_DELTA,
+    M_ENTRY,
     M_FORMAT,
     M_HARD,
     M_NONE,
@@ -341,7 +343,12 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
         elif data["negative"]:
             shape = "not found in the origin (negative entry)"
         names = ", ".join(data["fields"]) or "-"
-        lines.append(f"fields    {names} ({shape}, {data['bytes']} bytes)")
+        stored = "one msgpack blob" if data.get("layout") == "one blob" else "a field each"
+        if data["kind"] == "result" or data["negative"]:
+            stored = ""
+        lines.append(
+            f"fields    {names} ({shape}{', ' + stored if stored else ''}, {data['bytes']} bytes)"
+        )
         if data["absent_attributes"]:
             lines.append(f"absent    {', '.join(data['absent_attributes'])} (known not to exist)")
         if data.get("load_ms") is not None:
@@ -367,9 +374,16 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
 def _describe_entry(
     raw: Mapping[bytes, bytes], now: float, data: dict[str, Any], *, values: bool
 ) -> None:
+    data["bytes"] = sum(len(k) + len(v) for k, v in raw.items())
+    data["layout"] = "one blob" if M_ENTRY in raw else "fields"
+    try:
+        raw = expand(dict(raw))  # a whole entry's blob as one field per attribute
+    except SwrCacheError as exc:
+        data["state"] = "unreadable"
+        data["problem"] = f"the entry's blob does not decode: {exc}"
+        return
     meta = {k: v for k, v in raw.items() if k.startswith(b"\xff")}
     attrs = {k: v for k, v in raw.items() if not k.startswith(b"\xff")}
-    data["bytes"] = sum(len(k) + len(v) for k, v in raw.items())
     data["kind"] = "result" if M_RESULT in meta else "item"
     data["fields"] = sorted(k.decode("utf-8", "replace") for k in attrs)
     data["whole"] = M_WHOLE in meta
@@ -513,7 +527,7 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
         for i in range(0, len(entries), 500):
             async with engine.slots.hold(ns.timeout):
                 replies = await engine.store.read_field_lists(
-                    entries[i : i + 500], [M_SOFT, M_HARD, M_NONE]
+                    entries[i : i + 500], [M_SOFT, M_HARD, M_ENTRY]
                 )
             for reply in replies:
                 states[_state_of(reply, now)] += 1
@@ -552,16 +566,23 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
 
 
 def _state_of(reply: Any, now: float) -> str:
+    """The state of an entry from HMGET of its soft, hard and whole-entry fields."""
     if isinstance(reply, BaseException) or not isinstance(reply, list):
         return "unreadable"
-    soft, hard, none = reply
+    soft, hard, entry = reply
+    negative = False
+    if entry is not None:  # a whole entry: the deadlines are in its header
+        parts = entry.split(b"|", 6)
+        if len(parts) < 7 or parts[0] != _FORMAT:
+            return "unreadable"
+        soft, hard, negative = parts[1], parts[2], parts[5] == b"n"
     try:
         soft_ms, hard_ms = float(soft), float(hard)
     except (TypeError, ValueError):
         return "unreadable"
     if now >= hard_ms:
         return "expired"
-    if none is not None:
+    if negative:
         return "negative"
     return "fresh" if now < soft_ms else "stale"
 

@@ -58,8 +58,11 @@ from swr_cache._errors import CodecError
 
 __all__ = ["FORMAT_VERSION", "MAX_INFLATED", "compress", "decode", "encode"]
 
-FORMAT_VERSION: Final[int] = 1
-"""Version of the value format; bump when an encoding changes incompatibly."""
+FORMAT_VERSION: Final[int] = 2
+"""Version of the entry and value format; bump when either changes incompatibly.
+
+2: a whole item is one msgpack map in one hash field (see ``_store``); 1: a field per attribute.
+"""
 
 _EXT_DECIMAL: Final = 1
 _EXT_SET: Final = 2

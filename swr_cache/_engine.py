@@ -12,9 +12,10 @@ read coalescing and single flight itself.
 
 How one read goes (``RedisEngine.get``):
 
-1. One Redis round trip reads the entry (HGETALL for a whole item, HMGET of the
-   metadata plus the requested attributes for a projection). Concurrent reads
-   of one entry in this process share that round trip.
+1. One Redis round trip reads the entry: a fixed HMGET of its blob field for a
+   whole item, HMGET of the blob field, the metadata and the requested
+   attributes for a projection (HGETALL with a signing key; layout in
+   ``_store``). Concurrent reads of one entry in this process share it.
 2. Fresh → returned. Stale → returned, and one background refresh is queued
    (a lease in Redis makes it one across processes). Absent, corrupt, or
    lacking requested attributes → a foreground load.
@@ -65,7 +66,7 @@ from ._near import NearCache
 from ._policy import Policy
 from ._refresh import Refresher
 from ._signing import Signer
-from ._store import Store, is_wrongtype
+from ._store import WHOLE_FIELDS, Store, is_wrongtype
 
 __all__ = ["EntryRequest", "Fill", "RedisEngine"]
 
@@ -317,7 +318,7 @@ class RedisEngine:
         wrong type. This is the hit path: it is one frame on purpose.
         """
         fields = req.fields
-        rkey: Any = req.entry if fields is None else (req.entry, fields)
+        rkey: Any = req.entry if fields is None or fields is WHOLE_FIELDS else (req.entry, fields)
         reads = self.reads
         followers = reads.get(rkey)
         if followers is not None:

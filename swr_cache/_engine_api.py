@@ -23,7 +23,16 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from ._signing import M_SIG
-from ._store import ALL_META, M_DELTA, M_FORMAT, M_HARD, M_RESULT, M_SOFT, M_VERSION
+from ._store import (
+    ALL_META,
+    M_DELTA,
+    M_FORMAT,
+    M_HARD,
+    M_RESULT,
+    M_SOFT,
+    M_VERSION,
+    WHOLE_FIELDS,
+)
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -140,14 +149,15 @@ class EntryRequest:
         self.tags = tags
         # How get answered: fresh, stale, miss or bypass (for tracing spans).
         self.outcome = ""
-        # What one read asks Redis for: None = HGETALL (a whole item).
+        # What one read asks Redis for: None = HGETALL (a signed item), else
+        # HMGET of these fields (an array reply in RESP2 and RESP3 alike).
         if engine.signer is not None:
             # A signature covers every field: signed entries are read whole.
             self.fields: tuple[bytes, ...] | None = None if is_item else SIGNED_RESULT_FIELDS
         elif not is_item:
             self.fields = RESULT_FIELDS
         elif attrs is None:
-            self.fields = None
+            self.fields = WHOLE_FIELDS
         else:
             self.fields = ALL_META + tuple(a.encode() for a in attrs)
 

@@ -2,18 +2,33 @@
 
 A read gives a snapshot (``_Snap``) of one entry: its metadata (soft and hard
 deadlines in Redis server time, format, whole-item and not-found marks, known
-absent attributes, version, load time) and its raw fields. ``judge`` decides
+absent attributes, version, load time) and its raw data. ``judge`` decides
 what a snapshot gives one request: an answer and its state, a plan for what
 to load, or nothing (past its hard deadline). ``stamp_entry`` writes the
-metadata of a new whole entry. Nothing here talks to Redis, so all of it is
+metadata of a new entry. Nothing here talks to Redis, so all of it is
 unit-tested from tables of snapshots.
+
+Format 2 (``FORMAT``; the layout is drawn in ``_store``): a whole item is one
+hash field, ``\\xffe``, holding ``2|soft|hard|version|delta|kind|item
+version|`` and then the item as one msgpack map. Reading it is one fixed
+HMGET (an array reply, in RESP2 and RESP3 alike: no map to build), one
+``bytes.split`` for the header and one msgpack call for every attribute; a
+projection of a whole entry is picked from the same decoded map. Format 1
+spread a whole item over a field per attribute plus seven metadata fields:
+an HGETALL parsed as a RESP3 map (about 4 µs more than an array reply with
+hiredis), a dict of names to split and join before decoding, and 1.8x the
+memory of the blob. A partial entry (a projection) still keeps a field per
+attribute, with its metadata in fields of their own, so merges can add to
+it. An entry of format 1 (``\\xfff`` = ``1``, no ``\\xffe``) is corrupt to
+this version: a counted miss (``decode_errors``), reloaded and overwritten.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any, Final
 
 from . import _codec
@@ -22,6 +37,7 @@ from ._policy import Policy
 from ._store import (
     M_ABSENT,
     M_DELTA,
+    M_ENTRY,
     M_FORMAT,
     M_HARD,
     M_NONE,
@@ -32,9 +48,12 @@ from ._store import (
 )
 
 _ONE: Final = b"1"
+_WHOLE: Final = b"w"  # entry kinds in the \xffe header
+_NEGATIVE: Final = b"n"
 
 __all__ = [
     "encode_fields",
+    "expand",
     "judge",
     "normalize_attributes",
     "stamp_entry",
@@ -61,7 +80,6 @@ class _Snap:
         "format",
         "hard",
         "hard_ms",
-        "names",
         "none",
         "soft",
         "soft_ms",
@@ -70,36 +88,55 @@ class _Snap:
     )
 
     def __init__(self) -> None:
-        # Concurrent readers of one entry share one snapshot: what is derived
-        # from it once (names, the joined blob) is cached here for all of them.
-        self.blob: bytes | None = None
-        self.names: list[str] | None = None
+        # Concurrent readers of one entry share one snapshot (each decodes
+        # its own values); the deadlines are parsed once for all of them.
+        self.blob: bytes | None = None  # a whole entry's msgpack map
         self.soft_ms: float | None = None
         self.hard_ms: float | None = None
         self.soft: bytes | None = None
         self.hard: bytes | None = None
         self.format: bytes | None = None
-        self.whole: bytes | None = None
+        self.whole: bytes | None = None  # the kind of a whole entry (w, n)
         self.absent: bytes | None = None
         self.none: bytes | None = None
         self.version: bytes | None = None
         self.delta: bytes | None = None
-        # HGETALL: attribute name (bytes) -> raw; HMGET: raw values in request order.
+        # A partial entry's attribute fields. HGETALL: name (bytes) -> raw;
+        # HMGET: raw values in request order. A result: its raw value.
         self.data: Any = None
+
+
+def _snap_from_entry(entry: bytes) -> _Snap:
+    """A whole (or not-found) entry: split the ``\\xffe`` header from the blob.
+
+    A header that does not split into its parts leaves the deadlines unset,
+    which ``judge`` reports as corrupt.
+    """
+    snap = _Snap()
+    parts = entry.split(b"|", 7)
+    if len(parts) == 8:
+        snap.format, snap.soft, snap.hard, snap.version, delta, kind, _, snap.blob = parts
+        snap.whole = kind
+        if kind == _NEGATIVE:
+            snap.none = _ONE
+        if delta:
+            snap.delta = delta
+    return snap
 
 
 def _snap_from_hash(raw: dict[bytes, bytes]) -> _Snap | None:
     """Split an HGETALL reply (which the caller owns) into metadata and attribute fields."""
     if not raw:
         return None
-    snap = _Snap()
     pop = raw.pop
+    entry = pop(M_ENTRY, None)
+    if entry is not None:
+        return _snap_from_entry(entry)
+    snap = _Snap()
     snap.soft = pop(M_SOFT, None)
     snap.hard = pop(M_HARD, None)
     snap.format = pop(M_FORMAT, None)
-    snap.whole = pop(M_WHOLE, None)
     snap.absent = pop(M_ABSENT, None)
-    snap.none = pop(M_NONE, None)
     snap.version = pop(M_VERSION, None)
     snap.delta = pop(M_DELTA, None)
     snap.data = raw
@@ -107,21 +144,23 @@ def _snap_from_hash(raw: dict[bytes, bytes]) -> _Snap | None:
 
 
 def _snap_from_list(raw: list[bytes | None]) -> _Snap | None:
-    """Split an HMGET reply of ``ALL_META + attributes`` (or result fields)."""
-    if raw[0] is None:
+    """Split an HMGET reply of ``WHOLE_FIELDS`` or of ``ALL_META + attributes``.
+
+    A whole entry answers with its ``\\xffe`` field; a partial one (or one of
+    format 1) with its format, and for a projection read its metadata and
+    attribute fields. A whole read of a partial entry has no deadlines: judged
+    as a plan to load the whole item.
+    """
+    entry = raw[0]
+    if entry is not None:
+        return _snap_from_entry(entry)
+    if raw[1] is None:
         return None
     snap = _Snap()
-    (
-        snap.soft,
-        snap.hard,
-        snap.format,
-        snap.whole,
-        snap.absent,
-        snap.none,
-        snap.version,
-        snap.delta,
-    ) = raw[:8]
-    snap.data = raw[8:]
+    snap.format = raw[1]
+    if len(raw) > 2:
+        snap.soft, snap.hard, snap.absent, snap.version, snap.delta = raw[2:7]
+        snap.data = raw[7:]
     return snap
 
 
@@ -133,34 +172,49 @@ def _snap_from_result(raw: list[bytes | None]) -> _Snap | None:
     return snap
 
 
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 0x10000:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
-
-
 def _decode_whole(snap: _Snap) -> dict[str, Any]:
-    """Decode the attribute fields of a whole entry with one msgpack call.
+    """Decode a whole entry's blob: every attribute in one msgpack call.
 
-    Each field holds one complete msgpack value, so an array header followed
-    by the fields' bytes is one msgpack array: one C call instead of one
-    Python call per attribute. The names and the joined bytes are built once
-    per snapshot and shared by every concurrent reader of it; each reader
-    still gets objects of its own. A count that does not match (a field that
-    is empty, truncated or holds two values) means corrupt data.
+    Concurrent readers share the snapshot and each decodes objects of its
+    own. Anything but a map with text keys means corrupt data.
     """
-    blob = snap.blob
-    names = snap.names
-    if blob is None or names is None:
-        data: dict[bytes, bytes] = snap.data
-        names = snap.names = list(map(bytes.decode, data))
-        blob = snap.blob = _array_header(len(names)) + b"".join(data.values())
-    decoded = _codec.decode(blob)
-    if type(decoded) is not list or len(decoded) != len(names):
-        raise CodecError("attribute fields do not decode one value each")
-    return dict(zip(names, decoded, strict=True))
+    decoded = _codec.decode(snap.blob)  # type: ignore[arg-type]
+    if type(decoded) is not dict:
+        raise CodecError("a whole entry's blob is not a map")
+    return decoded
+
+
+def expand(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A field-per-attribute view of an HGETALL reply, for tools (CLI, checkers).
+
+    A format-2 whole entry becomes its header as metadata fields (``M_WHOLE``
+    or ``M_NONE`` marks what it holds) and one field per attribute, each
+    msgpack on its own. A partial entry, a result or an unreadable header is
+    returned as it is. Raises ``CodecError`` for a blob that is not a map.
+    """
+    entry = raw.get(M_ENTRY)
+    if entry is None:
+        return dict(raw)
+    snap = _snap_from_entry(entry)
+    if snap.blob is None:
+        return dict(raw)
+    out = {k: v for k, v in raw.items() if k != M_ENTRY}
+    for name, field in (
+        (M_FORMAT, snap.format),
+        (M_SOFT, snap.soft),
+        (M_HARD, snap.hard),
+        (M_VERSION, snap.version),
+        (M_DELTA, snap.delta),
+    ):
+        if field is not None:
+            out[name] = field
+    if snap.none is not None:
+        out[M_NONE] = _ONE
+    else:
+        out[M_WHOLE] = _ONE
+        for attr, value in _decode_whole(snap).items():
+            out[str(attr).encode()] = _codec.encode(value)
+    return out
 
 
 class _Plan:
@@ -210,11 +264,13 @@ def normalize_attributes(attributes: Iterable[str] | None) -> tuple[str, ...] | 
 def stamp_entry(
     fields: dict[bytes, bytes], policy: Policy, negative: bool, now: float, delta_ms: float | None
 ) -> int:
-    """Add a whole entry's metadata to ``fields``; returns its lifetime (PEXPIRE) in ms.
+    """Add a new entry's metadata to ``fields``; returns its lifetime (PEXPIRE) in ms.
 
     Deadlines are server time ``now`` plus the policy's TTLs (a negative entry
     lives ``negative_ttl``; jitter shortens the soft TTL), a new random version,
-    the format, and the load time XFetch scales by (when known).
+    the format, and the load time XFetch scales by (when known). A whole item
+    gets them as the header of its ``\\xffe`` field; a partial entry and a
+    result as fields of their own.
     """
     if negative:
         soft_ms = expire_ms = policy.negative_ms
@@ -222,13 +278,33 @@ def stamp_entry(
         soft_ms, expire_ms = policy.soft_ms, policy.hard_ms
         if policy.jitter:
             soft_ms = max(1, round(soft_ms * (1.0 - policy.jitter * random.random())))
-    fields[M_SOFT] = b"%d" % (now + soft_ms)
-    fields[M_HARD] = b"%d" % (now + expire_ms)
+    soft = b"%d" % (now + soft_ms)
+    hard = b"%d" % (now + expire_ms)
+    version = os.urandom(6).hex().encode()
+    delta = b"" if delta_ms is None else b"%d" % max(1, round(delta_ms))
+    body = fields.get(M_ENTRY)
+    if body is not None:
+        fields[M_ENTRY] = b"|".join((FORMAT, soft, hard, version, delta, body))
+        return expire_ms
+    fields[M_SOFT] = soft
+    fields[M_HARD] = hard
     fields[M_FORMAT] = FORMAT
-    fields[M_VERSION] = os.urandom(6).hex().encode()
-    if delta_ms is not None:
-        fields[M_DELTA] = b"%d" % max(1, round(delta_ms))
+    fields[M_VERSION] = version
+    if delta:
+        fields[M_DELTA] = delta
     return expire_ms
+
+
+def _version_digits(value: Mapping[str, Any], version_attr: str | None) -> bytes:
+    """The item's version attribute as canonical digits (a non-negative integer), else empty."""
+    if version_attr is None:
+        return b""
+    v = value.get(version_attr)
+    if type(v) is int:
+        return b"%d" % v if v >= 0 else b""
+    if isinstance(v, Decimal) and v.is_finite() and v >= 0 and v == v.to_integral_value():
+        return b"%d" % int(v)
+    return b""
 
 
 def encode_fields(
@@ -237,13 +313,17 @@ def encode_fields(
     value: Any,
     merging: bool,
     compress_threshold: int | None,
+    version_attr: str | None = None,
 ) -> dict[bytes, bytes]:
     """The data fields of an entry holding ``value`` (``attrs`` of it, or all).
 
-    A result is one field; an item is a field per attribute, plus the
-    whole-item mark, or the names asked for and found absent; an absent item
-    is the negative mark. Values longer than ``compress_threshold`` bytes are
-    stored compressed when that is smaller. Raises ``CodecError``.
+    A result is one field. A whole item is one field: its kind, its
+    ``version_attr`` as digits and its attributes as one msgpack map (the
+    deadlines go in front in ``stamp_entry``); an absent item is a whole
+    entry of the negative kind. A projection is a field per attribute, plus
+    the names asked for and found absent. Values (a whole item's blob) longer
+    than ``compress_threshold`` bytes are stored compressed when that is
+    smaller. Raises ``CodecError``.
     """
     encode: Any = _codec.encode
     if compress_threshold is not None:
@@ -258,18 +338,20 @@ def encode_fields(
         fields[M_RESULT] = encode(value)
         return fields
     if value is None:
-        fields[M_NONE] = _ONE
+        fields[M_ENTRY] = b"n||"
+        return fields
+    if attrs is None:
+        items = value if type(value) is dict else dict(value)
+        digits = _version_digits(items, version_attr)
+        fields[M_ENTRY] = b"w|" + digits + b"|" + encode(items)
         return fields
     for name, attr in value.items():
-        if attrs is not None and name not in attrs:
+        if name not in attrs:
             continue  # the origin returned more than asked: keep the projection exact
         fields[name.encode()] = encode(attr)
-    if attrs is None:
-        fields[M_WHOLE] = _ONE
-    else:
-        absent = [a for a in attrs if a not in value]
-        if absent or merging:
-            fields[M_ABSENT] = encode(absent)
+    absent = [a for a in attrs if a not in value]
+    if absent or merging:
+        fields[M_ABSENT] = encode(absent)
     return fields
 
 
@@ -281,9 +363,15 @@ def judge(req: Any, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
     it is unusable (past its hard deadline). Raises ``_Corrupt`` for
     undecodable data or another format version.
     """
+    if snap.format != FORMAT:
+        raise _Corrupt
     hard = snap.hard_ms
     soft = snap.soft_ms
     if hard is None or soft is None:
+        if snap.hard is None and snap.whole is None and snap.data is None:
+            # A partial entry read for a whole item (only its format came
+            # back): it cannot answer, so load the whole item.
+            return _Plan()
         try:
             hard = snap.hard_ms = float(snap.hard)  # type: ignore[arg-type]
             soft = snap.soft_ms = float(snap.soft)  # type: ignore[arg-type]
@@ -291,20 +379,24 @@ def judge(req: Any, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
             raise _Corrupt from None
     if now >= hard:
         return None
-    if snap.format != FORMAT:
-        raise _Corrupt
     state = FRESH if now < soft else STALE
     try:
         if not req.is_item:
             if snap.data is None:
                 raise _Corrupt
             return state, _codec.decode(snap.data)
-        if snap.none is not None:
-            return state, None
+        whole = snap.whole
         attrs = req.attrs
+        if whole is not None:
+            if whole == _NEGATIVE:
+                return state, None
+            if whole != _WHOLE:
+                raise _Corrupt
+            value = _decode_whole(snap)
+            if attrs is None:
+                return state, value
+            return state, {a: value[a] for a in attrs if a in value}
         if attrs is None:
-            if snap.whole is not None:
-                return state, _decode_whole(snap)
             # A partial entry cannot answer a whole read: load the whole item.
             return _Plan()
         decode = _codec.decode
@@ -317,7 +409,7 @@ def judge(req: Any, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
         for name, raw in zip(attrs, data, strict=True):
             if raw is not None:
                 out[name] = decode(raw)
-            elif snap.whole is None:
+            else:
                 if absent is None:
                     absent = decode(snap.absent) if snap.absent is not None else []
                 if name not in absent:

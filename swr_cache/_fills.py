@@ -79,7 +79,9 @@ class Fills:
         counts = req.metrics.counts
         merging = merge_version is not None and value is not None
         try:
-            fields = encode_fields(req.is_item, attrs, value, merging, self.compress_threshold)
+            fields = encode_fields(
+                req.is_item, attrs, value, merging, self.compress_threshold, req.version_attr
+            )
             if merging and M_ABSENT in fields:
                 # Known-absent names accumulate across merges.
                 newly = [a for a in attrs or () if a not in value]
@@ -201,7 +203,7 @@ class Fills:
         """The fields of an entry that replaces ``req``'s with ``value``, and its pexpire (ms).
 
         The same fields and deadlines ``fill`` writes: the attributes (``attrs``
-        of them, or all), the soft deadline less the policy's jitter and the
+        of them as fields, or all as one blob), the soft deadline less the policy's jitter and the
         hard one (the negative TTL for ``None``), the format, a fresh version
         and, when known, how long the load took (``delta_ms``). Filled from
         batches, write-throughs and stream records.
@@ -210,7 +212,9 @@ class Fills:
             CodecError: ``value`` cannot be encoded.
             EntryTooLarge: the entry would exceed ``max_entry_bytes``.
         """
-        fields = encode_fields(req.is_item, attrs, value, False, self.compress_threshold)
+        fields = encode_fields(
+            req.is_item, attrs, value, False, self.compress_threshold, req.version_attr
+        )
         if sum(len(k) + len(v) for k, v in fields.items()) > self.max_entry_bytes:
             raise EntryTooLarge(req.identity)
         return fields, stamp_entry(fields, req.policy, value is None, now, delta_ms)

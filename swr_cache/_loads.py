@@ -24,7 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 from ._engine_api import EntryRequest, EntryState, Fill
 from ._entry import _Corrupt, _Plan, judge, with_version
 from ._gate import _Bypass, _is_pool_exhausted, _NoSlot
-from ._store import M_WHOLE, LeaseOutcome, Store
+from ._store import M_ENTRY, LeaseOutcome, Store
 
 if TYPE_CHECKING:
     from ._engine import RedisEngine
@@ -442,7 +442,7 @@ class Loads:
         except (RedisError, OSError):
             return attrs
         cached = {n.decode("utf-8", "replace") for n in names if not n.startswith(b"\xff")}
-        if M_WHOLE in names:
+        if M_ENTRY in names:  # a whole (or negative) entry by now
             return None
         return tuple(sorted(cached.union(attrs)))
 

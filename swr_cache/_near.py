@@ -47,6 +47,7 @@ from anyio.abc import TaskGroup
 from ._entry import _Snap
 from ._errors import ConfigError
 from ._metrics import Metrics
+from ._store import WHOLE_FIELDS
 from ._tracking import Tracker, TrackerPort, entries_of
 
 __all__ = ["NearCache"]
@@ -151,7 +152,8 @@ class NearCache:
         """The copy of an entry read with ``fields`` (``None``: whole), if held and servable."""
         if not self.usable:
             return None
-        rkey: Any = entry if fields is None else (entry, fields)
+        # (A whole read's fixed field list is keyed by the entry alone, as the engine does.)
+        rkey: Any = entry if fields is None or fields is WHOLE_FIELDS else (entry, fields)
         items = self._items
         held = items.get(rkey)
         if held is None:
@@ -362,7 +364,7 @@ class NearCache:
             return  # corrupt: the judge says so, and it is not worth holding
         until = min(self._now_ms() + self.max_age * 1000.0, hard)
         items = self._items
-        if fields is None:
+        if fields is None or fields is WHOLE_FIELDS:
             rkey: Any = entry
         else:
             rkey = (entry, fields)

@@ -14,7 +14,9 @@ entries (a miss), and can put back an older entry that was validly signed for
 the same key, which is served at most until that entry's own signed hard
 deadline. Keep Redis private (ACLs, TLS, a namespace per tenant) regardless.
 
-Cost: one HMAC per entry read and per fill. Signed entries are always read
+Cost: one HMAC per entry read and per fill. In format 2 a whole item is one
+field (header and msgpack blob, see ``_store``), so its signature covers the
+deadlines and every attribute at once. Signed entries are always read
 whole (HGETALL, also for a projection), since a signature over all fields can
 only be checked with all of them; for the same reason a missing attribute is
 loaded together with the cached ones and replaces the entry rather than being

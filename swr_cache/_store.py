@@ -9,19 +9,64 @@ those into commands, normalises replies and decides what is cluster-safe:
   members (entry keys) live anywhere: purges delete them key by key through a
   pipeline, which redis-py groups by node on a cluster.
 
-Entry layout (one Redis hash per item or result)::
+Entry layout (format 2; one Redis hash per item or result).
+
+A *whole* item (or a not-found item) is one field, ``\\xffe``, holding a small
+text header and the item as **one msgpack map**::
+
+    \\xffe  b"2|<soft>|<hard>|<version>|<delta>|<kind>|<item version>|" + blob
+
+    2              the codec format version (``_codec.FORMAT_VERSION``)
+    soft, hard     deadlines, ms of Redis server time
+    version        entry version (random), so a merge only lands on what it read
+    delta          how long the load took, ms (empty when unknown; for XFetch)
+    kind           ``w`` a whole item, ``n`` not found (negative, empty blob)
+    item version   the item's ``version_attribute`` as canonical digits, or
+                   empty: what the write-through script compares (it cannot
+                   decode msgpack, so the number sits in the header). Only a
+                   writer that knows the attribute writes it: an entry
+                   written without one (a stream refresh, an accessor with no
+                   ``version_attribute``) has none, and a write-through over
+                   it invalidates instead (always safe; format 1 found the
+                   attribute's own field whoever wrote the entry)
+    blob           msgpack of the attributes map, zlib-compressed (codec
+                   extension 9) above ``compress_threshold``
+
+A whole read is a fixed ``HMGET key \\xffe \\xfff`` (``WHOLE_FIELDS``): an
+array reply in RESP2 and RESP3 alike, so no map is parsed, and one msgpack
+call decodes every attribute. ``\\xfff`` comes back only for a partial entry
+(or an entry of an older format): no blob, so the whole item is loaded.
+
+A *partial* entry (a projection) keeps one field per attribute, since merges
+add attributes to it::
 
     \\xffs  soft deadline, ms of Redis server time
     \\xffh  hard deadline, ms of Redis server time
     \\xfff  codec format version
-    \\xffw  b"1" when the hash holds the whole item
     \\xffa  msgpack list of attribute names known to be absent
-    \\xffn  b"1" for a not-found (negative) entry
-    \\xffv  entry version (random), so a merge only lands on the hash it read
-    \\xffd  how long the load took, ms (for probabilistic early refresh)
-    \\xffr  the value of a ``@cached`` result
-    \\xffg  HMAC of all other fields, only with a signing key (see ``_signing``)
-    <name> one field per item attribute, msgpack-encoded
+    \\xffv  entry version (random)
+    \\xffd  how long the load took, ms
+    <name> one field per attribute, msgpack-encoded
+
+A projection read is ``HMGET key`` of ``ALL_META`` (which begins with
+``\\xffe``) and the attribute names: one round trip answers it from a whole
+entry (decoded from the blob) or a partial one. A ``@cached`` result is one
+blob already: ``\\xffr`` plus ``\\xffs \\xffh \\xfff \\xffv \\xffd``.
+With a signing key every entry also carries ``\\xffg``, an HMAC of all of its
+other fields (see ``_signing``), and is read with HGETALL.
+
+Why one field in a hash, not a plain string (GET), for whole entries: both
+keep a hit to one small array or bulk reply and one msgpack call, but only a
+hash lets a projection read take either kind of entry with one HMGET; a
+string would need a script or a second round trip whenever the key might
+hold a partial entry. Measured with ``MEMORY USAGE`` on redis-server 7.0
+(``benchmarks/memory.py``, 1,000 ~1 KB items): with the default
+``hash-max-listpack-value`` (64 bytes) the one-field hash is a hashtable and
+costs 1.12x the same blob as a string (a constant ~120 bytes); raised above
+the entry's size it is a listpack and costs 1.00x. Format 1's field per
+attribute cost 1.78x (1.13x as a listpack). On the hit path HMGET of two
+fields and GET cost the same to parse (an array of two against one bulk
+string, ~0.3 µs with hiredis).
 
 Metadata field names start with byte 0xFF, which never occurs in UTF-8, so no
 DynamoDB attribute name (always valid UTF-8) can collide with them.
@@ -39,6 +84,7 @@ __all__ = [
     "ALL_META",
     "M_ABSENT",
     "M_DELTA",
+    "M_ENTRY",
     "M_FORMAT",
     "M_HARD",
     "M_NONE",
@@ -46,6 +92,7 @@ __all__ = [
     "M_SOFT",
     "M_VERSION",
     "M_WHOLE",
+    "WHOLE_FIELDS",
     "FillOutcome",
     "Script",
     "Store",
@@ -54,15 +101,22 @@ __all__ = [
 M_SOFT: Final = b"\xffs"
 M_HARD: Final = b"\xffh"
 M_FORMAT: Final = b"\xfff"
+# Format 1 marked a whole item (\xffw) and a not-found one (\xffn) with fields of
+# their own; format 2 says so in the entry header. Kept as the names
+# ``_entry.expand`` gives those marks in its field view (CLI, checker).
 M_WHOLE: Final = b"\xffw"
 M_ABSENT: Final = b"\xffa"
 M_NONE: Final = b"\xffn"
 M_VERSION: Final = b"\xffv"
 M_DELTA: Final = b"\xffd"
 M_RESULT: Final = b"\xffr"
+#: A whole (or not-found) item: header and msgpack blob in one field (format 2).
+M_ENTRY: Final = b"\xffe"
 
-#: The metadata fields a projection read asks for, in this order, before the attributes.
-ALL_META: Final = (M_SOFT, M_HARD, M_FORMAT, M_WHOLE, M_ABSENT, M_NONE, M_VERSION, M_DELTA)
+#: A whole-item read: the entry field, and the format of a partial (or older) entry.
+WHOLE_FIELDS: Final = (M_ENTRY, M_FORMAT)
+#: The fields a projection read asks for, in this order, before the attributes.
+ALL_META: Final = (M_ENTRY, M_FORMAT, M_SOFT, M_HARD, M_ABSENT, M_VERSION, M_DELTA)
 
 # HSET in slices so a wide item never overflows Lua's C stack with unpack().
 _HSET_CHUNKED = """
@@ -336,7 +390,10 @@ class Store:
     # -- reads ---------------------------------------------------------------
 
     async def read_entry(self, key: str, fields: Sequence[bytes] | None) -> Any:
-        """One entry: HGETALL as a dict (``fields is None``) or HMGET as a list.
+        """One entry: HGETALL as a dict (``fields is None``: signed items) or HMGET as a list.
+
+        An HMGET reply is an array in RESP2 and RESP3 alike; HGETALL's is a
+        map in RESP3, which costs hiredis several times as much to parse.
 
         A missing key is an empty dict / a list of ``None``. Raises redis-py's
         errors (``ResponseError`` for WRONGTYPE, ``ConnectionError``,
@@ -914,8 +971,10 @@ async def _run_script_many(
 # (canonical digits), pexpire ms, field, value, ...
 # 1 replaced; 0 untouched: no entry, a negative or partial entry without the
 # version, a version that is not a plain non-negative integer, or one not
-# smaller than the new one. The cached version is a msgpack Decimal
-# (extension type 1 holding its text) and is compared as a big integer
+# smaller than the new one. A whole entry carries the version as digits in
+# its header (\xffe: format|soft|hard|version|delta|kind|item version|blob);
+# a partial one (or one of format 1) in the attribute's field, as a msgpack
+# Decimal (extension type 1 holding its text). Compared as big integers
 # (length, then digits), never through Lua's doubles.
 _WRITE_THROUGH = (
     _HSET_CHUNKED
@@ -945,7 +1004,17 @@ local function cached_version(raw)
   if text == '' then text = '0' end
   return text
 end
-local cur = cached_version(redis.call('HGET', KEYS[1], ARGV[1]))
+local cur
+local whole = redis.call('HGET', KEYS[1], '\\255e')
+if whole then
+  cur = string.match(whole, '^2|[^|]*|[^|]*|[^|]*|[^|]*|w|(%d+)|')
+  if cur then
+    cur = string.gsub(cur, '^0+', '')
+    if cur == '' then cur = '0' end
+  end
+else
+  cur = cached_version(redis.call('HGET', KEYS[1], ARGV[1]))
+end
 if not cur then return 0 end
 local new = ARGV[2]
 if #new < #cur or (#new == #cur and new <= cur) then return 0 end

@@ -30,3 +30,22 @@ async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.001)
+
+
+async def entry_field(client: Any, key: str, field: bytes) -> bytes | None:
+    """One raw field of an entry hash (HGET), as bytes."""
+    value = await client.hget(key, field)
+    assert value is None or isinstance(value, bytes)
+    return value
+
+
+async def entry_hash(client: Any, key: str) -> dict[bytes, bytes]:
+    """An entry hash as stored (HGETALL), field names and values as bytes."""
+    return dict(await client.hgetall(key))
+
+
+async def memory_usage(client: Any, key: str) -> int:
+    """``MEMORY USAGE key SAMPLES 0``: every field counted."""
+    used = await client.memory_usage(key, samples=0)
+    assert isinstance(used, int)
+    return used

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import entry_field
 
 from devtools.devservers import free_port
 from swr_cache import Cache, cached, cached_item, item_tag
@@ -88,6 +89,7 @@ async def test_inspect_fresh_whole_item(
     )
     assert code == 0
     assert "state     fresh" in text and "whole item" in text and "lease     not held" in text
+    assert data["layout"] == "one blob" and "one msgpack blob" in text  # format 2
 
 
 async def test_inspect_stale_entry(
@@ -139,6 +141,31 @@ async def test_inspect_partial_negative_and_absent(
         capsys, "inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "nobody"}'
     )
     assert code == 0 and "state     absent" in text
+
+
+async def test_inspect_format_1_entry_and_a_broken_blob(
+    cache: Cache,
+    origin: RecordingOrigin,
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An entry of format 1 reads as unreadable (a miss to this version); so does a broken blob."""
+    await users(cache, origin)("u1")
+    entry = cache._keys.entry("Users|pk=S:u1")
+    raw = await entry_field(redis_client, entry, b"\xffe")
+    assert raw is not None
+    soft, hard = raw.split(b"|")[1:3]
+    await redis_client.delete(entry)
+    old: dict[Any, Any] = {b"\xffs": soft, b"\xffh": hard, b"\xfff": b"1", b"\xffw": b"1"}
+    await redis_client.hset(entry, mapping={**old, b"name": b"\xa3Ada"})
+    args = ("inspect", *at(redis_url), "--table", "Users", "--key", '{"pk": "u1"}', "--json")
+    data = json.loads((await cli(capsys, *args))[1])
+    assert data["state"] == "unreadable" and "format b'1'" in data["problem"]
+    await redis_client.delete(entry)
+    await redis_client.hset(entry, b"\xffe", raw[:-3])  # a truncated blob
+    data = json.loads((await cli(capsys, *args))[1])
+    assert data["state"] == "unreadable" and "does not decode" in data["problem"]
 
 
 async def test_inspect_shows_lease_and_fence(

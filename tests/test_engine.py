@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from helpers import users
+from helpers import entry_field, users
 
 from swr_cache import Cache, CacheNotEnteredError, ConfigError, cached, cached_item, item_tag
+from swr_cache._store import M_ENTRY
 from swr_cache.testing import FakeClock, RecordingOrigin
 
 pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
@@ -307,8 +308,10 @@ async def test_corrupt_field_is_a_counted_miss(
     get_user = users(cache, origin)
     await get_user("u1")
     entry = cache._keys.entry("Users|pk=S:u1")
-    assert await redis_client.exists(entry)
-    await redis_client.hset(entry, "name", b"\xc1\xc1garbage")
+    raw = await entry_field(redis_client, entry, M_ENTRY)
+    assert raw is not None
+    header = raw.split(b"|", 7)[:7]
+    await redis_client.hset(entry, M_ENTRY, b"|".join([*header, b"\xc1\xc1garbage"]))
     assert (await get_user("u1"))["name"] == "Ada"
     assert cache.stats()[get_user.name]["decode_errors"] == 1
     assert origin.count == 2
@@ -335,7 +338,10 @@ async def test_other_format_version_is_a_miss(
     """An entry written in another format version is not decoded."""
     get_user = users(cache, origin)
     await get_user("u1")
-    await redis_client.hset(cache._keys.entry("Users|pk=S:u1"), b"\xfff", b"999")
+    entry = cache._keys.entry("Users|pk=S:u1")
+    raw = await entry_field(redis_client, entry, M_ENTRY)
+    assert raw is not None and raw.startswith(b"2|")
+    await redis_client.hset(entry, M_ENTRY, b"999" + raw[1:])
     await get_user("u1")
     assert origin.count == 2
 
@@ -894,9 +900,9 @@ async def test_compression_above_threshold_round_trips(redis_client: aioredis.Re
         assert await get("a", attributes=["text"]) == {"text": "abc" * 1000}
         assert calls == 1
         entry = c._keys.entry("T|pk=S:a")
-        stored = await redis_client.hget(entry, "text")
+        stored = await entry_field(redis_client, entry, M_ENTRY)  # header, compressed blob
         assert stored is not None and len(stored) < 200
-        await redis_client.hset(entry, "text", stored[:-5])  # truncated compressed bytes
+        await redis_client.hset(entry, M_ENTRY, stored[:-5])  # truncated compressed bytes
         assert (await get("a"))["text"] == "abc" * 1000
         assert c.stats()[get.name]["decode_errors"] == 1
         assert calls == 2

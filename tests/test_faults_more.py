@@ -24,6 +24,7 @@ from helpers import users
 
 from devtools.devservers import RedisServer
 from swr_cache import Cache, CacheNotEnteredError, cached, cached_item
+from swr_cache._entry import expand
 from swr_cache._store import M_FORMAT, M_HARD, M_SOFT, M_VERSION, M_WHOLE, Store
 from swr_cache.testing import FakeClock, RecordingOrigin
 
@@ -381,7 +382,7 @@ SCENARIOS: dict[str, tuple[Scenario, Any]] = {
 async def entry_is_whole_or_absent(redis_client: aioredis.Redis, cache: Cache) -> None:
     """No half-written hash: every entry holds all its metadata (and all attributes of a whole item)."""
     async for key in redis_client.scan_iter(match=f"{cache.namespace}:e:*"):
-        raw = await redis_client.hgetall(key)
+        raw = expand(await redis_client.hgetall(key))
         for field in (M_SOFT, M_HARD, M_FORMAT, M_VERSION):
             assert field in raw, (key, raw)
         if M_WHOLE in raw:

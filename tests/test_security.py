@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import test_engine
+from helpers import entry_field
 from redis.exceptions import NoPermissionError
 
 from devtools.devservers import RedisServer
@@ -33,7 +34,9 @@ from swr_cache import (
     cached_item,
     item_tag,
 )
+from swr_cache._entry import expand
 from swr_cache._signing import M_SIG, Signer
+from swr_cache._store import M_ENTRY
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
 
 pytestmark = pytest.mark.redis
@@ -447,13 +450,15 @@ async def test_signed_entries_carry_a_signature_and_hit(
     assert origin.count == 1 and stats["hits"] == 2 and stats["bad_signatures"] == 0
 
 
-async def forge(redis_client: aioredis.Redis, source: str, fields: dict[bytes, bytes]) -> None:
-    """Write ``fields`` as an entry, with the deadlines and format of a real one copied from ``source``."""
-    real = await redis_client.hgetall(source)
-    forged = {k: v for k, v in real.items() if k.startswith(b"\xff") and k != M_SIG}
-    forged.update(fields)
+async def forge(redis_client: aioredis.Redis, source: str, attrs: dict[str, Any]) -> None:
+    """Write ``attrs`` as a whole entry, with the header (deadlines, format) of a real one from ``source``."""
+    from swr_cache._codec import encode
+
+    real = await entry_field(redis_client, source, M_ENTRY)
+    assert real is not None
+    header = real.split(b"|", 7)[:7]
     await redis_client.delete(source)
-    await redis_client.hset(source, mapping=forged)
+    await redis_client.hset(source, M_ENTRY, b"|".join([*header, encode(attrs)]))
 
 
 async def test_unsigned_entry_is_a_counted_miss(
@@ -465,12 +470,14 @@ async def test_unsigned_entry_is_a_counted_miss(
     get_user = users(signed, origin)
     await get_user("u1")
     entry = signed._keys.entry("Users|pk=S:u1")
-    await forge(redis_client, entry, {b"pk": encode("u1"), b"name": encode("Mallory")})
+    await forge(redis_client, entry, {"pk": "u1", "name": "Mallory"})
     assert (await get_user("u1"))["name"] == "Ada"
     assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
     stats = signed.stats()[get_user.name]
     assert stats["bad_signatures"] == 1 and origin.count == 2
-    assert await redis_client.hget(entry, "name") == encode("Ada")  # overwritten, signed again
+    stored = await redis_client.hgetall(entry)
+    assert Signer(KEY).check_hash(entry, stored)  # overwritten, signed again
+    assert expand(stored)[b"name"] == encode("Ada")
 
 
 async def test_entry_signed_with_another_key_is_a_counted_miss(

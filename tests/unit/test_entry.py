@@ -18,6 +18,7 @@ from swr_cache._entry import (
     _snap_from_hash,
     _snap_from_list,
     _snap_from_result,
+    encode_fields,
     judge,
     stamp_entry,
 )
@@ -25,12 +26,11 @@ from swr_cache._policy import Policy
 from swr_cache._store import (
     ALL_META,
     M_ABSENT,
+    M_ENTRY,
     M_FORMAT,
     M_HARD,
-    M_NONE,
     M_SOFT,
     M_VERSION,
-    M_WHOLE,
 )
 
 NOW = 1_000_000.0
@@ -52,11 +52,20 @@ def request(
 
 
 def entry(
-    *, soft: float = NOW + 10, hard: float = NOW + 100, whole: bool = True, **attrs: Any
+    *,
+    soft: float = NOW + 10,
+    hard: float = NOW + 100,
+    whole: bool = True,
+    negative: bool = False,
+    **attrs: Any,
 ) -> dict[bytes, bytes]:
-    fields = {M_SOFT: b"%d" % soft, M_HARD: b"%d" % hard, M_FORMAT: FORMAT, M_VERSION: b"v1"}
+    """The hash of an entry (format 2): whole or negative as one field, partial as fields."""
+    head = b"%s|%d|%d|v1||" % (FORMAT, soft, hard)
+    if negative:
+        return {M_ENTRY: head + b"n||"}
     if whole:
-        fields[M_WHOLE] = b"1"
+        return {M_ENTRY: head + b"w||" + _codec.encode(attrs)}
+    fields = {M_SOFT: b"%d" % soft, M_HARD: b"%d" % hard, M_FORMAT: FORMAT, M_VERSION: b"v1"}
     for name, value in attrs.items():
         fields[name.encode()] = _codec.encode(value)
     return fields
@@ -106,8 +115,7 @@ def test_whole_entry_decodes_every_attribute() -> None:
 
 def test_negative_entry_answers_none() -> None:
     """A not-found mark answers None, for whole reads and projections alike."""
-    fields = entry()
-    fields[M_NONE] = b"1"
+    fields = entry(negative=True)
     snap = _snap_from_hash(dict(fields))
     assert snap is not None
     assert judge(request(), snap, NOW) == (FRESH, None)
@@ -173,8 +181,28 @@ def test_stale_signed_or_unversioned_partial_entry_plans_a_replacement(why: str)
 )
 def test_damaged_entries_are_corrupt(damage: dict[bytes, bytes]) -> None:
     """Another format, unreadable deadlines or undecodable values raise _Corrupt (a counted miss)."""
-    fields = entry(name="Ada") | damage
+    fields = entry(whole=False, name="Ada") | damage
     snap = _snap_from_hash(fields)
+    assert snap is not None
+    with pytest.raises(_Corrupt):
+        judge(request(("name",)), snap, NOW)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"999|1|2|v||w||\x80",  # another format
+        b"2|soon|2|v||w||\x80",  # unreadable deadline
+        b"2|1000010|1000100|v||x||\x80",  # an unknown kind
+        b"2|1000010|1000100|v||w||\xc1",  # never valid msgpack
+        b"2|1000010|1000100|v||w||\x92\x01\x02",  # an array, not a map
+        b"2|1000010|1000100|v||w||\x81\xa1a",  # a truncated map
+        b"2|1000010|1000100",  # a header cut short
+    ],
+)
+def test_damaged_whole_entries_are_corrupt(value: bytes) -> None:
+    """A whole entry with a bad header or a blob that is not one msgpack map is corrupt."""
+    snap = _snap_from_hash({M_ENTRY: value})
     assert snap is not None
     with pytest.raises(_Corrupt):
         judge(request(), snap, NOW)
@@ -193,14 +221,15 @@ def test_result_entries() -> None:
 
 
 def test_stamp_entry_writes_deadlines_and_returns_the_lifetime() -> None:
-    """A new whole entry gets soft/hard deadlines from the policy, a version and the load time."""
+    """A partial entry gets soft/hard deadlines from the policy, a version and the load time."""
     fields: dict[bytes, bytes] = {}
     life = stamp_entry(fields, Policy(soft_ttl=10, hard_ttl=100), False, NOW, 12.4)
     assert life == 100_000
     assert fields[M_SOFT] == b"%d" % (NOW + 10_000) and fields[M_HARD] == b"%d" % (NOW + 100_000)
     assert fields[M_FORMAT] == FORMAT and len(fields[M_VERSION]) == 12
-    negative: dict[bytes, bytes] = {}
+    negative = encode_fields(True, None, None, False, None)
     assert (
         stamp_entry(negative, Policy(soft_ttl=10, hard_ttl=100, negative_ttl=3), True, NOW, None)
         == 3000
     )
+    assert negative[M_ENTRY].startswith(b"%s|%d|%d|" % (FORMAT, NOW + 3000, NOW + 3000))

@@ -1,0 +1,229 @@
+"""Entry format 2 without a server: what a fill writes, what each read gets back, and the verdict.
+
+Each case goes the way a real entry does: ``encode_fields`` and ``stamp_entry``
+build the hash a fill writes, the test answers a read of it as Redis would
+(HMGET of ``WHOLE_FIELDS`` or of ``ALL_META`` and the attributes, or HGETALL
+for signed entries) and ``judge`` decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from swr_cache import _codec
+from swr_cache._entry import (
+    FORMAT,
+    FRESH,
+    STALE,
+    _Corrupt,
+    _Plan,
+    _Snap,
+    _snap_from_hash,
+    _snap_from_list,
+    encode_fields,
+    expand,
+    judge,
+    stamp_entry,
+)
+from swr_cache._policy import Policy
+from swr_cache._signing import Signer
+from swr_cache._store import (
+    ALL_META,
+    M_ABSENT,
+    M_ENTRY,
+    M_FORMAT,
+    M_HARD,
+    M_SOFT,
+    M_VERSION,
+    M_WHOLE,
+    WHOLE_FIELDS,
+)
+
+from .test_entry import request as entry_request
+
+NOW = 1_000_000.0
+ITEM = {"pk": "u1", "name": "Ada", "age": Decimal("36"), "tags": {"a", "b"}, "v": Decimal("7")}
+POLICY = Policy(soft_ttl=10, hard_ttl=100, negative_ttl=5)
+
+
+def request(attrs: tuple[str, ...] | None = None, *, signed: bool = False) -> Any:
+    """An item request with a version attribute (so a fresh partial entry plans a merge)."""
+    return entry_request(attrs, signed=signed, version_attr="v")
+
+
+def filled(
+    value: Any,
+    attrs: tuple[str, ...] | None = None,
+    *,
+    compress: int | None = None,
+    version_attr: str | None = None,
+) -> dict[bytes, bytes]:
+    """The hash a fill writes for ``value`` (a projection of ``attrs``, or whole)."""
+    fields = encode_fields(True, attrs, value, False, compress, version_attr)
+    stamp_entry(fields, POLICY, value is None, NOW, 12.0)
+    return fields
+
+
+def hmget(raw: dict[bytes, bytes], names: Sequence[bytes]) -> list[bytes | None]:
+    return [raw.get(n) for n in names]
+
+
+def read(raw: dict[bytes, bytes], attrs: tuple[str, ...] | None) -> _Snap:
+    """Read ``raw`` as the engine does unsigned: a fixed HMGET, whole or projection."""
+    names = WHOLE_FIELDS if attrs is None else (*ALL_META, *(a.encode() for a in attrs))
+    snap = _snap_from_list(hmget(raw, names))
+    assert snap is not None
+    return snap
+
+
+FORMAT_1_WHOLE = {
+    M_SOFT: b"%d" % (NOW + 10_000),
+    M_HARD: b"%d" % (NOW + 100_000),
+    M_FORMAT: b"1",
+    M_WHOLE: b"1",
+    M_VERSION: b"abc",
+    b"name": _codec.encode("Ada"),
+}
+
+
+def test_a_whole_item_is_one_field_of_header_and_one_msgpack_map() -> None:
+    """A whole fill writes only \\xffe: format, deadlines, version, delta, kind, item version, blob."""
+    raw = filled(ITEM, version_attr="v")
+    assert list(raw) == [M_ENTRY]
+    fmt, soft, hard, version, delta, kind, digits, blob = raw[M_ENTRY].split(b"|", 7)
+    assert (fmt, soft, hard) == (FORMAT, b"%d" % (NOW + 10_000), b"%d" % (NOW + 100_000))
+    assert len(version) == 12 and delta == b"12" and kind == b"w" and digits == b"7"
+    assert _codec.decode(blob) == ITEM
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        (None, ITEM),
+        (("name", "age"), {"name": "Ada", "age": Decimal("36")}),
+        (("name", "nope"), {"name": "Ada"}),  # a whole entry knows what the item lacks
+    ],
+)
+def test_whole_entry_answers_whole_and_projection_reads_from_its_blob(
+    attrs: tuple[str, ...] | None, expected: dict[str, Any]
+) -> None:
+    """Whole reads and projections of a whole entry decode the one blob: no plan, no load."""
+    assert judge(request(attrs), read(filled(ITEM), attrs), NOW) == (FRESH, expected)
+
+
+def test_whole_entry_turns_stale_then_unusable() -> None:
+    raw = filled(ITEM)
+    assert judge(request(), read(raw, None), NOW + 20_000) == (STALE, ITEM)
+    assert judge(request(), read(raw, None), NOW + 100_000) is None
+
+
+@pytest.mark.parametrize("attrs", [None, ("name",)])
+def test_negative_entry_answers_none(attrs: tuple[str, ...] | None) -> None:
+    """A not-found item is a whole entry of kind n with an empty blob, living negative_ttl."""
+    raw = filled(None, ("name",) if attrs else None)
+    assert raw[M_ENTRY].split(b"|")[5] == b"n"
+    assert judge(request(attrs), read(raw, attrs), NOW) == (FRESH, None)
+    assert judge(request(attrs), read(raw, attrs), NOW + 5_000) is None
+
+
+def test_partial_entry_keeps_a_field_per_attribute() -> None:
+    """A projection fill writes its attributes as fields, its metadata alongside, absent names listed."""
+    raw = filled({"name": "Ada", "extra": 1}, ("gone", "name"))
+    assert M_ENTRY not in raw and raw[b"name"] == _codec.encode("Ada") and b"extra" not in raw
+    assert _codec.decode(raw[M_ABSENT]) == ["gone"] and raw[M_FORMAT] == FORMAT
+    assert judge(request(("gone", "name")), read(raw, ("gone", "name")), NOW) == (
+        FRESH,
+        {"name": "Ada"},
+    )
+    plan = judge(request(("age", "name")), read(raw, ("age", "name")), NOW)
+    assert isinstance(plan, _Plan) and plan.load_attrs == ("age",)
+    assert plan.merge_version == raw[M_VERSION] and plan.merged == {"name": "Ada"}
+
+
+def test_whole_read_of_a_partial_entry_plans_a_whole_load() -> None:
+    """HMGET of WHOLE_FIELDS on a partial entry returns only its format: load the whole item."""
+    raw = filled({"name": "Ada"}, ("name",))
+    assert hmget(raw, WHOLE_FIELDS) == [None, FORMAT]
+    plan = judge(request(), read(raw, None), NOW)
+    assert isinstance(plan, _Plan) and plan.load_attrs is None and plan.merge_version is None
+
+
+@pytest.mark.parametrize("attrs", [None, ("name",)])
+def test_format_1_entry_is_corrupt(attrs: tuple[str, ...] | None) -> None:
+    """An entry of format 1 (a field per attribute and \\xffw) is corrupt to format 2: a counted miss."""
+    with pytest.raises(_Corrupt):
+        judge(request(attrs), read(dict(FORMAT_1_WHOLE), attrs), NOW)
+    signed_read = _snap_from_hash(dict(FORMAT_1_WHOLE))
+    assert signed_read is not None
+    with pytest.raises(_Corrupt):
+        judge(request(attrs, signed=True), signed_read, NOW)
+
+
+def test_no_entry_reads_as_absent() -> None:
+    assert _snap_from_list([None, None]) is None
+    assert _snap_from_list([None] * (len(ALL_META) + 2)) is None
+    assert _snap_from_hash({}) is None
+
+
+def test_compression_compresses_the_blob() -> None:
+    """Above compress_threshold the whole blob is stored compressed, and reads back exactly."""
+    big = {**ITEM, "bio": "abc" * 1000}
+    plain, packed = filled(big), filled(big, compress=100)
+    assert len(packed[M_ENTRY]) < 200 < len(plain[M_ENTRY])
+    assert judge(request(), read(packed, None), NOW) == (FRESH, big)
+    assert judge(request(("bio",)), read(packed, ("bio",)), NOW) == (FRESH, {"bio": "abc" * 1000})
+    broken = {M_ENTRY: packed[M_ENTRY][:-5]}
+    with pytest.raises(_Corrupt):
+        judge(request(), read(broken, None), NOW)
+
+
+def test_signed_entries_cover_the_blob_and_read_whole() -> None:
+    """A signature covers \\xffe; a changed blob or an added field fails; a valid one decodes."""
+    signer = Signer(b"k" * 32)
+    raw = signer.signed("e", filled(ITEM))
+    got = dict(raw)
+    assert signer.check_hash("e", got)  # (removes the signature field)
+    for attrs, expected in ((None, ITEM), (("name",), {"name": "Ada"})):
+        snap = _snap_from_hash(dict(got))
+        assert snap is not None
+        assert judge(request(attrs, signed=True), snap, NOW) == (FRESH, expected)
+    forged = dict(raw)
+    forged[M_ENTRY] = forged[M_ENTRY].replace(b"Ada", b"Eve")
+    assert not signer.check_hash("e", forged)
+    assert not signer.check_hash("e", {**raw, b"name": _codec.encode("Eve")})
+    assert not signer.check_hash("other", dict(raw))
+
+
+@pytest.mark.parametrize(
+    ("version", "digits"),
+    [
+        (Decimal("7"), b"7"),
+        (Decimal("1E+2"), b"100"),
+        (12, b"12"),
+        (Decimal("1.5"), b""),
+        (Decimal("-1"), b""),
+        (True, b""),
+        ("7", b""),
+        (None, b""),
+    ],
+)
+def test_item_version_in_the_header(version: Any, digits: bytes) -> None:
+    """The write-through script compares the header's digits: only a non-negative integer is written."""
+    raw = filled({"pk": "u1", "v": version}, version_attr="v")
+    assert raw[M_ENTRY].split(b"|", 7)[6] == digits
+    assert filled({"pk": "u1", "v": version})[M_ENTRY].split(b"|", 7)[6] == b""
+
+
+def test_expand_gives_tools_a_field_per_attribute() -> None:
+    """The CLI and the consistency checker see a whole entry as format 1 laid it out."""
+    view = expand(filled(ITEM))
+    assert view[M_WHOLE] == b"1" and view[M_FORMAT] == FORMAT
+    assert {k: _codec.decode(v) for k, v in view.items() if not k.startswith(b"\xff")} == {
+        k.encode(): v for k, v in ITEM.items()
+    }
+    partial = filled({"name": "Ada"}, ("name",))
+    assert expand(partial) == partial
