@@ -26,6 +26,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
@@ -35,7 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import _codec
 from ._cache import Cache
-from ._engine_api import engine_of
+from ._engine_api import Engine, engine_of
 from ._entry import expand
 from ._errors import (
     CacheUnavailableError,
@@ -329,32 +330,21 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
         data["state"] = "absent"
     else:
         _describe_entry(raw, now, data, values=ns.values)
+    _emit(ns, data, _inspect_lines(data))
+    return EXIT_OK
+
+
+def _inspect_lines(data: Mapping[str, Any]) -> list[str]:
+    """``inspect``'s text output for what ``_inspect_entry`` found."""
     lines = [
-        f"entry     {entry}",
+        f"entry     {data['entry']}",
         f"state     {data['state']}" + (f" ({data['problem']})" if "problem" in data else ""),
     ]
     if "soft_remaining_ms" in data:
         lines.append(f"soft TTL  {_seconds(data['soft_remaining_ms'])}")
         lines.append(f"hard TTL  {_seconds(data['hard_remaining_ms'])}")
     if "fields" in data:
-        shape = "whole item" if data["whole"] else "partial item"
-        if data["kind"] == "result":
-            shape = "cached result"
-        elif data["negative"]:
-            shape = "not found in the origin (negative entry)"
-        names = ", ".join(data["fields"]) or "-"
-        stored = "one msgpack blob" if data.get("layout") == "one blob" else "a field each"
-        if data["kind"] == "result" or data["negative"]:
-            stored = ""
-        lines.append(
-            f"fields    {names} ({shape}{', ' + stored if stored else ''}, {data['bytes']} bytes)"
-        )
-        if data["absent_attributes"]:
-            lines.append(f"absent    {', '.join(data['absent_attributes'])} (known not to exist)")
-        if data.get("load_ms") is not None:
-            lines.append(
-                f"loaded    in {data['load_ms']} ms (version {data.get('version') or '?'})"
-            )
+        lines.extend(_field_lines(data))
     if not data["lease_held"]:
         lines.append("lease     not held")
     elif data["lease_ttl_s"] is None:
@@ -367,8 +357,26 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
         )
     for name, value in (data.get("values") or {}).items():
         lines.append(f"  {name} = {value!r}")
-    _emit(ns, data, lines)
-    return EXIT_OK
+    return lines
+
+
+def _field_lines(data: Mapping[str, Any]) -> list[str]:
+    """What an entry holds: its fields and shape, absent names, its load."""
+    shape = "whole item" if data["whole"] else "partial item"
+    if data["kind"] == "result":
+        shape = "cached result"
+    elif data["negative"]:
+        shape = "not found in the origin (negative entry)"
+    names = ", ".join(data["fields"]) or "-"
+    stored = "one msgpack blob" if data.get("layout") == "one blob" else "a field each"
+    if data["kind"] == "result" or data["negative"]:
+        stored = ""
+    lines = [f"fields    {names} ({shape}{', ' + stored if stored else ''}, {data['bytes']} bytes)"]
+    if data["absent_attributes"]:
+        lines.append(f"absent    {', '.join(data['absent_attributes'])} (known not to exist)")
+    if data.get("load_ms") is not None:
+        lines.append(f"loaded    in {data['load_ms']} ms (version {data.get('version') or '?'})")
+    return lines
 
 
 def _describe_entry(
@@ -390,14 +398,7 @@ def _describe_entry(
     data["negative"] = M_NONE in meta
     data["version"] = meta[M_VERSION].decode() if M_VERSION in meta else None
     data["load_ms"] = int(meta[M_DELTA]) if meta.get(M_DELTA, b"").isdigit() else None
-    absent: list[str] = []
-    if M_ABSENT in meta:
-        try:
-            got = _codec.decode(meta[M_ABSENT])
-            absent = [str(a) for a in got] if isinstance(got, list) else []
-        except SwrCacheError:
-            absent = []
-    data["absent_attributes"] = absent
+    data["absent_attributes"] = _absent_names(meta.get(M_ABSENT))
     try:
         soft = float(meta[M_SOFT])
         hard = float(meta[M_HARD])
@@ -418,16 +419,32 @@ def _describe_entry(
     else:
         data["state"] = "fresh" if now < soft else "stale"
     if values:
-        decoded: dict[str, Any] = {}
         source = dict(attrs)
         if M_RESULT in meta:
             source[b"(result)"] = meta[M_RESULT]
-        for name, blob in sorted(source.items()):
-            try:
-                decoded[name.decode("utf-8", "replace")] = _codec.decode(blob)
-            except SwrCacheError as exc:
-                decoded[name.decode("utf-8", "replace")] = f"<undecodable: {exc}>"
-        data["values"] = decoded
+        data["values"] = _decoded_values(source)
+
+
+def _absent_names(raw: bytes | None) -> list[str]:
+    """The attribute names an entry knows not to exist (none if unreadable)."""
+    if raw is None:
+        return []
+    try:
+        got = _codec.decode(raw)
+    except SwrCacheError:
+        return []
+    return [str(a) for a in got] if isinstance(got, list) else []
+
+
+def _decoded_values(source: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """Each field's value, or a note saying why it does not decode."""
+    decoded: dict[str, Any] = {}
+    for name, blob in sorted(source.items()):
+        try:
+            decoded[name.decode("utf-8", "replace")] = _codec.decode(blob)
+        except SwrCacheError as exc:
+            decoded[name.decode("utf-8", "replace")] = f"<undecodable: {exc}>"
+    return decoded
 
 
 def _inspect(ns: argparse.Namespace) -> int:
@@ -492,16 +509,47 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
     if ns.max_keys < 1:
         raise UsageError("--max-keys must be >= 1")
     engine = engine_of(cache)
+    scan = await _scan_namespace(engine, ns.max_keys, ns.timeout)
+    states: Counter[str] = Counter()
+    if not ns.no_states and scan.entries:
+        states = await _entry_states(engine, scan.entries, ns.timeout)
+    data: dict[str, Any] = {
+        "namespace": cache.namespace,
+        "redis": _where(cache),
+        "keys_scanned": scan.scanned,
+        "complete": scan.complete,
+        "by_kind": {_KINDS.get(k, k): n for k, n in sorted(scan.kinds.items())},
+        "entries_by_table": dict(scan.groups.most_common()),
+        "entry_states": dict(states) if states else None,
+    }
+    lines = [
+        f"namespace {cache.namespace!r} on {_where(cache)}: {scan.scanned} keys"
+        + ("" if scan.complete else f" (stopped at --max-keys {ns.max_keys}: counts are partial)"),
+        *_stats_lines(scan, states),
+    ]
+    _emit(ns, data, lines)
+    return EXIT_OK
+
+
+@dataclass
+class _Scan:
+    """What a bounded SCAN of a namespace found."""
+
+    scanned: int = 0
+    complete: bool = False
+    kinds: Counter[str] = field(default_factory=Counter)
+    groups: Counter[str] = field(default_factory=Counter)
+    entries: list[str] = field(default_factory=list)
+
+
+async def _scan_namespace(engine: Engine, max_keys: int, slot_wait: float) -> _Scan:
+    """Count the namespace's keys by kind and its entries by table, up to ``max_keys``."""
     prefix = engine.keys.prefix
-    kinds: Counter[str] = Counter()
-    groups: Counter[str] = Counter()
-    entries: list[str] = []
-    scanned = 0
+    out = _Scan()
     cursor = 0
-    complete = False
-    while scanned < ns.max_keys:
-        room = ns.max_keys - scanned
-        async with engine.slots.hold(ns.timeout):
+    while out.scanned < max_keys:
+        room = max_keys - out.scanned
+        async with engine.slots.hold(slot_wait):
             cursor, keys = await engine.store.scan(
                 cursor, _glob_escape(prefix) + "*", min(1000, room)
             )
@@ -509,60 +557,56 @@ async def _stats_now(ns: argparse.Namespace, cache: Cache) -> int:
         cut = len(keys) > room
         for raw in keys[:room]:
             key = raw.decode("utf-8", "replace")
-            scanned += 1
+            out.scanned += 1
             kind = key[len(prefix) :].split(":", 1)[0]
-            kinds[kind] += 1
+            out.kinds[kind] += 1
             if kind == "e":
-                entries.append(key)
+                out.entries.append(key)
                 try:
-                    groups[_entry_group(engine.keys.identity_of(key))] += 1
+                    out.groups[_entry_group(engine.keys.identity_of(key))] += 1
                 except KeyEncodingError:
-                    groups["(unparsable)"] += 1
+                    out.groups["(unparsable)"] += 1
         if cursor == 0 and not cut:
-            complete = True
+            out.complete = True
             break
+    return out
+
+
+async def _entry_states(engine: Engine, entries: list[str], slot_wait: float) -> Counter[str]:
+    """How many entries are fresh, stale, negative, expired or unreadable (pipelined by 500)."""
     states: Counter[str] = Counter()
-    if not ns.no_states and entries:
-        now = engine.now_ms()
-        for i in range(0, len(entries), 500):
-            async with engine.slots.hold(ns.timeout):
-                replies = await engine.store.read_field_lists(
-                    entries[i : i + 500], [M_SOFT, M_HARD, M_ENTRY]
-                )
-            for reply in replies:
-                states[_state_of(reply, now)] += 1
-    data: dict[str, Any] = {
-        "namespace": cache.namespace,
-        "redis": _where(cache),
-        "keys_scanned": scanned,
-        "complete": complete,
-        "by_kind": {_KINDS.get(k, k): n for k, n in sorted(kinds.items())},
-        "entries_by_table": dict(groups.most_common()),
-        "entry_states": dict(states) if states else None,
-    }
-    lines = [
-        f"namespace {cache.namespace!r} on {_where(cache)}: {scanned} keys"
-        + ("" if complete else f" (stopped at --max-keys {ns.max_keys}: counts are partial)"),
-    ]
+    now = engine.now_ms()
+    for i in range(0, len(entries), 500):
+        async with engine.slots.hold(slot_wait):
+            replies = await engine.store.read_field_lists(
+                entries[i : i + 500], [M_SOFT, M_HARD, M_ENTRY]
+            )
+        for reply in replies:
+            states[_state_of(reply, now)] += 1
+    return states
+
+
+def _stats_lines(scan: _Scan, states: Counter[str]) -> list[str]:
+    """``stats``' text table: keys by kind (entry states beside entries), entries by table."""
+    lines: list[str] = []
     width = max(len(v) for v in _KINDS.values())
     for code, label in _KINDS.items():
-        n = kinds.get(code, 0)
+        n = scan.kinds.get(code, 0)
         line = f"  {label:<{width}} {n:>9}"
         if code == "e" and states:
             shown = ("fresh", "stale", "negative", "expired", "unreadable")
             line += "   " + "  ".join(f"{s} {states[s]}" for s in shown if states[s])
         lines.append(line)
-    others = {k: n for k, n in kinds.items() if k not in _KINDS}
+    others = {k: n for k, n in scan.kinds.items() if k not in _KINDS}
     for code, n in sorted(others.items()):
         lines.append(f"  {code + ' (unknown kind)':<{width}} {n:>9}")
-    if groups:
+    if scan.groups:
         lines.append("entries by table / function:")
-        for group, n in groups.most_common(20):
+        for group, n in scan.groups.most_common(20):
             lines.append(f"  {group:<{width}} {n:>9}")
-        if len(groups) > 20:
-            lines.append(f"  ... and {len(groups) - 20} more")
-    _emit(ns, data, lines)
-    return EXIT_OK
+        if len(scan.groups) > 20:
+            lines.append(f"  ... and {len(scan.groups) - 20} more")
+    return lines
 
 
 def _state_of(reply: Any, now: float) -> str:

@@ -386,56 +386,60 @@ def judge(req: Any, snap: _Snap, now: float) -> tuple[str, Any] | _Plan | None:
                 raise _Corrupt
             return state, _codec.decode(snap.data)
         whole = snap.whole
+        if whole is None:
+            return _judge_partial(req, snap, state)
+        if whole == _NEGATIVE:
+            return state, None
+        if whole != _WHOLE:
+            raise _Corrupt
+        value = _decode_whole(snap)
         attrs = req.attrs
-        if whole is not None:
-            if whole == _NEGATIVE:
-                return state, None
-            if whole != _WHOLE:
-                raise _Corrupt
-            value = _decode_whole(snap)
-            if attrs is None:
-                return state, value
-            return state, {a: value[a] for a in attrs if a in value}
         if attrs is None:
-            # A partial entry cannot answer a whole read: load the whole item.
-            return _Plan()
-        decode = _codec.decode
-        out: dict[str, Any] = {}
-        missing: list[str] = []
-        absent: list[str] | None = None
-        data = snap.data
-        if type(data) is dict:  # a signed entry, read whole for a projection
-            data = [data.get(a.encode()) for a in attrs]
-        for name, raw in zip(attrs, data, strict=True):
-            if raw is not None:
-                out[name] = decode(raw)
-            else:
-                if absent is None:
-                    absent = decode(snap.absent) if snap.absent is not None else []
-                if name not in absent:
-                    missing.append(name)
-        if not missing:
-            return state, out
-        plan = _Plan()
-        if (
-            state == FRESH
-            and snap.version is not None
-            and req.version_attr is not None
-            and req.engine.signer is None
-        ):
-            # A merge joins cached attributes to newly loaded ones: only the
-            # item's version attribute, compared by the merge script, proves
-            # they are of one version. Without it the entry is replaced from
-            # one load of the union (an answer never mixes two versions).
-            # (A merge would leave the signature covering only the old fields.)
-            plan.load_attrs = tuple(missing)
-            plan.merge_version = snap.version
-            plan.merged = out
-            plan.prior_absent = list(absent or ())
+            return state, value
+        return state, {a: value[a] for a in attrs if a in value}
+    except (CodecError, AttributeError, TypeError, UnicodeDecodeError):
+        raise _Corrupt from None
+
+
+def _judge_partial(req: Any, snap: _Snap, state: str) -> tuple[str, Any] | _Plan:
+    """A partial entry (a field per attribute): its answer, or what to load."""
+    attrs = req.attrs
+    if attrs is None:
+        # A partial entry cannot answer a whole read: load the whole item.
+        return _Plan()
+    decode = _codec.decode
+    out: dict[str, Any] = {}
+    missing: list[str] = []
+    absent: list[str] | None = None
+    data = snap.data
+    if type(data) is dict:  # a signed entry, read whole for a projection
+        data = [data.get(a.encode()) for a in attrs]
+    for name, raw in zip(attrs, data, strict=True):
+        if raw is not None:
+            out[name] = decode(raw)
         else:
-            plan.load_attrs = attrs  # widened to the cached names by the loader
-        return plan
-    except CodecError:
-        raise _Corrupt from None
-    except (AttributeError, TypeError, UnicodeDecodeError):
-        raise _Corrupt from None
+            if absent is None:
+                absent = decode(snap.absent) if snap.absent is not None else []
+            if name not in absent:
+                missing.append(name)
+    if not missing:
+        return state, out
+    plan = _Plan()
+    if (
+        state == FRESH
+        and snap.version is not None
+        and req.version_attr is not None
+        and req.engine.signer is None
+    ):
+        # A merge joins cached attributes to newly loaded ones: only the
+        # item's version attribute, compared by the merge script, proves
+        # they are of one version. Without it the entry is replaced from
+        # one load of the union (an answer never mixes two versions).
+        # (A merge would leave the signature covering only the old fields.)
+        plan.load_attrs = tuple(missing)
+        plan.merge_version = snap.version
+        plan.merged = out
+        plan.prior_absent = list(absent or ())
+    else:
+        plan.load_attrs = attrs  # widened to the cached names by the loader
+    return plan

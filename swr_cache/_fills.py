@@ -74,54 +74,23 @@ class Fills:
         attributes it was to join) may predate a write that has completed
         since, so it is not stored and ``_load`` loads once more.
         """
-        store = self.store
         lease = req.lease
         counts = req.metrics.counts
         merging = merge_version is not None and value is not None
-        try:
-            fields = encode_fields(
-                req.is_item, attrs, value, merging, self.compress_threshold, req.version_attr
-            )
-            if merging and M_ABSENT in fields:
-                # Known-absent names accumulate across merges.
-                newly = [a for a in attrs or () if a not in value]
-                fields[M_ABSENT] = _codec.encode(sorted(set(prior_absent).union(newly)))
-        except CodecError as exc:
-            log.warning(
-                "swr_cache: %s returned a value that cannot be cached: %s", req.metrics.name, exc
-            )
-            counts["fills_rejected"] += 1
-            await self.engine.loads.release(lease, token)
-            return False
-        size = sum(len(k) + len(v) for k, v in fields.items())
-        if size > self.max_entry_bytes:
-            counts["fills_skipped_too_large"] += 1
+        fields = self._fields(req, attrs, value, merging, prior_absent)
+        if fields is None:
             await self.engine.loads.release(lease, token)
             return False
         expire_ms = policy.hard_ms
         try:
             if merging:
                 assert merge_version is not None
-                vname = req.version_attr
-                vfield = None if vname is None else vname.encode()
-                check = None if vfield is None or vfield not in fields else (vfield, fields[vfield])
-                async with self.slots.hold(self.call_timeout):
-                    outcome = await store.merge(
-                        req.entry,
-                        lease,
-                        req.fence,
-                        token,
-                        merge_version,
-                        fields,
-                        not req.consistent,
-                        check,
-                        req.backoff,
-                    )
+                outcome = await self._merge(req, token, merge_version, fields)
             else:
                 negative = req.is_item and value is None
                 expire_ms = stamp_entry(fields, policy, negative, self.now_ms(), delta_ms)
                 async with self.slots.hold(self.call_timeout):
-                    outcome = await store.fill(
+                    outcome = await self.store.fill(
                         req.entry,
                         lease,
                         req.fence,
@@ -155,6 +124,56 @@ class Fills:
         if tags:
             return await self.check_tags(req, tags, start_ms, expire_ms)
         return False
+
+    def _fields(
+        self,
+        req: EntryRequest,
+        attrs: tuple[str, ...] | None,
+        value: Any,
+        merging: bool,
+        prior_absent: list[str],
+    ) -> dict[bytes, bytes] | None:
+        """The fields a fill writes, or ``None`` (counted) when it cannot be stored."""
+        counts = req.metrics.counts
+        try:
+            fields = encode_fields(
+                req.is_item, attrs, value, merging, self.compress_threshold, req.version_attr
+            )
+            if merging and M_ABSENT in fields:
+                # Known-absent names accumulate across merges.
+                newly = [a for a in attrs or () if a not in value]
+                fields[M_ABSENT] = _codec.encode(sorted(set(prior_absent).union(newly)))
+        except CodecError as exc:
+            log.warning(
+                "swr_cache: %s returned a value that cannot be cached: %s", req.metrics.name, exc
+            )
+            counts["fills_rejected"] += 1
+            return None
+        if sum(len(k) + len(v) for k, v in fields.items()) > self.max_entry_bytes:
+            counts["fills_skipped_too_large"] += 1
+            return None
+        return fields
+
+    async def _merge(
+        self, req: EntryRequest, token: str, merge_version: bytes, fields: dict[bytes, bytes]
+    ) -> int:
+        """Merge attributes into the entry of ``merge_version`` (and of the item's version)."""
+        vname = req.version_attr
+        vfield = None if vname is None else vname.encode()
+        check = None if vfield is None or vfield not in fields else (vfield, fields[vfield])
+        async with self.slots.hold(self.call_timeout):
+            outcome: int = await self.store.merge(
+                req.entry,
+                req.lease,
+                req.fence,
+                token,
+                merge_version,
+                fields,
+                not req.consistent,
+                check,
+                req.backoff,
+            )
+        return outcome
 
     async def check_tags(
         self, req: EntryRequest, tags: list[str], start_ms: float, expire_ms: int

@@ -223,28 +223,9 @@ class _Planner:
         """A plan for ``tp``, or ``None`` when values of it need no conversion."""
         origin = typing.get_origin(tp)
         if origin is Union or origin is types.UnionType:
-            args = typing.get_args(tp)
-            rest = [a for a in args if a is not _NONE_TYPE]
-            plans = [self.plan(a) for a in rest]
-            if not any(plans):
-                return None
-            if len(rest) != 1:
-                names = " | ".join(getattr(a, "__qualname__", repr(a)) for a in rest)
-                raise ConfigError(
-                    f"cannot tell which of {names} to rebuild a cached value as: "
-                    "return one model type (or X | None)"
-                )
-            inner = plans[0]
-            assert inner is not None
-            return _Optional(inner) if len(rest) < len(args) else inner
+            return self._union(tp)
         if origin in (list, tuple) or tp in (list, tuple):
-            args = typing.get_args(tp)
-            if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-                return None  # fixed-length tuples: left alone
-            inner = self.plan(args[0]) if args else None
-            if inner is None:
-                return None
-            return _List(inner, list if origin is list else tuple)
+            return self._sequence(tp, origin)
         if origin is dict:
             args = typing.get_args(tp)
             inner = self.plan(args[1]) if len(args) == 2 else None
@@ -262,18 +243,48 @@ class _Planner:
         elif kind == "msgspec":
             made = _Msgspec(tp, sys.modules["msgspec"])
         else:
-            dc = _Dataclass(tp)
-            self.made[tp] = dc  # before its fields: a field may name tp again
-            try:
-                hints = typing.get_type_hints(tp, localns=self.localns)
-            except Exception:  # an unresolvable field annotation: that field as is
-                hints = {}
-            for field in dataclasses.fields(tp):
-                if field.init:
-                    dc.fields[field.name] = self.plan(hints.get(field.name, Any))
-            return dc
+            return self._dataclass(tp)
         self.made[tp] = made
         return made
+
+    def _union(self, tp: Any) -> ValuePlan | None:
+        """``X | None`` rebuilds as X (or passes None); a union of two models is refused."""
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not _NONE_TYPE]
+        plans = [self.plan(a) for a in rest]
+        if not any(plans):
+            return None
+        if len(rest) != 1:
+            names = " | ".join(getattr(a, "__qualname__", repr(a)) for a in rest)
+            raise ConfigError(
+                f"cannot tell which of {names} to rebuild a cached value as: "
+                "return one model type (or X | None)"
+            )
+        inner = plans[0]
+        assert inner is not None
+        return _Optional(inner) if len(rest) < len(args) else inner
+
+    def _sequence(self, tp: Any, origin: Any) -> ValuePlan | None:
+        """``list[X]`` and ``tuple[X, ...]`` of models (fixed-length tuples are left alone)."""
+        args = typing.get_args(tp)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return None
+        inner = self.plan(args[0]) if args else None
+        if inner is None:
+            return None
+        return _List(inner, list if origin is list else tuple)
+
+    def _dataclass(self, tp: Any) -> ValuePlan:
+        dc = _Dataclass(tp)
+        self.made[tp] = dc  # before its fields: a field may name tp again
+        try:
+            hints = typing.get_type_hints(tp, localns=self.localns)
+        except Exception:  # an unresolvable field annotation: that field as is
+            hints = {}
+        for field in dataclasses.fields(tp):
+            if field.init:
+                dc.fields[field.name] = self.plan(hints.get(field.name, Any))
+        return dc
 
 
 def plan_for_return(
