@@ -190,6 +190,7 @@ class RedisEngine:
         entry: str | None = None,
         consistent: bool = False,
         version_attr: str | None = None,
+        wait_timeout: float | None = None,
     ) -> EntryRequest:
         return EntryRequest(
             self,
@@ -203,6 +204,7 @@ class RedisEngine:
             entry=entry,
             consistent=consistent,
             version_attr=version_attr,
+            wait_timeout=wait_timeout,
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -492,6 +494,16 @@ class RedisEngine:
             tg.start_soon(self.run_flight, fkey, fut, req, bypass)
         else:
             fut = flight[0]
+            if req.wait_timeout is not None:
+                # Only a wait for another call's load is bounded (never a hit).
+                bound = asyncio.timeout(req.wait_timeout)
+                try:
+                    async with bound:
+                        return await asyncio.shield(fut)
+                except TimeoutError:
+                    if bound.expired():
+                        req.outcome = "wait-timeout"
+                    raise
         return await asyncio.shield(fut)
 
     async def run_flight(

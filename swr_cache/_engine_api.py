@@ -101,6 +101,7 @@ class EntryRequest:
         "purge_floor",
         "tags",
         "version_attr",
+        "wait_timeout",
     )
 
     def __init__(
@@ -117,8 +118,12 @@ class EntryRequest:
         entry: str | None = None,
         consistent: bool = False,
         version_attr: str | None = None,
+        wait_timeout: float | None = None,
     ) -> None:
         self.engine = engine
+        # How long this call waits for a load another call started (None: no
+        # bound); past it the call raises TimeoutError with outcome "wait-timeout".
+        self.wait_timeout = wait_timeout
         # The item's own version attribute: every projection load includes it
         # and a merge happens only into an entry holding the same version.
         self.version_attr = version_attr
@@ -217,6 +222,7 @@ class Engine(Protocol):
         entry: str | None = None,
         consistent: bool = False,
         version_attr: str | None = None,
+        wait_timeout: float | None = None,
     ) -> EntryRequest: ...
 
     async def get(self, req: EntryRequest) -> Any: ...

@@ -1,4 +1,4 @@
-"""``_Fetch``: the engine's loader for one request (the live load, revalidation, refresh)."""
+"""``Fetch``: the engine's loader for one request (the live load, revalidation, refresh)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._engine_api import Fill
-from ._recorder import _Recorder
+from ._recorder import Recorder
 from ._rules import (
     _CONDITIONALS,
     _DONE,
@@ -24,7 +24,6 @@ from ._rules import (
     _call,
     _consume,
     _forget,
-    _Key,
     _OriginFailed,
     _Replay,
     _settled_without_entry,
@@ -32,12 +31,13 @@ from ._rules import (
     _validators,
     log,
 )
+from ._vary import Key
 
 if TYPE_CHECKING:
-    from ._middleware import CacheMiddleware
+    from ._context import Context
 
 
-class _Fetch:
+class Fetch:
     """The engine's loader for one request's entry.
 
     Called while its request still waits on the engine, it runs the app for
@@ -47,13 +47,13 @@ class _Fetch:
     """
 
     __slots__ = (
+        "ctx",
         "first",
         "h",
         "has_auth",
         "has_cookie",
         "head",
         "key",
-        "mw",
         "phase",
         "rec",
         "receive",
@@ -62,27 +62,26 @@ class _Fetch:
         "state",
         "stored",
         "task",
-        "timeout",
     )
 
     def __init__(
         self,
-        mw: CacheMiddleware,
+        ctx: Context,
         scope: Scope,
         receive: Receive,
         send: Send,
         h: dict[bytes, bytes],
-        key: _Key,
+        key: Key,
         head: bool,
         has_cookie: bool,
         has_auth: bool,
         first: Message,
     ) -> None:
-        self.mw = mw
+        self.ctx = ctx
         self.scope = scope
         self.receive = receive
         self.first = first  # the request message the middleware read (no body)
-        self.rec: _Recorder | None = None
+        self.rec: Recorder | None = None
         self.send = send
         self.h = h
         self.key = key
@@ -94,7 +93,6 @@ class _Fetch:
         state = scope.get("state")
         self.state = dict(state) if state is not None else None
         self.phase = _LOOKUP
-        self.timeout: asyncio.Timeout | None = None
         self.task: asyncio.Task[None] | None = None
         self.stored: Any = None
 
@@ -110,28 +108,33 @@ class _Fetch:
         if rec is not None and rec.held is not None:
             await rec.release(None)  # the app ended without a body: its client still gets the start
 
-    def _lead(self) -> bool:
-        """Take the live request for this load, unless it already gave up waiting."""
-        timeout = self.timeout
-        if timeout is not None:
-            try:
-                timeout.reschedule(None)  # the app's own pace now bounds the request
-            except RuntimeError:
-                return False  # the wait bound fired first: the request passes through
-        self.phase = _LEADING
-        return True
+    def may_use(self, entry: dict[str, Any]) -> bool:
+        """Whether a stored response may answer this request's credentials (a shared one)."""
+        return not ((self.has_cookie and not entry["sh"]) or (self.has_auth and not entry["au"]))
+
+    async def serve(self, entry: dict[str, Any], member: str) -> None:
+        """Answer this request from a stored response, with its current ``Age``."""
+        age = entry["a0"] + max(0.0, self.ctx.now() - entry["rt"])
+        await self.ctx.respond.serve(self.send, entry, self.h, self.head, age, member)
+
+    async def pass_live(self, member: str) -> None:
+        """Hand this request to the app untouched (the message already read comes first)."""
+        await self.ctx.respond.pass_through(self.scope, self.live_receive(), self.send, member)
 
     async def __call__(self, attrs: object) -> Fill:
-        if self.phase == _LOOKUP and self._lead():
+        if self.phase == _LOOKUP:
+            # The request waits on the engine for this very load: it leads, and
+            # the app's own pace bounds it (no wait bound applies).
+            self.phase = _LEADING
             return await self._load(live=True)
-        mw = self.mw
+        ctx = self.ctx
         identity = self.key.identity
-        held = mw._revalidating.get(identity)
+        held = ctx.revalidating.get(identity)
         if held is not None and _stored_at(self.stored) <= held[1]:
             # A request is revalidating the response this refresh would (or
             # just did): its outcome is this refresh's, stored under our lease
             # (a failure too: the engine backs off rather than ask again at once).
-            with anyio.fail_after(mw.refresh_timeout):
+            with anyio.fail_after(ctx.refresh_timeout):
                 outcome = await asyncio.shield(held[0])
             return await self._conclude(outcome, live=False)
         return await self._load(live=False)
@@ -146,34 +149,43 @@ class _Fetch:
         entry, started by the same stale read, stores that outcome under its
         lease instead of asking the app again.
         """
-        mw = self.mw
-        identity = self.key.identity
         self.phase = _DONE
-        held = mw._revalidating.get(identity)
+        held = self.ctx.revalidating.get(self.key.identity)
         if held is not None and entry["rt"] <= held[1] and not _settled_without_entry(held[0]):
-            try:
-                with anyio.fail_after(mw.refresh_timeout):
-                    joined = await asyncio.shield(held[0])
-            except Exception:  # it timed out, or the app failed it: ask the app ourselves
-                joined = ("failed", 0)
-            if joined[0] == "entry" and joined[1]["k"] == self.key.rendered:
-                fresh = joined[1]
-                age = fresh["a0"] + max(0.0, mw._now() - fresh["rt"])
-                await mw._serve(self.send, fresh, self, age, "fwd=stale; collapsed")
-            else:
-                await mw._pass(self.scope, self.live_receive(), self.send, "fwd=stale")
+            await self._join(held[0])
             return
+        rec, outcome = await self._conditional_request(entry)
+        if rec.freshened:
+            await self._answer_not_modified(outcome)
+        await self.finish()
+
+    async def _join(self, revalidation: asyncio.Future[tuple[Any, ...]]) -> None:
+        """Answer with the outcome of the revalidation another request runs."""
+        try:
+            with anyio.fail_after(self.ctx.refresh_timeout):
+                joined = await asyncio.shield(revalidation)
+        except Exception:  # it timed out, or the app failed it: ask the app ourselves
+            joined = ("failed", 0)
+        if joined[0] == "entry" and joined[1]["k"] == self.key.rendered:
+            await self.serve(joined[1], "fwd=stale; collapsed")
+        else:
+            await self.pass_live("fwd=stale")
+
+    async def _conditional_request(self, entry: dict[str, Any]) -> tuple[Recorder, tuple[Any, ...]]:
+        """Ask the app with the entry's validators; its outcome is published to joiners."""
+        ctx = self.ctx
+        identity = self.key.identity
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         fut.add_done_callback(_consume)
-        mw._revalidating[identity] = (fut, entry["rt"])
-        mw.metrics.counts["http_revalidations"] += 1
+        ctx.revalidating[identity] = (fut, entry["rt"])
+        ctx.metrics.counts["http_revalidations"] += 1
         self.stored = entry
         scope = self._live_scope()
         scope["headers"] = [*scope["headers"], *_validators(entry)]
-        rec = _Recorder(self, self.send, mw._now(), validated=True, conditional=True)
+        rec = Recorder(self, self.send, ctx.now(), validated=True, conditional=True)
         self.rec = rec
-        self.task = task = loop.create_task(_call(mw.app, scope, self.live_receive(), rec.send))
+        self.task = task = loop.create_task(_call(ctx.app, scope, self.live_receive(), rec.send))
         task.add_done_callback(rec.app_done)
         outcome: tuple[Any, ...] = ("failed", 0)
         try:
@@ -188,22 +200,23 @@ class _Fetch:
                 outcome = ("failed", rec.status)  # the stale entry stays for the next try
             fut.set_result(outcome)
             # Kept a moment for the engine's refresh that this stale read started.
-            loop.call_later(mw.refresh_timeout, _forget, mw._revalidating, identity, fut)
-        if rec.freshened:
-            member = "fwd=stale; fwd-status=304"
-            if outcome[0] == "entry":
-                fresh = outcome[1]
-            elif outcome[0] == "pass" and len(outcome) > 4:
-                fresh = outcome[4]  # for this request only: it is not stored
-                member += "; stored=?0"
-            else:
-                fresh = None
-            if fresh is not None:
-                age = fresh["a0"] + max(0.0, mw._now() - fresh["rt"])
-                await mw._serve(self.send, fresh, self, age, member)
-            else:
-                await mw._pass(self.scope, self.live_receive(), self.send, "fwd=stale")
-        await self.finish()
+            loop.call_later(ctx.refresh_timeout, _forget, ctx.revalidating, identity, fut)
+        return rec, outcome
+
+    async def _answer_not_modified(self, outcome: tuple[Any, ...]) -> None:
+        """The app said 304: serve the freshened entry (stored or, if not storable, this once)."""
+        member = "fwd=stale; fwd-status=304"
+        if outcome[0] == "entry":
+            fresh = outcome[1]
+        elif outcome[0] == "pass" and len(outcome) > 4:
+            fresh = outcome[4]  # for this request only: it is not stored
+            member += "; stored=?0"
+        else:
+            fresh = None
+        if fresh is not None:
+            await self.serve(fresh, member)
+        else:
+            await self.pass_live("fwd=stale")
 
     # -- scopes -------------------------------------------------------------------------
 
@@ -260,37 +273,38 @@ class _Fetch:
     # -- one load ------------------------------------------------------------------------
 
     async def _load(self, live: bool) -> Fill:
-        mw = self.mw
+        ctx = self.ctx
         loop = asyncio.get_running_loop()
-        request_time = mw._now()
+        request_time = ctx.now()
         if live:
-            rec = _Recorder(self, self.send, request_time, validated=False, conditional=True)
+            rec = Recorder(self, self.send, request_time, validated=False, conditional=True)
             self.rec = rec
             self.task = task = loop.create_task(
-                _call(mw.app, self._live_scope(), self.live_receive(), rec.send)
+                _call(ctx.app, self._live_scope(), self.live_receive(), rec.send)
             )
         else:
             scope, validated = self._refresh_scope()
-            rec = _Recorder(self, None, request_time, validated=validated, conditional=False)
+            rec = Recorder(self, None, request_time, validated=validated, conditional=False)
             # Requests that find the entry past its stale window meanwhile
             # wait for this refresh instead of revalidating it themselves.
             identity = self.key.identity
-            if identity not in mw._revalidating:
-                mw._revalidating[identity] = (rec.decided, _stored_at(self.stored))
-                rec.decided.add_done_callback(lambda fut: _forget(mw._revalidating, identity, fut))
+            if identity not in ctx.revalidating:
+                ctx.revalidating[identity] = (rec.decided, _stored_at(self.stored))
+                rec.decided.add_done_callback(lambda fut: _forget(ctx.revalidating, identity, fut))
             # A fresh context: nothing the triggering request set (a current
             # user, say) leaks into the refresh.
             task = loop.create_task(
-                _call(mw.app, scope, rec.synthetic_receive, rec.send), context=contextvars.Context()
+                _call(ctx.app, scope, rec.synthetic_receive, rec.send),
+                context=contextvars.Context(),
             )
-            mw._tasks.add(task)
-            task.add_done_callback(mw._tasks.discard)
+            ctx.tasks.add(task)
+            task.add_done_callback(ctx.tasks.discard)
         task.add_done_callback(rec.app_done)
         if live:
             outcome = await asyncio.shield(rec.decided)
         else:
             try:
-                with anyio.fail_after(mw.refresh_timeout):
+                with anyio.fail_after(ctx.refresh_timeout):
                     outcome = await asyncio.shield(rec.decided)
             except BaseException:
                 task.cancel()
@@ -299,30 +313,31 @@ class _Fetch:
                 task.cancel()  # nothing more to learn from it (an event stream, say)
             elif not task.done():
                 # Let the app finish (its background tasks), within the bound.
-                timer = loop.call_later(mw.refresh_timeout, task.cancel)
+                timer = loop.call_later(ctx.refresh_timeout, task.cancel)
                 task.add_done_callback(lambda _: timer.cancel())
         return await self._conclude(outcome, live)
 
     async def _conclude(self, outcome: tuple[Any, ...], live: bool) -> Fill:
-        mw = self.mw
+        ctx = self.ctx
         key = self.key
         kind = outcome[0]
         if kind == "entry":
             entry, j, tags = outcome[1], outcome[2], outcome[3]
             if key.names:
                 # Keep the URL's Vary names alive as long as its variants.
-                await mw._store_vary(key, key.names, mw._vary_keep(j))
+                await ctx.keys.store_vary(key, key.names, ctx.vary_keep(j))
             # The engine counts its deadlines from the fill; the lifetime runs
             # from the response (a long body may have taken a while since).
-            elapsed = max(0.0, mw._now() - entry["rt"])
-            return Fill(entry, policy=mw._fill_policy(j, elapsed, entry), tags=[key.tag, *tags])
+            elapsed = max(0.0, ctx.now() - entry["rt"])
+            return Fill(entry, policy=ctx.fill_policy(j, elapsed, entry), tags=[key.tag, *tags])
         if kind == "vary":
             entry, j, tags, varied = outcome[1], outcome[2], outcome[3], outcome[4]
-            await mw._store_vary(key, varied.names, mw._vary_keep(j))
-            elapsed = max(0.0, mw._now() - entry["rt"])
-            await mw._store_variant(
+            await ctx.keys.store_vary(key, varied.names, ctx.vary_keep(j))
+            elapsed = max(0.0, ctx.now() - entry["rt"])
+            await ctx.keys.store_variant(
                 varied,
-                Fill(entry, policy=mw._fill_policy(j, elapsed, entry), tags=[key.tag, *tags]),
+                Fill(entry, policy=ctx.fill_policy(j, elapsed, entry), tags=[key.tag, *tags]),
+                ctx.policy,
             )
             return Fill({"ok": False, "k": key.rendered, "why": "vary"}, store=False)
         if kind == "failed":
@@ -331,15 +346,15 @@ class _Fetch:
         reason: str = outcome[1]
         intrinsic: bool = outcome[2]
         new_names: tuple[str, ...] | None = outcome[3]
-        mw.metrics.counts["http_uncacheable"] += 1
+        ctx.metrics.counts["http_uncacheable"] += 1
         if new_names is not None:
             # The URL's responses vary on other fields than this key assumed.
-            await mw._store_vary(key, new_names, mw.policy.hard_ttl)
+            await ctx.keys.store_vary(key, new_names, ctx.policy.hard_ttl)
         elif intrinsic and not (live and (self.has_cookie or self.has_auth)):
             # Remembered only from a request without credentials: a Set-Cookie
             # to a logged-in user says nothing about anonymous requests.
-            mw._remember_uncacheable(key.identity)
+            ctx.keys.remember_uncacheable(key.identity)
         if not live:
-            await mw._delete_entry(key)
+            await ctx.keys.delete_entry(key)
         log.debug("swr_cache: not storing %s: %s", key.url, reason)
         return Fill({"ok": False, "k": key.rendered, "why": reason}, store=False)

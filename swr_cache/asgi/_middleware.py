@@ -1,35 +1,28 @@
-"""``CacheMiddleware``: the entry point, keys and Vary names, serving stored responses."""
+"""``CacheMiddleware``: the entry point; screens requests, looks entries up and answers."""
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import math
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from redis.exceptions import RedisError
-
 from .. import _http
 from .._cache import Cache
-from .._engine_api import EntryRequest, Fill, engine_of
+from .._engine_api import EntryRequest, engine_of
 from .._errors import CacheNotEnteredError, ConfigError, InvalidationError
-from .._keys import escape, result_identity
 from .._policy import Policy
-from ._fetch import _Fetch
+from ._context import Context
+from ._fetch import Fetch
+from ._respond import Responder
 from ._rules import (
     _BYPASS,
-    _CHUNK,
     _DONE,
-    _IDENTITY,
     _KEYED,
     _LEADING,
     _LOOKUP,
     _MARK,
-    _MEMO_LIMIT,
-    _NOT_MODIFIED_FIELDS,
     _SAFE_METHODS,
     ASGIApp,
     Message,
@@ -37,13 +30,13 @@ from ._rules import (
     Scope,
     Send,
     _field_name,
-    _Key,
-    _matches,
     _Replay,
     _request_headers,
-    _validators,
     log,
 )
+from ._vary import Keys
+
+_NO_DIRECTIVES = _http.RequestDirectives()
 
 
 class CacheMiddleware:
@@ -149,17 +142,17 @@ class CacheMiddleware:
         self.cache = cache
         self.engine = engine_of(cache)
         self.policy: Policy = cache.policy.with_overrides(soft_ttl=soft_ttl, hard_ttl=hard_ttl)
-        if max_body_size < 0 or max_tags < 0 or max_tag_length < 1:
-            raise ConfigError("max_body_size and max_tags must be >= 0, max_tag_length >= 1")
-        if not (max_ttl > 0 and max_stale >= 0 and refresh_timeout > 0):
-            raise ConfigError("max_ttl and refresh_timeout must be > 0, max_stale >= 0")
-        if lock_timeout is not None and lock_timeout <= 0:
-            raise ConfigError("lock_timeout must be > 0 or None")
-        if (
-            cache_status is not None
-            and not cache_status.replace("-", "").replace(".", "").isalnum()
-        ):
-            raise ConfigError(f"cache_status must be a token, got {cache_status!r}")
+        _check_settings(
+            max_body_size=max_body_size,
+            max_tags=max_tags,
+            max_tag_length=max_tag_length,
+            max_ttl=max_ttl,
+            max_stale=max_stale,
+            refresh_timeout=refresh_timeout,
+            lock_timeout=lock_timeout,
+            cache_status=cache_status,
+            revalidate_window=revalidate_window,
+        )
         self.grace = self.policy.hard_ttl - self.policy.soft_ttl
         self.grace_for_explicit = grace_for_explicit
         self.max_ttl = float(max_ttl)
@@ -170,8 +163,6 @@ class CacheMiddleware:
         self.targeted_fields: tuple[bytes, ...] = tuple(
             _field_name(n) for n in targeted_fields if n.strip()
         )
-        if revalidate_window < 0:
-            raise ConfigError("revalidate_window must be >= 0")
         self.revalidate_window = float(revalidate_window)
         self.lock_timeout = lock_timeout
         self.refresh_timeout = float(refresh_timeout)
@@ -189,14 +180,41 @@ class CacheMiddleware:
         self.add_date = add_date
         self.bypass = bypass
         self.metrics = cache.metrics.get(name)
-        self._vary_memo: dict[str, tuple[tuple[str, ...], bool, float]] = {}
-        self._uncacheable: dict[str, float] = {}
-        self._bases: dict[tuple[Any, ...], _Key] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        # Entry identity -> outcome of the revalidation (or refresh) under way.
-        # (Both keep the ``rt`` of the stored response they revalidate: a
-        # request holding a newer one does not join them.)
-        self._revalidating: dict[str, tuple[asyncio.Future[tuple[Any, ...]], float]] = {}
+        self._keys = Keys(
+            self.engine,
+            self.metrics,
+            key_headers=self.key_headers,
+            vary_memo_ttl=self.vary_memo_ttl,
+            uncacheable_ttl=self.uncacheable_ttl,
+        )
+        self._respond = Responder(
+            app,
+            self.metrics,
+            cache_status=cache_status,
+            strip_surrogate_keys=strip_surrogate_keys,
+            tag_fields=self.tag_fields,
+            add_date=add_date,
+        )
+        self._ctx = Context(
+            app=app,
+            cache=cache,
+            engine=self.engine,
+            metrics=self.metrics,
+            policy=self.policy,
+            keys=self._keys,
+            respond=self._respond,
+            grace_for_explicit=grace_for_explicit,
+            max_ttl=self.max_ttl,
+            max_stale=self.max_stale,
+            max_body_size=self.max_body_size,
+            cache_by_default=cache_by_default,
+            targeted_fields=self.targeted_fields,
+            revalidate_window=self.revalidate_window,
+            refresh_timeout=self.refresh_timeout,
+            max_tags=max_tags,
+            max_tag_length=max_tag_length,
+            tag_fields=self.tag_fields,
+        )
 
     # -- entry point -----------------------------------------------------------
 
@@ -235,12 +253,6 @@ class CacheMiddleware:
         """
         await self.cache.purge_tags([self.url_tag(url)])
 
-    # -- time ----------------------------------------------------------------------
-
-    def _now(self) -> float:
-        # Redis server time (seconds): every process agrees on ages.
-        return self.engine.now_ms() / 1000.0
-
     # -- write-through (every method but GET and HEAD) ------------------------------
 
     async def _write_through(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
@@ -254,7 +266,7 @@ class CacheMiddleware:
                 if unsafe and 200 <= message["status"] < 400:
                     # Before the client hears back: its next GET must not see old data.
                     await self._purge_after_write(scope, message.get("headers", ()))
-                message = self._relabel(message, "fwd=method")
+                message = self._respond.relabel(message, "fwd=method")
             await send(message)
 
         await self.app(inner, receive, relay)
@@ -267,20 +279,10 @@ class CacheMiddleware:
         url = _http.url_for(scheme, host, _http.target(scope))
         tags = [_http.uri_tag(url)]
         for raw_name, raw_value in response_headers:
-            if bytes(raw_name).lower() not in (b"location", b"content-location"):
-                continue
-            try:
-                other = urlsplit(urljoin(url, bytes(raw_value).decode("latin-1").strip()))
-            except ValueError:
-                continue  # not a URL (an unclosed IPv6 bracket): it names nothing of ours
-            # Another origin's URIs are never purged from here (a DoS guard).
-            if (
-                other.scheme != scheme
-                or _http.authority(scheme, other.netloc.encode("latin-1"), None) != host
-            ):
-                continue
-            other_target = (other.path or "/") + (f"?{other.query}" if other.query else "")
-            tags.append(_http.uri_tag(_http.url_for(scheme, host, other_target)))
+            if bytes(raw_name).lower() in (b"location", b"content-location"):
+                tag = _same_origin_tag(url, scheme, host, raw_value)
+                if tag is not None:
+                    tags.append(tag)
         try:
             await self.cache.purge_tags(tags)
         except InvalidationError as exc:
@@ -291,58 +293,13 @@ class CacheMiddleware:
         else:
             self.metrics.counts["http_purges"] += 1
 
-    # -- pass-through ------------------------------------------------------------------
-
-    def _relabel(self, message: Message, member: str, date: float | None = None) -> Message:
-        """A response start for the client: surrogate keys out, ``Date`` and ``Cache-Status`` in."""
-        out: list[tuple[bytes, bytes]] = []
-        has_date = False
-        strip = self.strip_surrogate_keys
-        for raw_name, value in message.get("headers", ()):
-            name = bytes(raw_name).lower()
-            if strip and name in self.tag_fields:
-                continue
-            if name == b"date":
-                has_date = True
-            out.append((raw_name, value))
-        if self.add_date and not has_date:
-            out.append((b"date", _http.format_http_date(time.time() if date is None else date)))
-        if self.cache_status is not None:
-            out.append((b"cache-status", f"{self.cache_status}; {member}".encode()))
-        relabelled = dict(message)
-        relabelled["headers"] = out
-        return relabelled
-
-    async def _pass(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        member: str,
-    ) -> None:
-        """Hand the request to the app untouched (nothing read from or written to Redis)."""
-        self.metrics.counts["http_passes"] += 1
-        inner = dict(scope)
-        inner[_MARK] = True
-
-        async def relay(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = self._relabel(message, member)
-            await send(message)
-
-        await self.app(inner, receive, relay)
-
     # -- GET and HEAD -------------------------------------------------------------------
 
     async def _get(self, scope: Scope, receive: Receive, send: Send, head: bool) -> None:
         h = _request_headers(scope)
-        length = h.get(b"content-length")
-        if (
-            (length is not None and length not in (b"0", b""))
-            or not _BYPASS.isdisjoint(h)
-            or (self.bypass is not None and self.bypass(scope))
-        ):
-            await self._pass(scope, receive, send, "fwd=bypass")
+        respond = self._respond
+        if self._bypassed(scope, h):
+            await respond.pass_through(scope, receive, send, "fwd=bypass")
             return
         # What the request's framing says is not enough: an HTTP/2 or HTTP/3
         # request may carry a body with neither Content-Length nor
@@ -352,40 +309,24 @@ class CacheMiddleware:
         if first["type"] == "http.request" and (first.get("body") or first.get("more_body")):
             replay = await _Replay.read(first, receive)
             if replay.has_body:
-                await self._pass(scope, replay, send, "fwd=bypass")
+                await respond.pass_through(scope, replay, send, "fwd=bypass")
                 return
             first = replay.settled()
-        directives = _http.RequestDirectives()
+        directives = _NO_DIRECTIVES
         if b"cache-control" in h or b"pragma" in h:
-            directives = _http.RequestDirectives.parse(h.get(b"cache-control"), h.get(b"pragma"))
-            if directives.no_store:
-                await self._pass(scope, _Replay([first], receive), send, "fwd=bypass")
-                return
-            if not self.request_directives:
-                directives = _http.RequestDirectives()
-            elif directives.no_cache:
-                await self._pass(scope, _Replay([first], receive), send, "fwd=request")
+            directives, refusal = self._directives(h)
+            if refusal:
+                await respond.pass_through(scope, _Replay([first], receive), send, refusal)
                 return
         # Credentials: stored and answered only with explicitly shared responses.
         has_auth = b"authorization" in h
-        has_cookie = False
-        cookie = h.get(b"cookie")
-        if cookie is not None:
-            has_cookie = self._personal(cookie)
-            if not has_cookie:
-                del h[b"cookie"]  # only ignorable cookies: the app never sees them
-        key = await self._key(scope, h)
-        if self._uncacheable:
-            until = self._uncacheable.get(key.identity)
-            if until is not None:
-                if until > time.monotonic():
-                    await self._pass(
-                        scope, _Replay([first], receive), send, "fwd=uri-miss; detail=uncacheable"
-                    )
-                    return
-                del self._uncacheable[key.identity]
-
-        fetch = _Fetch(self, scope, receive, send, h, key, head, has_cookie, has_auth, first)
+        has_cookie = self._has_cookie(h)
+        key = await self._keys.key(scope, h)
+        if self._keys.is_uncacheable(key.identity):
+            member = "fwd=uri-miss; detail=uncacheable"
+            await respond.pass_through(scope, _Replay([first], receive), send, member)
+            return
+        fetch = Fetch(self._ctx, scope, receive, send, h, key, head, has_cookie, has_auth, first)
         req = self.engine.request(
             metrics=self.metrics,
             policy=self.policy,
@@ -393,154 +334,47 @@ class CacheMiddleware:
             is_item=False,
             attrs=None,
             loader=fetch,
+            entry=key.entry,
+            wait_timeout=self.lock_timeout,
         )
-        started = self._now()
+        started = self._ctx.now()
         if directives.only_if_cached:
-            await self._only_if_cached(req, fetch, send, started)
+            await self._only_if_cached(req, fetch, started)
             return
-        value: Any = None
-        timed_out = False
-        try:
-            async with asyncio.timeout(self.lock_timeout) as timeout:
-                fetch.timeout = timeout
-                value = await self.engine.get(req)
-                if fetch.phase == _LOOKUP:
-                    fetch.phase = _DONE
-                    fetch.stored = value  # the validators a refresh sends
-        except CacheNotEnteredError:
-            raise
-        except Exception:
-            if fetch.phase == _LEADING:
-                await fetch.finish()  # the app's own outcome (its exception) is the answer
-                return
-            fetch.phase = _DONE
-            if timeout.expired():
-                timed_out = True
-                self.metrics.counts["http_lock_timeouts"] += 1
-            else:
-                # The load this request waited for failed: ask the app for ourselves.
-                log.debug("swr_cache: a shared load failed; passing through", exc_info=True)
-        except BaseException:
-            if fetch.phase == _LEADING and fetch.task is not None:
-                fetch.task.cancel()
-            fetch.phase = _DONE
-            raise
-        if fetch.phase == _LEADING:
-            await fetch.finish()
-            return
-        if timed_out:
-            await self._pass(
-                scope, _Replay([first], receive), send, "fwd=uri-miss; detail=lock-timeout"
-            )
-            return
-        await self._answer(scope, receive, send, fetch, value, directives, started)
+        await self._lookup(req, fetch, directives, started)
 
-    async def _answer(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        fetch: _Fetch,
-        value: Any,
-        directives: _http.RequestDirectives,
-        started: float,
-    ) -> None:
-        """Serve an entry the engine returned, if it may answer this request."""
-        entry = value if type(value) is dict else None
-        if entry is None or not entry.get("ok") or entry.get("k") != fetch.key.rendered:
-            # Another request's response that is not reusable (or a foreign entry).
-            await self._pass(scope, fetch.live_receive(), send, "fwd=uri-miss")
-            return
-        if (fetch.has_cookie and not entry["sh"]) or (fetch.has_auth and not entry["au"]):
-            await self._pass(scope, fetch.live_receive(), send, "fwd=bypass")
-            return
-        now = self._now()
-        age = entry["a0"] + max(0.0, now - entry["rt"])
-        ttl = entry["fl"] - age
-        if (directives.max_age is not None and age > directives.max_age) or (
-            directives.min_fresh is not None and ttl < directives.min_fresh
-        ):
-            await self._pass(scope, fetch.live_receive(), send, "fwd=request")
-            return
-        if ttl < 0 and -ttl >= entry["st"]:
-            # Past the window it may be served stale in: kept only to revalidate.
-            await fetch.revalidate(entry)
-            return
-        if entry["rt"] > started:
-            member = "fwd=uri-miss; collapsed"  # produced for a concurrent request
-        else:
-            member = f"hit; ttl={math.floor(ttl)}"
-        await self._serve(send, entry, fetch, age, member)
+    def _bypassed(self, scope: Scope, h: dict[bytes, bytes]) -> bool:
+        """A request the cache must not answer: a body, ``Range``, preconditions, ``bypass``."""
+        length = h.get(b"content-length")
+        return (
+            (length is not None and length not in (b"0", b""))
+            or not _BYPASS.isdisjoint(h)
+            or (self.bypass is not None and self.bypass(scope))
+        )
 
-    async def _only_if_cached(
-        self, req: EntryRequest, fetch: _Fetch, send: Send, started: float
-    ) -> None:
-        """``only-if-cached``: a usable stored response, else 504; never the app."""
-        fetch.phase = _DONE
-        peeked = await self.engine.peek(req)
-        entry = peeked[0] if peeked is not None else None
-        if (
-            type(entry) is dict
-            and entry.get("ok")
-            and entry.get("k") == fetch.key.rendered
-            and not (fetch.has_cookie and not entry["sh"])
-            and not (fetch.has_auth and not entry["au"])
-        ):
-            now = self._now()
-            age = entry["a0"] + max(0.0, now - entry["rt"])
-            if entry["fl"] - age > -entry["st"]:  # not past its stale window
-                ttl = math.floor(entry["fl"] - age)
-                await self._serve(send, entry, fetch, age, f"hit; ttl={ttl}")
-                return
-        headers = [(b"content-length", b"0")]
-        if self.cache_status is not None:
-            headers.append(
-                (b"cache-status", f"{self.cache_status}; detail=only-if-cached".encode())
-            )
-        await send({"type": "http.response.start", "status": 504, "headers": headers})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    def _directives(self, h: dict[bytes, bytes]) -> tuple[_http.RequestDirectives, str]:
+        """The request's cache directives, and the ``Cache-Status`` of a pass-through they force."""
+        directives = _http.RequestDirectives.parse(h.get(b"cache-control"), h.get(b"pragma"))
+        if directives.no_store:
+            return directives, "fwd=bypass"
+        if not self.request_directives:
+            return _NO_DIRECTIVES, ""
+        if directives.no_cache:
+            return directives, "fwd=request"
+        return directives, ""
 
-    async def _serve(
-        self, send: Send, entry: dict[str, Any], fetch: _Fetch, age: float, member: str
-    ) -> None:
-        """Send a stored response: ``Age``, ``Cache-Status``, a 304 or the body in chunks."""
-        status: int = entry["s"]
-        body: bytes = entry["b"]
-        if status == 200 and _matches(
-            entry, fetch.h.get(b"if-none-match"), fetch.h.get(b"if-modified-since")
-        ):
-            self.metrics.counts["http_not_modified"] += 1
-            headers = [(k, v) for k, v in entry["h"] if k.lower() in _NOT_MODIFIED_FIELDS]
-            status, body = 304, b""
-        else:
-            headers = [(k, v) for k, v in entry["h"]]
-            if status != 204:
-                headers.append((b"content-length", b"%d" % len(body)))
-        headers.append((b"age", b"%d" % max(0, int(age))))
-        if self.cache_status is not None:
-            headers.append((b"cache-status", f"{self.cache_status}; {member}".encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        if fetch.head or len(body) <= _CHUNK:
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"" if fetch.head else body,
-                    "more_body": False,
-                }
-            )
-            return
-        view = memoryview(body)
-        for start in range(0, len(body), _CHUNK):
-            end = start + _CHUNK
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": bytes(view[start:end]),
-                    "more_body": end < len(body),
-                }
-            )
+    def _has_cookie(self, h: dict[bytes, bytes]) -> bool:
+        """Whether the request carries a cookie that makes it personal.
 
-    # -- keys ------------------------------------------------------------------------------
+        A ``Cookie`` with only ignorable cookies is removed: the app never sees it.
+        """
+        cookie = h.get(b"cookie")
+        if cookie is None:
+            return False
+        if self._personal(cookie):
+            return True
+        del h[b"cookie"]
+        return False
 
     def _personal(self, cookie: bytes) -> bool:
         """Whether a ``Cookie`` holds any cookie not on the ignore list."""
@@ -553,170 +387,139 @@ class CacheMiddleware:
                 return True
         return False
 
-    async def _key(self, scope: Scope, h: Mapping[bytes, bytes]) -> _Key:
-        scheme = scope.get("scheme", "http")
-        host_header = h.get(b"host")
-        keyed_values = tuple(h.get(n) for n in self.key_headers)
-        # What the URL part of the key depends on: derived once per distinct
-        # request line (escaping costs more than the lookup).
-        raw = (
-            scheme,
-            host_header,
-            scope.get("server") if host_header is None else None,
-            scope.get("raw_path"),
-            scope.get("path"),
-            scope.get("root_path"),
-            scope.get("query_string"),
-            keyed_values,
-        )
-        key = self._bases.get(raw)
-        if key is None:
-            key = self._base(scope, scheme, host_header, keyed_values)
-            if len(self._bases) >= _MEMO_LIMIT:
-                self._bases.clear()
-            self._bases[raw] = key
-        names, known = await self._vary_names(key)
-        key = self._with_names(key, names, h)
-        key.spec_known = known
-        return key
-
-    @staticmethod
-    def _with_names(base: _Key, names: tuple[str, ...], h: Mapping[bytes, bytes]) -> _Key:
-        """A copy of ``base`` keyed also on the request's values of the ``Vary`` names."""
-        key = base.copy()
-        key.names = names
-        key.spec_known = True
-        key.vary = [(n, h.get(n.encode("latin-1"))) for n in names]
-        if names:
-            key.rendered = key.primary + "|" + _http.render_pairs(key.vary)
-            key.identity = result_identity(_IDENTITY, _http.hashed(key.rendered))
-        return key
-
-    async def _store_variant(self, key: _Key, fill: Fill) -> None:
-        """Store a response under another key than its request's (its Vary names, learnt now)."""
-
-        async def loader(attrs: object) -> Fill:
-            return fill
-
-        req = self.engine.request(
-            metrics=self.metrics,
-            policy=self.policy,
-            identity=key.identity,
-            is_item=False,
-            attrs=None,
-            loader=loader,
-        )
-        try:
-            await self.engine.get(req)
-        except Exception as exc:  # a failed store is a later miss, not this client's error
-            log.debug("swr_cache: could not store the variant of %s: %r", key.url, exc)
-
-    def _base(
+    async def _lookup(
         self,
-        scope: Scope,
-        scheme: str,
-        host_header: bytes | None,
-        keyed_values: tuple[bytes | None, ...],
-    ) -> _Key:
-        """The part of a key that the request line and forwarding headers decide."""
-        key = _Key()
-        key.scheme = scheme
-        host = key.host = _http.authority(scheme, host_header, scope.get("server"))
-        request_target = key.target = _http.target(scope)
-        key.url = _http.url_for(scheme, host, request_target)
-        key.tag = _http.uri_tag(key.url)
-        keyed = key.keyed = [
-            (n, v) for n, v in zip(self.key_headers, keyed_values, strict=True) if v is not None
-        ]
-        primary = f"{escape(scheme)}|{escape(host)}|{escape(request_target)}|" + ",".join(
-            f"{escape(n.decode('latin-1'))}={escape(v.decode('latin-1'))}" for n, v in keyed
-        )
-        key.primary = primary
-        key.spec_key = f"{self.engine.keys.prefix}hv:{{{_http.hashed(primary)}}}"
-        # Without Vary names, the full key is the primary one.
-        key.rendered = primary + "|"
-        key.identity = result_identity(_IDENTITY, _http.hashed(key.rendered))
-        return key
+        req: EntryRequest,
+        fetch: Fetch,
+        directives: _http.RequestDirectives,
+        started: float,
+    ) -> None:
+        """Ask the engine for the entry, then answer from it (or lead, or pass through).
 
-    async def _vary_names(self, key: _Key) -> tuple[tuple[str, ...], bool]:
-        """The Vary field names stored for this URL (memoised for ``vary_memo_ttl``)."""
-        memo = self._vary_memo.get(key.primary)
-        now = time.monotonic()
-        if memo is not None and memo[2] > now:
-            return memo[0], memo[1]
-        engine = self.engine
-        names: tuple[str, ...] = ()
-        known = False
-        if not engine.breaker.is_open:
-            try:
-                async with engine.slots.hold(engine.call_timeout):
-                    raw = await engine.store.get_value(key.spec_key)
-            except (RedisError, OSError):
-                # Reads fail open: the engine's own read will bypass Redis too.
-                self.metrics.counts["redis_errors"] += 1
-                return (), False
-            if raw is not None:
-                known = True
-                names = tuple(n for n in bytes(raw).decode("latin-1").split(",") if n)
-        self._remember_vary(key.primary, names, known)
-        return names, known
-
-    def _remember_vary(self, primary: str, names: tuple[str, ...], known: bool) -> None:
-        memo = self._vary_memo
-        if len(memo) >= _MEMO_LIMIT:
-            memo.clear()
-        memo[primary] = (names, known, time.monotonic() + self.vary_memo_ttl)
-
-    def _vary_keep(self, j: _http.Judgement) -> float:
-        """How long a URL's Vary names are kept: as long as a variant may be served or revalidated."""
-        return max(j.soft, 0) + j.stale + self.revalidate_window + self.policy.hard_ttl
-
-    async def _store_vary(self, key: _Key, names: tuple[str, ...], keep_s: float) -> None:
-        """Record a URL's Vary names in Redis (a response's ``Vary`` differs from the key's)."""
-        self._remember_vary(key.primary, names, True)
-        engine = self.engine
-        try:
-            async with engine.slots.hold(engine.call_timeout):
-                await engine.store.set_value(
-                    key.spec_key,
-                    ",".join(names).encode("latin-1"),
-                    max(1000, round(keep_s * 1000)),
-                )
-        except (RedisError, OSError) as exc:
-            self.metrics.counts["redis_errors"] += 1
-            log.debug("swr_cache: could not store Vary names of %s: %r", key.url, exc)
-
-    def _remember_uncacheable(self, identity: str) -> None:
-        if self.uncacheable_ttl <= 0:
-            return
-        memo = self._uncacheable
-        if len(memo) >= _MEMO_LIMIT:
-            memo.clear()
-        memo[identity] = time.monotonic() + self.uncacheable_ttl
-
-    async def _delete_entry(self, key: _Key) -> None:
-        """Drop an entry whose refresh came back uncacheable."""
-        engine = self.engine
-        try:
-            async with engine.slots.hold(engine.call_timeout):
-                await engine.store.delete(engine.keys.entry(key.identity))
-        except (RedisError, OSError) as exc:
-            self.metrics.counts["redis_errors"] += 1
-            log.warning("swr_cache: could not delete the uncacheable entry of %s: %r", key.url, exc)
-
-    def _fill_policy(self, j: _http.Judgement, elapsed: float, entry: dict[str, Any]) -> Policy:
-        """The engine's deadlines for an entry: fresh, stale-servable, then kept to revalidate.
-
-        Past its stale window an entry with validators stays (for
-        ``revalidate_window``) only to be revalidated; the middleware never
-        serves it from there without asking the app.
+        Only a wait for another request's load is bounded (``lock_timeout``):
+        a hit or this request's own load runs without a timer.
         """
-        soft = max(j.soft - elapsed, 0.001)
-        stale_until = max(j.soft, 0.0) + j.stale - elapsed
-        if self.revalidate_window > 0 and _validators(entry):
-            stale_until += self.revalidate_window
-        return Policy(
-            soft_ttl=soft,
-            hard_ttl=max(stale_until, soft),
-            early_refresh=self.policy.early_refresh,
-        )
+        value: Any = None
+        try:
+            value = await self.engine.get(req)
+        except CacheNotEnteredError:
+            raise
+        except Exception:
+            if fetch.phase == _LEADING:
+                await fetch.finish()  # the app's own outcome (its exception) is the answer
+                return
+            fetch.phase = _DONE
+            if req.outcome == "wait-timeout":
+                self.metrics.counts["http_lock_timeouts"] += 1
+                await fetch.pass_live("fwd=uri-miss; detail=lock-timeout")
+                return
+            # The load this request waited for failed: ask the app for ourselves.
+            log.debug("swr_cache: a shared load failed; passing through", exc_info=True)
+        except BaseException:
+            if fetch.phase == _LEADING and fetch.task is not None:
+                fetch.task.cancel()
+            fetch.phase = _DONE
+            raise
+        if fetch.phase == _LEADING:
+            await fetch.finish()
+            return
+        if fetch.phase == _LOOKUP:
+            fetch.phase = _DONE
+            fetch.stored = value  # the validators a refresh sends
+        await self._answer(fetch, value, directives, started)
+
+    async def _answer(
+        self,
+        fetch: Fetch,
+        value: Any,
+        directives: _http.RequestDirectives,
+        started: float,
+    ) -> None:
+        """Serve an entry the engine returned, if it may answer this request."""
+        entry = value if type(value) is dict else None
+        if entry is None or not entry.get("ok") or entry.get("k") != fetch.key.rendered:
+            # Another request's response that is not reusable (or a foreign entry).
+            await fetch.pass_live("fwd=uri-miss")
+            return
+        if not fetch.may_use(entry):
+            await fetch.pass_live("fwd=bypass")
+            return
+        age = entry["a0"] + max(0.0, self._ctx.now() - entry["rt"])
+        ttl = entry["fl"] - age
+        if (directives.max_age is not None and age > directives.max_age) or (
+            directives.min_fresh is not None and ttl < directives.min_fresh
+        ):
+            await fetch.pass_live("fwd=request")
+            return
+        if ttl < 0 and -ttl >= entry["st"]:
+            # Past the window it may be served stale in: kept only to revalidate.
+            await fetch.revalidate(entry)
+            return
+        if entry["rt"] > started:
+            member = "fwd=uri-miss; collapsed"  # produced for a concurrent request
+        else:
+            member = f"hit; ttl={math.floor(ttl)}"
+        await self._respond.serve(fetch.send, entry, fetch.h, fetch.head, age, member)
+
+    async def _only_if_cached(self, req: EntryRequest, fetch: Fetch, started: float) -> None:
+        """``only-if-cached``: a usable stored response, else 504; never the app."""
+        fetch.phase = _DONE
+        peeked = await self.engine.peek(req)
+        entry = peeked[0] if peeked is not None else None
+        if (
+            type(entry) is dict
+            and entry.get("ok")
+            and entry.get("k") == fetch.key.rendered
+            and fetch.may_use(entry)
+        ):
+            age = entry["a0"] + max(0.0, self._ctx.now() - entry["rt"])
+            if entry["fl"] - age > -entry["st"]:  # not past its stale window
+                ttl = math.floor(entry["fl"] - age)
+                await self._respond.serve(
+                    fetch.send, entry, fetch.h, fetch.head, age, f"hit; ttl={ttl}"
+                )
+                return
+        await self._respond.not_cached(fetch.send)
+
+
+def _check_settings(
+    *,
+    max_body_size: int,
+    max_tags: int,
+    max_tag_length: int,
+    max_ttl: float,
+    max_stale: float,
+    refresh_timeout: float,
+    lock_timeout: float | None,
+    cache_status: str | None,
+    revalidate_window: float,
+) -> None:
+    """Refuse settings the middleware cannot honour (``ConfigError``)."""
+    if max_body_size < 0 or max_tags < 0 or max_tag_length < 1:
+        raise ConfigError("max_body_size and max_tags must be >= 0, max_tag_length >= 1")
+    if not (max_ttl > 0 and max_stale >= 0 and refresh_timeout > 0):
+        raise ConfigError("max_ttl and refresh_timeout must be > 0, max_stale >= 0")
+    if lock_timeout is not None and lock_timeout <= 0:
+        raise ConfigError("lock_timeout must be > 0 or None")
+    if cache_status is not None and not cache_status.replace("-", "").replace(".", "").isalnum():
+        raise ConfigError(f"cache_status must be a token, got {cache_status!r}")
+    if revalidate_window < 0:
+        raise ConfigError("revalidate_window must be >= 0")
+
+
+def _same_origin_tag(url: str, scheme: str, host: str, raw_value: Any) -> str | None:
+    """The URI tag of a ``Location``/``Content-Location`` on the request's origin (else ``None``).
+
+    Another origin's URIs are never purged from here (a DoS guard).
+    """
+    try:
+        other = urlsplit(urljoin(url, bytes(raw_value).decode("latin-1").strip()))
+    except ValueError:
+        return None  # not a URL (an unclosed IPv6 bracket): it names nothing of ours
+    if (
+        other.scheme != scheme
+        or _http.authority(scheme, other.netloc.encode("latin-1"), None) != host
+    ):
+        return None
+    other_target = (other.path or "/") + (f"?{other.query}" if other.query else "")
+    return _http.uri_tag(_http.url_for(scheme, host, other_target))

@@ -1,4 +1,4 @@
-"""``_Recorder``: receives one app response, forwards it and decides what to store."""
+"""``Recorder``: receives one app response, forwards it and decides what to store."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from ._rules import (
 )
 
 if TYPE_CHECKING:
-    from ._fetch import _Fetch
+    from ._fetch import Fetch
 
 
-class _Recorder:
+class Recorder:
     """Receives one app response: forwards it to the client (if any) and buffers a copy.
 
     ``decided`` resolves as soon as the response's fate is known: an entry to
@@ -62,7 +62,7 @@ class _Recorder:
 
     def __init__(
         self,
-        fetch: _Fetch,
+        fetch: Fetch,
         live_send: Send | None,
         request_time: float,
         *,
@@ -155,18 +155,10 @@ class _Recorder:
             await self._forward(message)
 
     async def _start(self, message: Message) -> None:
-        fetch = self.fetch
-        mw = fetch.mw
-        self.response_time = mw._now()
+        ctx = self.fetch.ctx
+        self.response_time = ctx.now()
         status: int = message["status"]
-        headers: list[tuple[bytes, bytes]] = []
-        tag_lines: list[bytes] = []
-        for raw_name, raw_value in message.get("headers", ()):
-            name, value = bytes(raw_name), bytes(raw_value)
-            if name.lower() in mw.tag_fields:
-                tag_lines.append(value)
-            else:
-                headers.append((name, value))
+        headers, tag_lines = self._split_tags(message)
         self.status = status
         self.headers = headers
         live = self.live_send is not None
@@ -182,29 +174,14 @@ class _Recorder:
         self.judgement = j
         names: tuple[str, ...] | None = None
         if j.store:
-            tags = _http.content_tags(tag_lines)
-            length = self.declared = _content_length(headers)
-            if message.get("trailers"):
-                j.refused("trailers")
-            elif _is_event_stream(headers):
-                j.refused("text/event-stream")
-            elif length is not None and (
-                length > mw.max_body_size or self._bound(length, tags) > mw.cache.max_entry_bytes
-            ):
-                j.refused("body too large")
-            elif len(tags) > mw.max_tags or any(len(t) > mw.max_tag_length for t in tags):
-                j.refused("too many or too long surrogate keys")
-            elif j.vary != fetch.key.names:
-                names = j.vary
-                if live and fetch.key.names == ():
-                    # The URL's first response that varies: kept, then stored
-                    # under the key its Vary names give this request.
-                    self.tags = tags
-                    self.buffer = []
-                    self._hold(message, headers, "fwd=uri-miss")
-                    return
-                j.refused("vary changed", intrinsic=False)
-            self.tags = tags
+            self.tags = _http.content_tags(tag_lines)
+            names = self._screen(message, j)
+            if names is not None and j.store:
+                # The URL's first response that varies: kept, then stored
+                # under the key its Vary names give this request.
+                self.buffer = []
+                self._hold(message, headers, "fwd=uri-miss")
+                return
         if j.store:
             self.buffer = []
         else:
@@ -212,16 +189,60 @@ class _Recorder:
         if not live:
             return
         # The client's response: this is the origin's answer, so no Age.
-        if self.validated:
-            member = "fwd=stale"
-        elif fetch.key.names and fetch.key.spec_known:
-            member = "fwd=vary-miss"
-        else:
-            member = "fwd=uri-miss"
+        member = self._miss_member()
         if j.store:
             self._hold(message, headers, member)
             return
-        await self._forward(mw._relabel(message, member + "; stored=?0", self.response_time))
+        await self._forward(
+            ctx.respond.relabel(message, member + "; stored=?0", self.response_time)
+        )
+
+    def _split_tags(self, message: Message) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        """The response's header lines, and apart from them its surrogate-key lines."""
+        tag_fields = self.fetch.ctx.tag_fields
+        headers: list[tuple[bytes, bytes]] = []
+        tag_lines: list[bytes] = []
+        for raw_name, raw_value in message.get("headers", ()):
+            name, value = bytes(raw_name), bytes(raw_value)
+            if name.lower() in tag_fields:
+                tag_lines.append(value)
+            else:
+                headers.append((name, value))
+        return headers, tag_lines
+
+    def _screen(self, message: Message, j: _http.Judgement) -> tuple[str, ...] | None:
+        """Refuse (in ``j``) a storable response this cache cannot keep whole.
+
+        Returns the response's Vary names when they differ from the key's
+        (``j`` still storable: the URL's first varying response, on a live request).
+        """
+        ctx = self.fetch.ctx
+        key_names = self.fetch.key.names
+        tags = self.tags
+        length = self.declared = _content_length(self.headers)
+        if message.get("trailers"):
+            j.refused("trailers")
+        elif _is_event_stream(self.headers):
+            j.refused("text/event-stream")
+        elif length is not None and (
+            length > ctx.max_body_size or self._bound(length, tags) > ctx.max_entry_bytes
+        ):
+            j.refused("body too large")
+        elif len(tags) > ctx.max_tags or any(len(t) > ctx.max_tag_length for t in tags):
+            j.refused("too many or too long surrogate keys")
+        elif j.vary != key_names:
+            if not (self.live_send is not None and key_names == ()):
+                j.refused("vary changed", intrinsic=False)
+            return j.vary
+        return None
+
+    def _miss_member(self) -> str:
+        """``Cache-Status`` of a response the app sends to the client now."""
+        if self.validated:
+            return "fwd=stale"
+        if self.fetch.key.names:
+            return "fwd=vary-miss"  # (the URL's Vary names were known)
+        return "fwd=uri-miss"
 
     def _hold(self, message: Message, headers: list[tuple[bytes, bytes]], member: str) -> None:
         """Keep a storable response's start until its first body message."""
@@ -230,7 +251,7 @@ class _Recorder:
         if self.status == 200 and self.conditional and _live_matches(fetch.h, headers):
             # The client already holds this representation: a 304 for it, while
             # the full response is still read for storage.
-            fetch.mw.metrics.counts["http_not_modified"] += 1
+            fetch.ctx.metrics.counts["http_not_modified"] += 1
             self.forward_body = False
             message = {
                 "type": "http.response.start",
@@ -248,7 +269,7 @@ class _Recorder:
         member = self.member
         if stored is not None:
             member += "; stored" if stored else "; stored=?0"
-        await self._forward(self.fetch.mw._relabel(message, member, self.response_time))
+        await self._forward(self.fetch.ctx.respond.relabel(message, member, self.response_time))
 
     def _bound(self, body_size: int, tags: Sequence[str]) -> int:
         """An upper bound of the encoded entry's size for a body of ``body_size`` bytes."""
@@ -274,7 +295,7 @@ class _Recorder:
         buffer = self.buffer
         if buffer is not None:
             self.size += len(body)
-            if self.size > self.fetch.mw.max_body_size:
+            if self.size > self.fetch.ctx.max_body_size:
                 self._not_stored("body too large")  # stop buffering, keep streaming
             elif body:
                 buffer.append(bytes(body))
@@ -295,13 +316,13 @@ class _Recorder:
 
     def _check_complete(self) -> None:
         """Refuse a complete body that its Content-Length or the engine's limit disowns."""
-        mw = self.fetch.mw
+        ctx = self.fetch.ctx
         declared = self.declared
         if declared is not None and declared != self.size:
             # Shorter (or longer) than announced: not the response the app meant (RFC 9112 §6.3).
-            mw.metrics.counts["http_length_mismatches"] += 1
+            ctx.metrics.counts["http_length_mismatches"] += 1
             self._not_stored(f"body of {self.size} bytes, Content-Length {declared}")
-        elif self._bound(self.size, self.tags) > mw.cache.max_entry_bytes:
+        elif self._bound(self.size, self.tags) > ctx.max_entry_bytes:
             self._not_stored("body too large")
 
     def _entry(self) -> tuple[Any, ...]:
@@ -331,9 +352,12 @@ class _Recorder:
             etag = _http.content_etag(content_type, content_encoding, body)
             headers.append([b"etag", etag])
             generated = True
+        if self.status != 204:
+            # Stored as a hit sends it: a hit adds only Age and Cache-Status.
+            headers.append([b"content-length", b"%d" % len(body)])
         key = fetch.key
         if j.vary != key.names:
-            key = fetch.mw._with_names(key, j.vary, fetch.h)
+            key = key.with_names(j.vary, fetch.h, fetch.ctx.engine)
         entry = {
             "ok": True,
             "k": key.rendered,
@@ -359,21 +383,13 @@ class _Recorder:
         self, status: int, headers: list[tuple[bytes, bytes]], has_cookie: bool, has_auth: bool
     ) -> _http.Judgement:
         """The middleware's verdict on a response to this fetch (its TTLs and caps)."""
-        mw = self.fetch.mw
-        return _http.judge_response(
+        return self.fetch.ctx.judge(
             status,
             headers,
             request_time=self.request_time,
             response_time=self.response_time,
             has_cookie=has_cookie,
             has_auth=has_auth,
-            default_ttl=mw.policy.soft_ttl,
-            grace=mw.grace,
-            grace_explicit=mw.grace_for_explicit,
-            max_ttl=mw.max_ttl,
-            max_stale=mw.max_stale,
-            cache_by_default=mw.cache_by_default,
-            targeted=mw.targeted_fields,
         )
 
     def _freshen(
@@ -393,12 +409,20 @@ class _Recorder:
         replaced = (
             ({name.lower() for name, _ in headers} | {b"date"}) - _http.HOP_BY_HOP - _BODY_FIELDS
         )
-        merged = [(k, v) for k, v in stored["h"] if k.lower() not in replaced]
+        merged: list[tuple[bytes, bytes]] = []
+        length: list[tuple[bytes, bytes]] = []  # the stored body's, kept last
+        for k, v in stored["h"]:
+            lower = k.lower()
+            if lower == b"content-length":
+                length.append((k, v))
+            elif lower not in replaced:
+                merged.append((k, v))
         merged.extend((k, v) for k, v in headers if k.lower() in replaced)
         tags = _http.content_tags(tag_lines) if tag_lines else list(stored.get("tg") or ())
         j = self._judge(200, merged, False, False)
         if not any(name.lower() == b"date" for name, _ in merged):
             merged.append((b"date", _http.format_http_date(self.response_time)))
+        merged.extend(length)
         entry = dict(stored)
         entry.update(
             h=[[k, v] for k, v in merged],

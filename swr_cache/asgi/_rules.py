@@ -21,7 +21,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Marks a scope this middleware has handled: a second instance refuses it.
 _MARK: Final = "swr_cache.cache_middleware"
 # The engine identity name of HTTP entries; the version salts every key.
-_IDENTITY: Final = "\x00asgi.1"
+# 2: entries hold their Content-Length line (a hit sends the stored lines as they are).
+_IDENTITY: Final = "\x00asgi.2"
 
 # Forwarding headers an app may act on: always part of the key.
 _KEYED: Final = (
@@ -72,7 +73,6 @@ _BODY_FIELDS: Final = frozenset(
 _CHUNK: Final = 64 * 1024
 # A Content-Length beyond any body this cache would keep (it saturates here).
 _MAX_CONTENT_LENGTH: Final = 1 << 62
-_MEMO_LIMIT: Final = 10_000
 # Bytes an entry holds besides its body, header lines, key and tags (field
 # names, times, a generated ETag and Date), rounded well up.
 _ENTRY_OVERHEAD: Final = 512
@@ -160,47 +160,6 @@ class _Replay:
         if self.messages:
             return self.messages.pop(0)
         return await self.receive()
-
-
-class _Key:
-    """Everything derived from the request that names its entry."""
-
-    __slots__ = (
-        "host",
-        "identity",
-        "keyed",
-        "names",
-        "primary",
-        "rendered",
-        "scheme",
-        "spec_key",
-        "spec_known",
-        "tag",
-        "target",
-        "url",
-        "vary",
-    )
-
-    def __init__(self) -> None:
-        self.scheme = ""
-        self.host = ""
-        self.target = ""
-        self.url = ""
-        self.primary = ""  # scheme, host, target and forwarding headers, escaped
-        self.rendered = ""  # primary plus the Vary'd values: the full key, kept in the entry
-        self.identity = ""
-        self.spec_key = ""
-        self.spec_known = False  # Redis held a Vary spec for this URL
-        self.names: tuple[str, ...] = ()
-        self.keyed: list[tuple[bytes, bytes]] = []
-        self.vary: list[tuple[str, bytes | None]] = []
-        self.tag = ""
-
-    def copy(self) -> _Key:
-        other = _Key()
-        for name in self.__slots__:
-            setattr(other, name, getattr(self, name))
-        return other
 
 
 def _matches(
