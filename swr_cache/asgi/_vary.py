@@ -143,7 +143,7 @@ class Keys:
     async def key(self, scope: Scope, h: Mapping[bytes, bytes]) -> Key:
         """The key of a request (one Redis read of the URL's Vary names, at most, per memo period)."""
         host_header = h.get(b"host")
-        keyed_values = tuple(h.get(n) for n in self.key_headers)
+        keyed_values = tuple(map(h.get, self.key_headers))
         # What the URL part of the key depends on: derived once per distinct
         # request shape (escaping and hashing cost more than the lookup).
         shape = (
@@ -160,7 +160,11 @@ class Keys:
         if base is None:
             base = self._base(scope, shape[0], host_header, keyed_values)
             remember(self._bases, shape, base)
-        names = await self.vary_names(base)
+        memo = self._vary_memo.get(base.primary)
+        if memo is not None and memo[2] > time.monotonic():
+            names = memo[0]
+        else:
+            names = await self.vary_names(base)
         if not names:
             return base
         values = tuple(h.get(n.encode("latin-1")) for n in names)
