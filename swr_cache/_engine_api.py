@@ -143,7 +143,8 @@ class EntryRequest:
         # only counts newer ones (see Loads.check_tags).
         self.purge_floor = 0.0
         self.tags = tags
-        # How get answered: fresh, stale, miss or bypass (for tracing spans).
+        # How get answered: fresh, stale, miss or bypass (for tracing spans);
+        # wait-timeout when a wait for another call's load passed wait_timeout.
         self.outcome = ""
         # What one read asks Redis for: None = HGETALL (a whole item).
         if engine.signer is not None:

@@ -41,6 +41,14 @@ that depend on it must say ``Vary`` (or ``private``). The app's
 ``BackgroundTask``s do not run on hits. Uvicorn prepends its own ``Date`` to
 every response; run it with ``--no-date-header`` (``date_header=False``) so
 hits carry the stored ``Date`` only, and pass ``add_date=True`` here.
+
+The modules: ``_middleware`` (``CacheMiddleware``: screening, lookup,
+answering), ``_context`` (what one middleware's requests share), ``_vary``
+(keys, the per-URL Vary names, the bounded memos), ``_respond`` (what the
+client gets), ``_fetch`` (the engine's loader for one request: live load,
+revalidation, refresh), ``_recorder`` (one app response: forwarded, judged,
+buffered) and ``_rules`` (ASGI types, constants, pure helpers). The HTTP rules
+themselves are in ``swr_cache._http``.
 """
 
 from __future__ import annotations
