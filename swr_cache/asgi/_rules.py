@@ -74,7 +74,7 @@ _CHUNK: Final = 64 * 1024
 # A Content-Length beyond any body this cache would keep (it saturates here).
 _MAX_CONTENT_LENGTH: Final = 1 << 62
 # Bytes an entry holds besides its body, header lines, key and tags (field
-# names, times, a generated ETag and Date), rounded well up.
+# names, times, a generated ETag, Date and Content-Length), rounded well up.
 _ENTRY_OVERHEAD: Final = 512
 
 # Phases of a request's load, as its loader sees them.
