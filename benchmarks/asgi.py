@@ -22,6 +22,15 @@ cached ≥ 5x uncached.
 
     python benchmarks/asgi.py [--quick] [--seconds 5] [--concurrency 16] [--users 100]
                               [--client raw|httpx] [--json FILE]
+
+``--in-process`` measures the middleware alone, without uvicorn or a client:
+microseconds per call of a ``redis.asyncio`` GET of a ~250-byte value (the
+floor), a middleware hit of a ~250-byte response, and a ``no-store`` ``/ping``
+through the middleware (Starlette routes behind it), in interleaved rounds;
+then Python calls per operation under cProfile (deterministic, unlike the
+timings on a shared machine).
+
+    python benchmarks/asgi.py --in-process [--rounds 15] [--calls 2000]
 """
 
 from __future__ import annotations
@@ -173,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--quick", action="store_true", help="1.5 s per endpoint, 20 users")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--in-process", action="store_true", help="the middleware alone: µs and calls per hit"
+    )
+    parser.add_argument("--rounds", type=int, default=15, help="--in-process: timed rounds")
+    parser.add_argument("--calls", type=int, default=2000, help="--in-process: calls per round")
     args = parser.parse_args(argv)
+    if args.in_process:
+        return in_process(args.rounds, args.calls, args.json)
     if args.quick:
         args.seconds, args.users = 1.5, 20
 
@@ -251,6 +267,157 @@ def main(argv: list[str] | None = None) -> int:
     ]
     finish(results, args.json)
     return 0 if ratio >= 5 and hit_share > 0.99 else 1
+
+
+# --- the middleware alone ----------------------------------------------------------
+
+
+_USER_BODY = (
+    b'{"pk": "u1", "name": "User 1", "visits": 0, "roles": ["reader"], "bio": "'
+    + (b"x" * 160)
+    + b'"}'
+)
+_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/users/u1",
+    "raw_path": b"/users/u1",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 8000),
+}
+
+
+def _starlette_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    async def ping(request: Request) -> Response:
+        return PlainTextResponse("pong", headers={"cache-control": "no-store"})
+
+    async def user(request: Request) -> Response:
+        return Response(
+            _USER_BODY,
+            media_type="application/json",
+            headers={"cache-control": "max-age=3600", "surrogate-key": "users:u1"},
+        )
+
+    return Starlette(routes=[Route("/ping", ping), Route("/users/{user_id}", user)])
+
+
+async def _in_process(redis_url: str, rounds: int, calls: int) -> dict[str, Any]:
+    import cProfile
+    import pstats
+    import statistics
+
+    import redis.asyncio as aioredis
+
+    from swr_cache import Cache, CacheMiddleware
+
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=0.5)
+    await client.set("floor", _USER_BODY)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async with Cache(client, namespace=f"inproc{os.getpid()}") as cache:
+        middleware = CacheMiddleware(_starlette_app(), cache=cache)
+        ping_scope = {**_SCOPE, "path": "/ping", "raw_path": b"/ping"}
+
+        async def hit() -> None:
+            sent.clear()
+            await middleware(dict(_SCOPE), receive, send)
+
+        async def ping() -> None:
+            sent.clear()
+            await middleware(dict(ping_scope), receive, send)
+
+        async def floor() -> None:
+            await client.get("floor")
+
+        for op, member in ((hit, b"hit"), (ping, b"uncacheable")):
+            await op()
+            await op()
+            status = dict(sent[0]["headers"]).get(b"cache-status", b"")
+            if member not in status:
+                raise RuntimeError(f"expected {member!r} in Cache-Status, got {status!r}")
+        ops = {"floor": floor, "hit": hit, "ping": ping}
+        timings: dict[str, list[float]] = {name: [] for name in ops}
+        for _ in range(rounds):
+            for name, op in ops.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    await op()
+                timings[name].append((time.perf_counter() - t0) / calls * 1e6)
+        counted: dict[str, float] = {}
+        for name, op in ops.items():
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(1000):
+                await op()
+            profile.disable()
+            counted[name] = pstats.Stats(profile).total_calls / 1000
+    await client.aclose()
+    return {
+        name: {
+            "us_median": statistics.median(values),
+            "us_min": min(values),
+            "us_max": max(values),
+            "python_calls": counted[name],
+        }
+        for name, values in timings.items()
+    }
+
+
+def in_process(rounds: int, calls: int, json_path: str | None) -> int:
+    """``--in-process``: the middleware's own cost per hit, beside a bare Redis GET."""
+    say("starting redis-server; timing the middleware in this process")
+    redis_url, redis_server = start_redis(None)
+    try:
+        results = asyncio.run(_in_process(redis_url, rounds, calls))
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+    labels = {
+        "floor": "redis.asyncio GET (the floor)",
+        "hit": "CacheMiddleware hit",
+        "ping": "no-store /ping through it",
+    }
+    rows = [
+        [labels[name], r["us_median"], r["us_min"], r["us_max"], r["python_calls"]]
+        for name, r in results.items()
+    ]
+    hit, floor = results["hit"], results["floor"]
+    notes = [
+        f"a hit costs {hit['us_median'] - floor['us_median']:+.1f} µs and "
+        f"{hit['python_calls'] - floor['python_calls']:+.0f} Python calls beyond the floor "
+        f"(medians over {rounds} rounds of {calls} calls; calls counted under cProfile)",
+        "the timings include redis-server on the same machine; other work on it moves them",
+    ]
+    out = {
+        "in_process": results,
+        "tables": [
+            table(
+                "CacheMiddleware in process (no HTTP server)",
+                ["operation", "µs median", "min", "max", "Python calls"],
+                rows,
+                notes,
+            )
+        ],
+    }
+    finish(out, json_path)
+    return 0
 
 
 if __name__ == "__main__":

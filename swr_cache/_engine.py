@@ -498,6 +498,16 @@ class RedisEngine:
             tg.start_soon(self.run_flight, fkey, fut, req, bypass)
         else:
             fut = flight[0]
+            if req.wait_timeout is not None:
+                # Only a wait for another call's load is bounded (never a hit).
+                bound = asyncio.timeout(req.wait_timeout)
+                try:
+                    async with bound:
+                        return await asyncio.shield(fut)
+                except TimeoutError:
+                    if bound.expired():
+                        req.outcome = "wait-timeout"
+                    raise
         return await asyncio.shield(fut)
 
     async def run_flight(

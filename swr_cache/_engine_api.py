@@ -110,6 +110,7 @@ class EntryRequest:
         "purge_floor",
         "tags",
         "version_attr",
+        "wait_timeout",
     )
 
     def __init__(
@@ -126,8 +127,12 @@ class EntryRequest:
         entry: str | None = None,
         consistent: bool = False,
         version_attr: str | None = None,
+        wait_timeout: float | None = None,
     ) -> None:
         self.engine = engine
+        # How long this call waits for a load another call started (None: no
+        # bound); past it the call raises TimeoutError with outcome "wait-timeout".
+        self.wait_timeout = wait_timeout
         # The item's own version attribute: every projection load includes it
         # and a merge happens only into an entry holding the same version.
         self.version_attr = version_attr
@@ -147,7 +152,8 @@ class EntryRequest:
         # only counts newer ones (see Loads.check_tags).
         self.purge_floor = 0.0
         self.tags = tags
-        # How get answered: fresh, stale, miss or bypass (for tracing spans).
+        # How get answered: fresh, stale, miss or bypass (for tracing spans);
+        # wait-timeout when a wait for another call's load passed wait_timeout.
         self.outcome = ""
         # What one read asks Redis for: None = HGETALL (a signed item), else
         # HMGET of these fields (an array reply in RESP2 and RESP3 alike).
@@ -227,6 +233,7 @@ class Engine(Protocol):
         entry: str | None = None,
         consistent: bool = False,
         version_attr: str | None = None,
+        wait_timeout: float | None = None,
     ) -> EntryRequest: ...
 
     async def get(self, req: EntryRequest) -> Any: ...

@@ -468,56 +468,15 @@ def judge_response(
         The judgement.
     """
     j = Judgement(store=True)
-    if status < 200 or status in (206, 304) or status >= 500:
-        # 1xx/101 are not final, 206/304 are not understood as entries here
-        # (no range merging), and 5xx are never replayed (CPDoS).
-        return j.refused(f"status {status}")
-    cc = targeted_cache_control(headers, targeted) if targeted else None
-    use_expires = cc is None
-    if cc is None:
-        cc = parse_cache_control(_joined(headers, b"cache-control"))
-    if "no-store" in cc:
-        return j.refused("no-store")
-    if "private" in cc:
-        # Qualified private="F" is treated as unqualified: the safe, common choice.
-        return j.refused("private")
-    if "no-cache" in cc:
-        names = field_names(cc["no-cache"])
-        if not names:
-            # Storing it would mean revalidating on every use; not storing is
-            # the simple conforming choice (RFC 9111 §5.2.2.4 allows either).
-            return j.refused("no-cache")
-        j.strip = names
-    vary = parse_vary(_joined(headers, b"vary"))
-    if vary is None:
-        return j.refused("vary *")
-    j.vary = vary
-    if any(k.lower() == b"set-cookie" for k, _ in headers) and b"set-cookie" not in j.strip:
-        return j.refused("set-cookie")
-    public = "public" in cc
+    cc, use_expires = _response_directives(headers, targeted)
+    if not _storable(j, status, cc, headers):
+        return j
     s_maxage = seconds(cc, "s-maxage")
-    must_revalidate = "must-revalidate" in cc or "proxy-revalidate" in cc
-    j.shared = public or s_maxage is not None
-    j.auth_shared = j.shared or "must-revalidate" in cc
-    if has_auth and not j.auth_shared:
-        return j.refused("authorization", intrinsic=False)
-    if has_cookie and not j.shared:
-        return j.refused("cookie", intrinsic=False)
+    if not _shareable(j, cc, s_maxage, has_cookie, has_auth):
+        return j
 
     date = parse_http_date(next(iter(_joined(headers, b"date")), None))
-    lifetime: float | None
-    if s_maxage is not None:
-        lifetime = max(s_maxage, 0)
-    elif (max_age := seconds(cc, "max-age")) is not None:
-        lifetime = max(max_age, 0)
-    elif use_expires and (expires_lines := _joined(headers, b"expires")):
-        expires = parse_http_date(expires_lines[0])
-        # An invalid Expires (or "0") means already expired (RFC 9111 §5.3).
-        lifetime = (
-            0.0 if expires is None else expires - (date if date is not None else response_time)
-        )
-    else:
-        lifetime = None
+    lifetime = _explicit_lifetime(cc, headers, s_maxage, use_expires, date, response_time)
     explicit = lifetime is not None
     if not cache_by_default and not (j.shared or "max-age" in cc):
         return j.refused("not marked shareable")
@@ -529,15 +488,7 @@ def judge_response(
             return j.refused(f"status {status} without explicit freshness")
         lifetime = default_ttl
 
-    # RFC 9111 §4.2.3: the age the response already had when it arrived. Age
-    # is one delta-seconds (§5.1). A list (`7200, 0`, or two lines), a
-    # fraction or a parameter says the chain that produced it is confused
-    # about the age: the response counts as stale, never as fresh.
-    age_lines = _joined(headers, b"age")
-    age_value: float = 0
-    if age_lines:
-        only = age_lines[0].strip()
-        age_value = saturated(only) if len(age_lines) == 1 and only.isdigit() else float(_MAX_DELTA)
+    age_value = _age_field(headers)
     apparent = max(0.0, response_time - date) if date is not None else 0.0
     corrected = age_value + max(0.0, response_time - request_time)
     j.initial_age = max(apparent, corrected)
@@ -551,26 +502,145 @@ def judge_response(
         # or the endpoints that most need stale-while-revalidate never get it.
         j.freshness = min(float(lifetime), max_ttl) + j.initial_age
 
-    swr = seconds(cc, "stale-while-revalidate")
-    sie = seconds(cc, "stale-if-error")
-    swr = max(swr or 0, 0)
-    explicit_stale = swr > 0 or (sie is not None and sie > 0)
-    if must_revalidate:
-        window = 0.0
-    elif not explicit:
-        window = grace
-    elif j.soft <= 0:
-        # Arrived with its explicit freshness used up: only its own
-        # stale-while-revalidate permits serving it, never our grace.
-        window = float(swr)
-    elif s_maxage is not None and not explicit_stale:
-        window = 0.0  # s-maxage implies proxy-revalidate (RFC 9111 §5.2.2.10)
-    else:
-        window = max(float(swr), grace if grace_explicit else 0.0)
+    window = _stale_window(cc, j.soft, explicit, s_maxage, grace if grace_explicit else 0.0, grace)
     j.stale = min(window, max_stale)
     if j.soft <= 0 and j.stale <= 0:
         return j.refused("already expired")
     return j
+
+
+def _response_directives(
+    headers: Sequence[tuple[bytes, bytes]], targeted: Sequence[bytes]
+) -> tuple[dict[str, str | None], bool]:
+    """The directives that decide (a targeted field's, else ``Cache-Control``'s); ``Expires`` counts."""
+    cc = targeted_cache_control(headers, targeted) if targeted else None
+    if cc is not None:
+        return cc, False  # a targeted field replaces Expires too (RFC 9213)
+    return parse_cache_control(_joined(headers, b"cache-control")), True
+
+
+def _storable(
+    j: Judgement,
+    status: int,
+    cc: Mapping[str, str | None],
+    headers: Sequence[tuple[bytes, bytes]],
+) -> bool:
+    """RFC 9111 §3 for any request: the status, ``no-store``, ``private``, ``Vary``, ``Set-Cookie``.
+
+    Refuses ``j`` (and returns ``False``) or fills in its ``strip`` and ``vary``.
+    """
+    if status < 200 or status in (206, 304) or status >= 500:
+        # 1xx/101 are not final, 206/304 are not understood as entries here
+        # (no range merging), and 5xx are never replayed (CPDoS).
+        j.refused(f"status {status}")
+        return False
+    if "no-store" in cc:
+        j.refused("no-store")
+        return False
+    if "private" in cc:
+        # Qualified private="F" is treated as unqualified: the safe, common choice.
+        j.refused("private")
+        return False
+    if "no-cache" in cc:
+        names = field_names(cc["no-cache"])
+        if not names:
+            # Storing it would mean revalidating on every use; not storing is
+            # the simple conforming choice (RFC 9111 §5.2.2.4 allows either).
+            j.refused("no-cache")
+            return False
+        j.strip = names
+    vary = parse_vary(_joined(headers, b"vary"))
+    if vary is None:
+        j.refused("vary *")
+        return False
+    j.vary = vary
+    if any(k.lower() == b"set-cookie" for k, _ in headers) and b"set-cookie" not in j.strip:
+        j.refused("set-cookie")
+        return False
+    return True
+
+
+def _shareable(
+    j: Judgement,
+    cc: Mapping[str, str | None],
+    s_maxage: int | None,
+    has_cookie: bool,
+    has_auth: bool,
+) -> bool:
+    """Whether a response may answer this request's credentials (§3.5); sets ``j.shared``.
+
+    ``public`` or ``s-maxage`` make it shared (it may answer a request with a
+    cookie); with ``Authorization``, ``must-revalidate`` also does.
+    """
+    j.shared = "public" in cc or s_maxage is not None
+    j.auth_shared = j.shared or "must-revalidate" in cc
+    if has_auth and not j.auth_shared:
+        j.refused("authorization", intrinsic=False)
+        return False
+    if has_cookie and not j.shared:
+        j.refused("cookie", intrinsic=False)
+        return False
+    return True
+
+
+def _explicit_lifetime(
+    cc: Mapping[str, str | None],
+    headers: Sequence[tuple[bytes, bytes]],
+    s_maxage: int | None,
+    use_expires: bool,
+    date: float | None,
+    response_time: float,
+) -> float | None:
+    """The freshness lifetime the response states (§4.2.1), ``None`` if it states none."""
+    if s_maxage is not None:
+        return max(s_maxage, 0)
+    if (max_age := seconds(cc, "max-age")) is not None:
+        return max(max_age, 0)
+    if use_expires and (expires_lines := _joined(headers, b"expires")):
+        expires = parse_http_date(expires_lines[0])
+        # An invalid Expires (or "0") means already expired (RFC 9111 §5.3).
+        return 0.0 if expires is None else expires - (date if date is not None else response_time)
+    return None
+
+
+def _age_field(headers: Sequence[tuple[bytes, bytes]]) -> float:
+    """The response's ``Age`` (RFC 9111 §5.1), ``2**31`` when it cannot be trusted.
+
+    Age is one delta-seconds. A list (``7200, 0``, or two lines), a fraction
+    or a parameter says the chain that produced it is confused about the age:
+    the response counts as stale, never as fresh.
+    """
+    age_lines = _joined(headers, b"age")
+    if not age_lines:
+        return 0
+    only = age_lines[0].strip()
+    return saturated(only) if len(age_lines) == 1 and only.isdigit() else float(_MAX_DELTA)
+
+
+def _stale_window(
+    cc: Mapping[str, str | None],
+    soft: float,
+    explicit: bool,
+    s_maxage: int | None,
+    explicit_grace: float,
+    grace: float,
+) -> float:
+    """Seconds a response may be served stale (§4.2.4, RFC 5861), before the cap."""
+    swr = seconds(cc, "stale-while-revalidate")
+    sie = seconds(cc, "stale-if-error")
+    swr = max(swr or 0, 0)
+    explicit_stale = swr > 0 or (sie is not None and sie > 0)
+    if "must-revalidate" in cc or "proxy-revalidate" in cc:
+        return 0.0
+    if not explicit:
+        return grace
+    if soft <= 0:
+        # Arrived with its explicit freshness used up: only its own
+        # stale-while-revalidate permits serving it, never our grace.
+        return float(swr)
+    if s_maxage is not None and not explicit_stale:
+        return 0.0  # s-maxage implies proxy-revalidate (RFC 9111 §5.2.2.10)
+    return max(float(swr), explicit_grace)
 
 
 def stored_headers(

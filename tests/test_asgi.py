@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
@@ -340,7 +341,7 @@ async def test_a_changed_vary_retires_old_variants(
     await cache.client.delete(*[k async for k in cache.client.scan_iter(match="h:hv:*")])
     transport = client._transport
     assert isinstance(transport, httpx.ASGITransport) and isinstance(transport.app, CacheMiddleware)
-    transport.app._vary_memo.clear()  # another process learned the new Vary names
+    transport.app._keys.forget_vary_names()  # another process learned the new Vary names
     await client.get("/v", headers={"x-a": "1", "x-b": "2"})  # relearns: Vary is X-B now
     new = await client.get("/v", headers={"x-a": "1", "x-b": "2"})
     assert new.text != old.text
@@ -1689,6 +1690,11 @@ async def test_past_its_stale_window_an_entry_is_revalidated_and_a_304_serves_it
     hit = await client.get("/r")
     assert hit.headers["cache-status"] == "swr-cache; hit; ttl=20" and hit.headers["x-new"] == "1"
     assert origin.count == 2
+    # A 304 cannot change the body: the stored Content-Length stays, once, last of the stored lines.
+    names = [name.lower() for name, _ in hit.headers.raw]
+    assert names.count(b"content-length") == 1
+    assert names[-3:] == [b"content-length", b"age", b"cache-status"]
+    assert hit.headers["content-length"] == "7" and hit.text == "body v1"
 
 
 async def test_a_200_to_a_revalidation_replaces_the_entry(
@@ -1811,3 +1817,131 @@ async def test_head_past_the_stale_window_is_revalidated(
     assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "7"
     assert origin.calls[1]["method"] == "GET"
     assert dict(origin.calls[1]["headers"])[b"if-none-match"] == b'"v1"'
+
+
+# --- engine v2, speed: what a hit does and does not do --------------------------------------------
+
+
+def count_swr_timeouts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every ``asyncio.timeout`` swr_cache code starts (the caller's module, in order)."""
+    started: list[str] = []
+    real = asyncio.timeout
+
+    def timeout(delay: float | None) -> asyncio.Timeout:
+        caller = str(sys._getframe(1).f_globals.get("__name__", ""))
+        if caller.startswith("swr_cache"):
+            started.append(caller)
+        return real(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", timeout)
+    return started
+
+
+async def test_a_hit_starts_no_timer(
+    client: httpx.AsyncClient, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lock_timeout bounds only a wait for another request's load: a hit (or a lead) runs no timer."""
+    started = count_swr_timeouts(monkeypatch)
+    first = await client.get("/t")  # this request leads the load: the app's pace bounds it
+    for _ in range(3):
+        hit = await client.get("/t")
+        assert hit.headers["cache-status"].startswith("swr-cache; hit")
+    assert first.text == hit.text and origin.count == 1
+    assert started == []
+
+
+async def test_only_a_wait_for_another_load_runs_the_lock_timeout(
+    cache: Cache, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request that joins a load in flight starts one timer; the one that leads starts none."""
+    started = count_swr_timeouts(monkeypatch)
+    async with client_for(CacheMiddleware(origin, cache=cache, lock_timeout=30)) as client:
+        origin.hold()
+        leader = asyncio.create_task(client.get("/joined"))
+        await origin.entered.wait()
+        assert started == []
+        follower = asyncio.create_task(client.get("/joined"))
+        await wait_until(lambda: len(started) == 1)
+        origin.gate.set()
+        first, second = await leader, await follower
+    assert started == ["swr_cache._engine"] and origin.count == 1
+    assert second.text == first.text
+    assert "lock-timeout" not in second.headers["cache-status"]  # it got the leader's response
+    assert stats(cache)["http_lock_timeouts"] == 0
+
+
+async def test_a_request_shape_is_keyed_once(
+    client: httpx.AsyncClient, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The URL part of a key (target, authority, escaping, hashing) is derived once per request shape."""
+    calls: list[str] = []
+    real_target = _http.target
+
+    def target(scope: Any) -> str:
+        calls.append(scope["path"])
+        return real_target(scope)
+
+    monkeypatch.setattr(_http, "target", target)
+    for _ in range(3):
+        await client.get("/shape?a=1")
+    await client.get("/shape?a=2")
+    await client.get("/shape?a=1", headers={"x-forwarded-host": "other.example"})
+    assert calls == ["/shape", "/shape", "/shape"]  # three shapes, each keyed once
+    assert origin.count == 3
+
+
+async def test_the_key_memos_are_bounded(
+    cache: Cache, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every memo keeps at most MEMO_LIMIT entries (the oldest go first); answers stay right."""
+    from swr_cache.asgi import _vary
+
+    monkeypatch.setattr(_vary, "MEMO_LIMIT", 3)
+    origin.handler = lambda scope, n: (
+        200,
+        [(b"vary", b"Accept")],
+        dict(scope["headers"]).get(b"accept", b"-") + b" %s" % scope["path"].encode(),
+    )
+    mw = CacheMiddleware(origin, cache=cache)
+    async with client_for(mw) as client:
+        for i in range(8):
+            for accept in ("a", "b"):
+                r = await client.get(f"/m{i}", headers={"accept": accept})
+                assert r.text == f"{accept} /m{i}"
+            assert all(size <= 3 for size in mw._keys.memo_sizes())
+        assert mw._keys.memo_sizes()[:3] == (3, 3, 3)
+        # The first URL's key was dropped from every memo: it is rebuilt, and still hits.
+        again = await client.get("/m0", headers={"accept": "b"})
+    assert again.text == "b /m0" and again.headers["cache-status"].startswith("swr-cache; hit")
+
+
+async def test_a_hit_sends_the_stored_lines_then_age_and_cache_status(
+    client: httpx.AsyncClient, origin: Origin
+) -> None:
+    """Entries hold their lines as a hit sends them (Content-Length once, last); a hit adds Age, Cache-Status."""
+    origin.handler = respond(200, ("cache-control", "max-age=60"), ("x-app", "1"), body="hello")
+    await client.get("/lines")
+    hit = await client.get("/lines")
+    names = [name.lower() for name, _ in hit.headers.raw]
+    assert names == [
+        b"content-type",
+        b"cache-control",
+        b"x-app",
+        b"date",
+        b"etag",
+        b"content-length",
+        b"age",
+        b"cache-status",
+    ]
+    assert hit.headers["content-length"] == "5" and hit.text == "hello"
+    head = await client.head("/lines")
+    assert head.headers["content-length"] == "5" and head.content == b""
+    not_modified = await client.get("/lines", headers={"if-none-match": hit.headers["etag"]})
+    assert not_modified.status_code == 304
+    assert [n.lower() for n, _ in not_modified.headers.raw] == [
+        b"cache-control",
+        b"date",
+        b"etag",
+        b"age",
+        b"cache-status",
+    ]
