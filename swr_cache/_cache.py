@@ -80,6 +80,13 @@ class Cache:
             that fails is a miss served by the origin anyway. ``False`` uses
             the client's normal command path (e.g. to keep redis-py's
             OpenTelemetry metrics for hits).
+        batch_reads: entry reads of distinct keys made while another read
+            to the same Redis node is under way (concurrent callers, one
+            event-loop tick) share one pipeline on one connection, grouped
+            per node on a cluster (counted as ``read_batches`` and
+            ``batched_reads`` in the ``swr_cache`` stats). A lone read is
+            sent at once, as without it. ``False`` sends one command per
+            read; so does ``direct_reads=False`` on a standalone client.
         compress_threshold: values (attributes, results) whose encoding is
             longer than this many bytes are stored zlib-compressed when that
             is smaller; ``None`` (the default) never compresses. Reads inflate
@@ -122,6 +129,7 @@ class Cache:
         clock_sync_interval: float = 60.0,
         tag_stamp_ttl: float = 120.0,
         direct_reads: bool = True,
+        batch_reads: bool = True,
         compress_threshold: int | None = None,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
         clock: Callable[[], float] = time.time,
@@ -164,7 +172,7 @@ class Cache:
         self.max_pending_refreshes = max_pending_refreshes
         self.metrics = MetricsRegistry()
         signer = None if signing_key is None else Signer(signing_key)
-        store = Store(client, direct_reads)
+        store = Store(client, direct_reads, batch_reads)
         store.signer = signer
         self._engine = RedisEngine(
             client,

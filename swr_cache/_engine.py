@@ -40,6 +40,7 @@ import anyio
 from anyio.abc import TaskGroup
 from redis.exceptions import RedisError, ResponseError
 
+from ._autobatch import ReadAgain
 from ._batch import BatchReads
 from ._breaker import Breaker
 from ._clock import Clock
@@ -140,6 +141,8 @@ class RedisEngine:
         self.breaker = breaker
         self.metrics = metrics
         self.counts = metrics.get("swr_cache").counts
+        if store.batcher is not None:
+            store.batcher.counts = self.counts
         self.slots = _Limiter(max_in_flight)
         self.lease_ms = lease_ms
         self.lease_wait = lease_wait
@@ -256,6 +259,8 @@ class RedisEngine:
     def use_store(self, store: Store) -> None:
         """Swap the store every part uses (tests wrap it to pause or fail commands)."""
         store.signer = self.signer
+        if store.batcher is not None:
+            store.batcher.counts = self.counts
         self.store = store
 
     def note_idle(self) -> None:
@@ -341,7 +346,12 @@ class RedisEngine:
         slots = self.slots
         breaker = self.breaker
         failure: BaseException | None = None
-        if slots.free:
+        # A read that rides on a pipeline under way takes no connection: no
+        # slot of its own, and the pipeline's reader reports to the breaker.
+        joined = self.store.joins_read(req.entry)
+        if joined:
+            pass
+        elif slots.free:
             slots.free -= 1
         else:
             try:
@@ -356,7 +366,7 @@ class RedisEngine:
                 # wait says nothing about Redis' health: not a breaker failure.
                 metrics.counts["pool_waits_timed_out"] += 1
                 failure = _Bypass()
-        if failure is None and not breaker.allow():
+        if failure is None and not joined and not breaker.allow():
             slots.release()
             failure = _Bypass()
         if failure is not None:
@@ -367,15 +377,21 @@ class RedisEngine:
         try:
             raw: Any = await self.store.read_entry(req.entry, fields)
         except BaseException as exc:
-            slots.release()
-            mapped = self.read_failed(metrics, exc)
+            if not joined:
+                slots.release()
+            if type(exc) is ReadAgain:  # the pipeline's reader was cancelled
+                _settle(reads, rkey, followers, _RETRY)
+                return await self.read(req)
+            mapped = self.read_failed(metrics, exc, joined)
             _settle(reads, rkey, followers, _RETRY if mapped is None else mapped)
             if mapped is None:
-                breaker.abandon()  # cancelled (perhaps mid-probe): let another probe go
+                if not joined:
+                    breaker.abandon()  # cancelled (perhaps mid-probe): let another probe go
                 raise
             raise mapped from exc
-        slots.release()
-        breaker.success()
+        if not joined:
+            slots.release()
+            breaker.success()
         metrics.redis_latency.observe(time.perf_counter() - t0)
         if self.signer is not None:
             snap = self.snap(req, raw, fields)
@@ -392,15 +408,22 @@ class RedisEngine:
                 f.set_result(snap)
         return snap
 
-    def read_failed(self, metrics: Metrics, exc: BaseException) -> BaseException | None:
-        """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle)."""
+    def read_failed(
+        self, metrics: Metrics, exc: BaseException, joined: bool = False
+    ) -> BaseException | None:
+        """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle).
+
+        ``joined``: the read rode on a pipeline whose reader tells the breaker
+        (one failure per pipeline, not one per read).
+        """
         if _is_pool_exhausted(exc):
             # The client's pool is busy with other work: not Redis' health.
             metrics.counts["pool_waits_timed_out"] += 1
             metrics.counts["bypasses"] += 1
             return _Bypass()
         if isinstance(exc, ResponseError):
-            self.breaker.success()  # the server answered: not a breaker failure
+            if not joined:
+                self.breaker.success()  # the server answered: not a breaker failure
             if is_wrongtype(exc):
                 metrics.counts["decode_errors"] += 1
                 return _Corrupt()
@@ -408,7 +431,8 @@ class RedisEngine:
             return _Bypass()
         if isinstance(exc, (RedisError, OSError, TimeoutError)):
             metrics.counts["redis_errors"] += 1
-            self.breaker.failure()
+            if not joined:
+                self.breaker.failure()
             log.debug("swr_cache: Redis read failed: %r", exc)
             return _Bypass()
         return None

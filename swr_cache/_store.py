@@ -35,6 +35,8 @@ from typing import Any, Final
 import anyio
 from redis.exceptions import NoScriptError, ResponseError
 
+from ._autobatch import RawPipeline, ReadBatcher, is_redirect
+
 __all__ = [
     "ALL_META",
     "M_ABSENT",
@@ -308,9 +310,9 @@ def is_wrongtype(exc: BaseException) -> bool:
 class Store:
     """Entry-level operations over a ``redis.asyncio`` client (standalone or cluster)."""
 
-    __slots__ = ("_direct_pool", "client", "is_cluster", "signer")
+    __slots__ = ("_direct_pool", "batcher", "client", "is_cluster", "signer")
 
-    def __init__(self, client: Any, direct_reads: bool = True) -> None:
+    def __init__(self, client: Any, direct_reads: bool = True, batch_reads: bool = True) -> None:
         self.client = client
         # A ``_signing.Signer`` when the cache has a signing key: every whole
         # entry written below (fill, stream put, write-through) is signed.
@@ -319,8 +321,8 @@ class Store:
         # Entry reads may take a pooled connection themselves: redis-py's
         # per-command wrapper (retry closure, observability hooks, response
         # callback) costs about as much again as parsing the reply. Only for a
-        # plain pooled client; a cluster or single-connection client keeps
-        # the normal command path.
+        # plain pooled client; a single-connection client keeps the normal
+        # command path.
         pool = getattr(client, "connection_pool", None)
         usable = (
             direct_reads
@@ -332,22 +334,42 @@ class Store:
             and hasattr(pool, "release")
         )
         self._direct_pool = pool if usable else None
+        # Concurrent entry reads share pipelines (``_autobatch``): on the
+        # direct path's pool, or on a cluster's node connections.
+        self.batcher: ReadBatcher | None = None
+        if batch_reads and (usable or (self.is_cluster and hasattr(client, "get_node_from_key"))):
+            self.batcher = ReadBatcher(client, pool, self.is_cluster)
 
     # -- reads ---------------------------------------------------------------
+
+    def joins_read(self, key: str) -> bool:
+        """Would a read of ``key`` now ride on a pipeline under way (taking no connection)?"""
+        batcher = self.batcher
+        return batcher is not None and batcher.joins(key)
 
     async def read_entry(self, key: str, fields: Sequence[bytes] | None) -> Any:
         """One entry: HGETALL as a dict (``fields is None``) or HMGET as a list.
 
         A missing key is an empty dict / a list of ``None``. Raises redis-py's
         errors (``ResponseError`` for WRONGTYPE, ``ConnectionError``,
-        ``TimeoutError``); a connection that failed mid-command is closed by
-        redis-py before it returns to the pool.
+        ``TimeoutError``) and ``_autobatch.ReadAgain`` (the pipeline this read
+        joined lost its reader: read again); a connection that failed
+        mid-command is disconnected before it returns to the pool.
         """
+        batcher = self.batcher
+        if batcher is not None:
+            raw = await batcher.read(key, fields)
+            if isinstance(raw, ResponseError):
+                if is_redirect(raw):  # a cluster resharding: the client follows it
+                    return await self._client_read(key, fields)
+                raise raw
+            if fields is None and type(raw) is list:  # RESP2 gives pairs, RESP3 a map
+                it = iter(raw)
+                return dict(zip(it, it, strict=True))
+            return raw
         pool = self._direct_pool
         if pool is None:
-            if fields is None:
-                return await self.client.hgetall(key)
-            return await self.client.hmget(key, fields)
+            return await self._client_read(key, fields)
         try:
             conn = await pool.get_connection()
         except TypeError:  # redis-py < 5.3 wants a command name: use the normal path
@@ -371,6 +393,11 @@ class Store:
             it = iter(raw)
             return dict(zip(it, it, strict=True))
         return raw
+
+    async def _client_read(self, key: str, fields: Sequence[bytes] | None) -> Any:
+        if fields is None:
+            return await self.client.hgetall(key)
+        return await self.client.hmget(key, fields)
 
     async def read_all(self, key: str) -> dict[bytes, bytes]:
         """HGETALL of one entry (a missing key is an empty dict)."""
@@ -717,6 +744,16 @@ class Store:
     def pipeline(self) -> Any:
         """A non-transactional pipeline (grouped by node on a cluster)."""
         return self.client.pipeline(transaction=False)
+
+    def read_pipeline(self) -> Any:
+        """A pipeline for entry reads and the lease script (``queue_read``, ``queue_acquire``).
+
+        Packed by hand and sent on one connection per node (``_autobatch.RawPipeline``)
+        where reads are batched; else redis-py's pipeline.
+        """
+        if self.batcher is not None:
+            return RawPipeline(self.batcher)
+        return self.pipeline()
 
     async def pttl(self, key: str) -> int:
         """Milliseconds ``key`` has left (-2: absent, -1: no TTL)."""
