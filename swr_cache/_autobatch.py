@@ -167,13 +167,14 @@ class _Batch:
 class ReadBatcher:
     """Coalesces concurrent entry reads per node into pipelines (see the module docstring)."""
 
-    __slots__ = ("client", "counts", "nodes", "open", "pool", "suspect")
+    __slots__ = ("client", "counts", "nodes", "open", "pool", "standalone", "suspect")
 
     def __init__(self, client: Any, pool: Any, is_cluster: bool) -> None:
         self.client = client
         self.pool = None if is_cluster else pool
         self.open: dict[Any, _Batch] = {}
         self.nodes: dict[Any, _Node] = {}
+        self.standalone = _Node(pool, None)
         # Cluster nodes whose connection failed: their reads take the client's
         # own path (which refreshes the cluster's layout) until one succeeds.
         self.suspect: set[Any] = set()
@@ -181,10 +182,14 @@ class ReadBatcher:
         self.counts: dict[str, int] | None = None
 
     def _route(self, key: str) -> tuple[Any, _Node]:
-        nid = None if self.pool is not None else self.client.get_node_from_key(key)
+        if self.pool is not None:
+            return None, self.standalone
+        nid = self.client.get_node_from_key(key)
         node = self.nodes.get(nid)
         if node is None:
-            node = self.nodes[nid] = _Node(self.pool, nid)
+            if len(self.nodes) > 64:  # nodes replaced after failovers
+                self.nodes.clear()
+            node = self.nodes[nid] = _Node(None, nid)
         return nid, node
 
     def joins(self, key: str) -> bool:
@@ -196,6 +201,11 @@ class ReadBatcher:
 
     async def read(self, key: str, fields: Sequence[bytes] | None) -> Any:
         """The raw reply of one entry read (an error reply is returned, not raised)."""
+        if self.pool is not None:  # standalone: one pool, no routing
+            batch = self.open.get(None)
+            if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
+                return await self._follow(batch, pack_read(key, fields))
+            return await self._lead(None, self.standalone, pack_read(key, fields))
         nid, node = self._route(key)
         if self.suspect and nid in self.suspect:
             return await self._via_client(nid, key, fields)

@@ -471,7 +471,7 @@ class CachedItemFunction(_Wrapper[P, T]):
             identity=identity,
             is_item=True,
             attrs=None if attributes is None else normalize_attributes(attributes),
-            loader=self._traced_loader(load),
+            loader=load if self._span_attributes is None else self._traced_loader(load),
             entry=entry,
             consistent=self.consistent_reads,
             version_attr=self.version_attribute,

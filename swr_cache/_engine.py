@@ -348,7 +348,8 @@ class RedisEngine:
         failure: BaseException | None = None
         # A read that rides on a pipeline under way takes no connection: no
         # slot of its own, and the pipeline's reader reports to the breaker.
-        joined = self.store.joins_read(req.entry)
+        batcher = self.store.batcher
+        joined = batcher is not None and bool(batcher.open) and batcher.joins(req.entry)
         if joined:
             pass
         elif slots.free:
