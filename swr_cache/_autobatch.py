@@ -196,7 +196,10 @@ class ReadBatcher:
         """Would a read of ``key`` now join a batch under way (and need no connection)?"""
         if not self.open:
             return False
-        batch = self.open.get(None if self.pool is not None else self.client.get_node_from_key(key))
+        try:
+            batch = self.open.get(self._route(key)[0])
+        except Exception:  # no slot map: read() takes the client's path
+            return False
         return batch is not None and len(batch.waiters) + 1 < MAX_BATCH
 
     async def read(self, key: str, fields: Sequence[bytes] | None) -> Any:
@@ -206,7 +209,10 @@ class ReadBatcher:
             if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
                 return await self._follow(batch, pack_read(key, fields))
             return await self._lead(None, self.standalone, pack_read(key, fields))
-        nid, node = self._route(key)
+        try:
+            nid, node = self._route(key)
+        except Exception:  # no slot map (yet): the client's own path finds the node
+            return await self._via_client(None, key, fields)
         if self.suspect and nid in self.suspect:
             return await self._via_client(nid, key, fields)
         batch = self.open.get(nid)
@@ -345,12 +351,16 @@ class RawPipeline:
         if batcher.suspect:
             return await self._via_client(raise_on_error)
         groups: dict[Any, tuple[_Node, list[int]]] = {}
-        for i, (_args, key, _packed, _pairs) in enumerate(self.commands):
-            nid, node = batcher._route(key)  # noqa: SLF001 (the batcher's own routing, same module)
-            group = groups.get(nid)
-            if group is None:
-                group = groups[nid] = (node, [])
-            group[1].append(i)
+        try:
+            for i, (_args, key, _packed, _pairs) in enumerate(self.commands):
+                # (The batcher's own routing: this module's.)
+                nid, node = batcher._route(key)  # noqa: SLF001
+                group = groups.get(nid)
+                if group is None:
+                    group = groups[nid] = (node, [])
+                group[1].append(i)
+        except Exception:  # no slot map (yet): the client's pipeline finds the nodes
+            return await self._via_client(raise_on_error)
         replies: list[Any] = [None] * len(self.commands)
         taken: list[tuple[_Node, Any, list[int]]] = []
         try:
@@ -397,6 +407,7 @@ class RawPipeline:
         for args, _key, _packed, _pairs in self.commands:
             pipe.execute_command(*args)
         replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+        self.batcher.suspect.clear()  # the client reached every node it needed
         for i, (_args, _key, _packed, pairs) in enumerate(self.commands):
             reply = replies[i]
             if pairs and type(reply) is list:

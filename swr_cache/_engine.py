@@ -14,7 +14,11 @@ How one read goes (``RedisEngine.get``):
 
 1. One Redis round trip reads the entry (HGETALL for a whole item, HMGET of the
    metadata plus the requested attributes for a projection). Concurrent reads
-   of one entry in this process share that round trip.
+   of one entry in this process share that round trip; concurrent reads of
+   distinct entries share a pipeline (``_autobatch``): the first takes a
+   limiter slot and a connection and sends at once, the others ride on its
+   connection with no slot of their own (one slot per pipeline), and its
+   reader alone tells the breaker how the pipeline went.
 2. Fresh → returned. Stale → returned, and one background refresh is queued
    (a lease in Redis makes it one across processes). Absent, corrupt, or
    lacking requested attributes → a foreground load.

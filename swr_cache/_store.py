@@ -1,4 +1,8 @@
-"""Every Redis command and Lua script swr_cache sends lives in this module.
+"""Every Redis command and Lua script swr_cache sends lives in this module (and ``_autobatch``).
+
+``_autobatch`` is part of this layer: it packs the entry reads and the lease
+script in RESP itself and sends them pipelined on the client's own
+connections (``Store.read_entry`` with ``batch_reads``, ``Store.read_pipeline``).
 
 The engine above speaks in entries, leases, fences and tags; this module turns
 those into commands, normalises replies and decides what is cluster-safe:
