@@ -213,3 +213,30 @@ async def test_wrongtype_on_one_key_is_a_corrupt_miss_of_that_key_only(
     assert origin.count == N + 1
     assert [c[0] for c in origin.calls[N:]] == ["u5"]
     assert not cache.breaker.is_open and stats["redis_errors"] == 0
+
+
+async def test_many_reads_in_one_hand_packed_pipeline_per_node(
+    cache: Cache, redis_client: Any, origin: RecordingOrigin, writes: Writes
+) -> None:
+    """``many()`` (``get_many``): one write per node for the reads, one per node for the misses' leases."""
+    get_user = users(cache, origin)
+    for k in KEYS[:10]:
+        await get_user(k)
+    writes.log.clear()
+    loaded: list[list[str]] = []
+
+    async def load(ids: list[str]) -> dict[str, dict[str, Any] | None]:
+        loaded.append(ids)
+        return {i: origin.items[i] for i in ids}
+
+    got = await get_user.many(KEYS, load=load)
+    assert got == {k: origin.items[k] for k in KEYS}
+    assert len(loaded) == 1 and sorted(loaded[0]) == sorted(KEYS[10:])
+    nodes = 3 if is_cluster(redis_client) else 1
+    # Reads (all keys), then leases with re-reads (the misses): at most one write per node each.
+    assert len(writes.log) <= 2 * nodes
+    assert sum(n for _, n in writes.log) == N + (N - 10)
+    assert in_use(redis_client) == 0
+    writes.log.clear()
+    assert await get_user.many(KEYS, load=load) == got
+    assert len(writes.log) <= nodes and len(loaded) == 1
