@@ -352,8 +352,14 @@ class RedisEngine:
         failure: BaseException | None = None
         # A read that rides on a pipeline under way takes no connection: no
         # slot of its own, and the pipeline's reader reports to the breaker.
+        # Not while the breaker is open: a half-open probe stays one read.
         batcher = self.store.batcher
-        joined = batcher is not None and bool(batcher.open) and batcher.joins(req.entry)
+        joined = (
+            batcher is not None
+            and bool(batcher.open)
+            and not breaker.is_open
+            and batcher.joins(req.entry)
+        )
         if joined:
             pass
         elif slots.free:
