@@ -66,6 +66,7 @@ class Cache:
             is the client's ``socket_timeout`` (``from_url`` sets it).
         breaker_threshold, breaker_cooldown: consecutive Redis failures that open
             the breaker, and its first cool-down in seconds (doubling to 15 s).
+            A failed pipeline of auto-batched reads is one failure.
         refresh_backoff: first back-off after a failed refresh, seconds
             (doubling to ``max_refresh_backoff``); the stale value keeps serving.
         drain_timeout: seconds ``__aexit__`` waits for background work.
