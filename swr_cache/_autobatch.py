@@ -260,9 +260,10 @@ class ReadBatcher:
         batch.sent += len(pending)
         pending.clear()
         timer = batch.timer
-        if timer is not None:
+        if timer is not None and not timer.expired():  # (expired: the reader fails the batch)
             timeout = batch.conn.socket_timeout
-            timer.reschedule(asyncio.get_running_loop().time() + timeout)
+            if timeout is not None:
+                timer.reschedule(asyncio.get_running_loop().time() + timeout)
 
     async def _lead(self, nid: Any, node: _Node, command: bytes) -> Any:
         batch = _Batch(command)

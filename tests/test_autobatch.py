@@ -73,7 +73,14 @@ async def test_distinct_keys_in_one_tick_go_as_one_pipeline_per_node(
     await warm(get_user)
     writes.log.clear()
     before = cache.stats()["swr_cache"]
-    got = await asyncio.gather(*(get_user(k) for k in KEYS))
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        got = await asyncio.gather(*(get_user(k) for k in KEYS))
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []  # no callback failed (the client has no socket_timeout)
     assert got == [origin.items[k] for k in KEYS]
     assert origin.count == N  # the warm-up fills only
     nodes = 3 if is_cluster(redis_client) else 1
@@ -240,3 +247,25 @@ async def test_many_reads_in_one_hand_packed_pipeline_per_node(
     writes.log.clear()
     assert await get_user.many(KEYS, load=load) == got
     assert len(writes.log) <= nodes and len(loaded) == 1
+
+
+async def test_batches_on_a_client_with_a_socket_timeout(
+    redis_url: str, origin: RecordingOrigin, writes: Writes
+) -> None:
+    """``Cache.from_url`` (socket_timeout set): the pipeline's timer is pushed back by each write, no callback fails."""
+    cache = Cache.from_url(redis_url, namespace="tt", socket_timeout=0.5)
+    async with cache:
+        get_user = users(cache, origin)
+        await warm(get_user)
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        try:
+            for _ in range(3):
+                got = await asyncio.gather(*(get_user(k) for k in KEYS))
+                assert got == [origin.items[k] for k in KEYS]
+        finally:
+            loop.set_exception_handler(None)
+        assert errors == []
+        assert cache.stats()["swr_cache"]["read_batches"] == 3
+        assert origin.count == N
