@@ -31,14 +31,14 @@ Failures:
 redis-py's connections have no public "write these bytes" or "read one reply
 without a timer of its own" call (``send_packed_command`` wraps every write in
 ``asyncio.wait_for``, a task per write on Python 3.11). The two reaches into
-a connection's private members are in ``_write`` and ``_read_reply`` below,
-and nowhere else.
+a connection's private members are in ``_write`` and ``_reply_reader``
+below, and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import anyio
@@ -104,16 +104,21 @@ def _write(conn: Any, data: bytes) -> None:
     conn._writer.write(data)  # noqa: SLF001
 
 
-async def _read_reply(conn: Any) -> Any:
-    # Private: one reply from the connection's parser (RESP2 or RESP3, hiredis
-    # or not), an error reply returned as a ``ResponseError``, not raised. The
-    # caller bounds the whole read loop with one timer.
-    return await conn._read_response_from_parser()  # noqa: SLF001
+def _reply_reader(conn: Any) -> Callable[[], Awaitable[Any]]:
+    # Private: the connection's "one reply from the parser" (RESP2 or RESP3,
+    # hiredis or not), an error reply returned as a ``ResponseError``, not
+    # raised. The caller bounds its whole read loop with one timer.
+    read: Callable[[], Awaitable[Any]] = conn._read_response_from_parser  # noqa: SLF001
+    return read
+
+
+# MOVED (a subclass of ASK) and TRYAGAIN: the command did not run on this node.
+_REDIRECTS: Final = (AskError, TryAgainError)
 
 
 def is_redirect(reply: Any) -> bool:
     """MOVED, ASK or TRYAGAIN: the command did not run on this node."""
-    return isinstance(reply, (AskError, TryAgainError))
+    return isinstance(reply, _REDIRECTS)
 
 
 class _Node:
@@ -275,6 +280,7 @@ class ReadBatcher:
             conn = await node.acquire()
             batch.conn = conn
             self._send(batch)
+            read = _reply_reader(conn)
             async with asyncio.timeout(conn.socket_timeout) as timer:
                 batch.timer = timer
                 while True:
@@ -283,7 +289,7 @@ class ReadBatcher:
                             self._send(batch)
                             continue
                         break
-                    reply = await _read_reply(conn)
+                    reply = await read()
                     if done:
                         fut = batch.waiters[done - 1]
                         if not fut.done():
@@ -371,9 +377,10 @@ class RawPipeline:
                 _write(conn, b"".join(self.commands[i][2] for i in indices))
             while taken:
                 node, conn, indices = taken[0]
+                read = _reply_reader(conn)
                 async with asyncio.timeout(conn.socket_timeout):
                     for i in indices:
-                        replies[i] = await _read_reply(conn)
+                        replies[i] = await read()
                 taken.pop(0)
                 await node.release(conn)
         except BaseException as exc:
@@ -389,7 +396,7 @@ class RawPipeline:
         client = batcher.client
         for i, (args, _key, _packed, pairs) in enumerate(self.commands):
             reply = replies[i]
-            if is_redirect(reply):
+            if isinstance(reply, _REDIRECTS):
                 try:
                     reply = await client.execute_command(*args)
                 except ResponseError as exc:

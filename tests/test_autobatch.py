@@ -129,17 +129,22 @@ class HeldReplies:
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
         self.fail: BaseException | None = None
-        self.real = _autobatch._read_reply
-        monkeypatch.setattr(_autobatch, "_read_reply", self.read)
+        self.real = _autobatch._reply_reader
+        monkeypatch.setattr(_autobatch, "_reply_reader", self.reader)
 
-    async def read(self, conn: Any) -> Any:
-        if not self.gate.is_set():
-            self.entered.set()
-            await self.gate.wait()
-        if self.fail is not None:
-            fail, self.fail = self.fail, None
-            raise fail
-        return await self.real(conn)
+    def reader(self, conn: Any) -> Callable[[], Awaitable[Any]]:
+        real = self.real(conn)
+
+        async def read() -> Any:
+            if not self.gate.is_set():
+                self.entered.set()
+                await self.gate.wait()
+            if self.fail is not None:
+                fail, self.fail = self.fail, None
+                raise fail
+            return await real()
+
+        return read
 
 
 @pytest.mark.parametrize("victim", [0, 7])
