@@ -542,9 +542,7 @@ class CachedItemFunction(_Wrapper[P, T]):
             except CodecError:
                 # Stored by an older version of the type: a counted miss, reloaded alone.
                 self.metrics.counts["decode_errors"] += 1
-                values[req.identity] = self._rebuild(
-                    await self.engine.refresh_now(req), fresh=True
-                )
+                values[req.identity] = self._rebuild(await self.engine.refresh_now(req), fresh=True)
         return {k: values[identity_of[k]] for k in wanted}
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
