@@ -9,9 +9,9 @@ its defaults.
 
 Rounds are interleaved (floor, swr_cache, peers, floor, ...). Sequential
 calls are timed one by one: the table gives the median over rounds of each
-round's mean, and p50/p99 of every call pooled. The concurrent column is 100
-callers of the same key at once (``asyncio.gather``), median calls per second
-over rounds. A process woken on the other CPU of a small VM pays for the
+round's mean, and p50/p99 of every call pooled. The concurrent columns are 100
+callers at once (``asyncio.gather``), of the same key and of 100 distinct
+keys, median calls per second over rounds. A process woken on the other CPU of a small VM pays for the
 wake-up on every round trip, so the run is repeated with this process pinned
 to the first CPU and the redis-server it started pinned to the second
 (``--no-pin`` skips that).
@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import msgpack
 import redis.asyncio as aioredis
 from _common import (
     aiocache_kwargs,
@@ -48,7 +49,9 @@ from swr_cache import Cache, _codec, cached_item
 
 KEY = "user#000123"
 WIDTH = 100
+KEYS = [f"user#{i:06d}" for i in range(WIDTH)]
 Fn = Callable[[], Awaitable[Any]]
+KeyFn = Callable[[str], Awaitable[Any]]
 
 CONFIG = {
     "floor": "redis.asyncio GET of the msgpack blob + msgpack.unpackb with the codec's ext hook",
@@ -79,7 +82,16 @@ async def timed_concurrent(fn: Fn, calls: int, width: int) -> float:
     return rounds * width / (time.perf_counter() - t0)
 
 
-async def peer_aiocache(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None:
+async def timed_distinct(fn: KeyFn, calls: int) -> float:
+    """Calls per second with ``WIDTH`` concurrent callers of ``WIDTH`` distinct keys."""
+    rounds = max(1, calls // WIDTH)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        await asyncio.gather(*(fn(k) for k in KEYS))
+    return rounds * WIDTH / (time.perf_counter() - t0)
+
+
+async def peer_aiocache(url: str, item: dict[str, Any]) -> tuple[Fn, Any, KeyFn] | None:
     try:
         import aiocache  # type: ignore[import-untyped]
     except ImportError:
@@ -92,14 +104,16 @@ async def peer_aiocache(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None
         return dict(item)
 
     await get_user(KEY)
+    for k in KEYS:
+        await get_user(k)
 
     async def call() -> Any:
         return await get_user(KEY)
 
-    return call, get_user.cache
+    return call, get_user.cache, get_user
 
 
-async def peer_cashews(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None:
+async def peer_cashews(url: str, item: dict[str, Any]) -> tuple[Fn, Any, KeyFn] | None:
     try:
         from cashews import Cache as CashewsCache
     except ImportError:
@@ -112,11 +126,13 @@ async def peer_cashews(url: str, item: dict[str, Any]) -> tuple[Fn, Any] | None:
         return dict(item)
 
     await get_user(KEY)
+    for k in KEYS:
+        await get_user(k)
 
     async def call() -> Any:
         return await get_user(KEY)
 
-    return call, cache
+    return call, cache, get_user
 
 
 async def run(url: str, rounds: int, calls: int, mode: str) -> dict[str, Any]:
@@ -124,6 +140,13 @@ async def run(url: str, rounds: int, calls: int, mode: str) -> dict[str, Any]:
     item = make_item(KEY)
     await client.set("floor:item", _codec.encode(item))
     floor = floor_reader(client, "floor:item")
+    await client.mset({f"floor:{k}": _codec.encode(item) for k in KEYS})
+    ext_hook = _codec._ext_hook
+
+    async def floor_key(key: str) -> Any:
+        return msgpack.unpackb(
+            await client.get(f"floor:{key}"), raw=False, strict_map_key=False, ext_hook=ext_hook
+        )
 
     cache = Cache(client, namespace="bench", soft_ttl=3600, hard_ttl=7200)
     async with cache:
@@ -134,18 +157,21 @@ async def run(url: str, rounds: int, calls: int, mode: str) -> dict[str, Any]:
 
         if await get_user(KEY) != item:
             raise RuntimeError("swr_cache returned another item")
+        for k in KEYS:
+            await get_user(k)
 
         async def ours() -> Any:
             return await get_user(KEY)
 
         contenders: dict[str, Fn] = {"floor": floor, "swr_cache": ours}
+        by_key: dict[str, KeyFn] = {"floor": floor_key, "swr_cache": get_user}
         closers = []
         for name, make in (("aiocache", peer_aiocache), ("cashews", peer_cashews)):
             got = await make(url, item)
             if got is None:
                 say(f"  {name} is not installed: skipped")
                 continue
-            contenders[name], closer = got
+            contenders[name], closer, by_key[name] = got
             closers.append(closer)
         for name, fn in contenders.items():
             if await fn() != item:
@@ -154,11 +180,13 @@ async def run(url: str, rounds: int, calls: int, mode: str) -> dict[str, Any]:
         means: dict[str, list[float]] = {k: [] for k in contenders}
         each: dict[str, list[float]] = {k: [] for k in contenders}
         conc: dict[str, list[float]] = {k: [] for k in contenders}
+        distinct: dict[str, list[float]] = {k: [] for k in contenders}
         for i in range(rounds):
             say(f"  {mode}: round {i + 1}/{rounds}")
             for name, fn in contenders.items():
                 means[name].append(await timed_sequential(fn, calls, each[name]))
                 conc[name].append(await timed_concurrent(fn, calls, WIDTH))
+                distinct[name].append(await timed_distinct(by_key[name], calls))
         loads = cache.stats()[get_user.name]["loads"]
         for closer in closers:
             close = getattr(closer, "close", None)
@@ -171,6 +199,9 @@ async def run(url: str, rounds: int, calls: int, mode: str) -> dict[str, Any]:
         "p90_us": {k: percentile(v, 90) for k, v in each.items()},
         "p99_us": {k: percentile(v, 99) for k, v in each.items()},
         "calls_per_s_100": {k: statistics.median(v) for k, v in conc.items()},
+        "calls_per_s_100_distinct": {k: statistics.median(v) for k, v in distinct.items()},
+        "spread_distinct": {k: (min(v), max(v)) for k, v in distinct.items()},
+        "spread_us": {k: (min(v), max(v)) for k, v in means.items()},
         "origin_loads": loads,
     }
 
@@ -181,6 +212,7 @@ def render(results: dict[str, Any], modes: dict[str, str], args: argparse.Namesp
     for mode, where in modes.items():
         r = results[mode]
         seq, conc = r["us_per_call"], r["calls_per_s_100"]
+        dist = r["calls_per_s_100_distinct"]
         names = list(seq)
         rows = [
             [
@@ -191,6 +223,8 @@ def render(results: dict[str, Any], modes: dict[str, str], args: argparse.Namesp
                 r["p99_us"][name],
                 conc[name],
                 conc[name] / conc["floor"],
+                dist[name],
+                dist[name] / dist["floor"],
             ]
             for name in names
         ]
@@ -201,6 +235,11 @@ def render(results: dict[str, Any], modes: dict[str, str], args: argparse.Namesp
                 f"{WIDTH} same-key callers: swr_cache shares one Redis read among concurrent hits of a key"
                 " (each caller decodes its own copy); cashews' protected=True shares one call (every caller"
                 " gets the same object); the floor and aiocache send one GET per caller"
+            )
+            notes.append(
+                f"{WIDTH} distinct-key callers: swr_cache sends the reads made while one is under way"
+                " as one pipeline on one connection (Cache(batch_reads=True), the default); the floor"
+                " and the peers send one command per caller"
             )
         notes.append(
             f"swr_cache origin loads during the run: {r['origin_loads']} (the warm-up fill)"
@@ -215,6 +254,8 @@ def render(results: dict[str, Any], modes: dict[str, str], args: argparse.Namesp
                     "p50 us",
                     "p99 us",
                     f"{WIDTH} same-key calls/s",
+                    "x floor",
+                    f"{WIDTH} distinct-key calls/s",
                     "x floor",
                 ],
                 rows,

@@ -177,7 +177,7 @@ class _Batch:
         t0 = time.perf_counter()
         try:
             async with engine.slots.hold(engine.call_timeout):
-                pipe = engine.store.pipeline()
+                pipe = engine.store.read_pipeline()
                 build(pipe)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:

@@ -67,6 +67,7 @@ class Cache:
             is the client's ``socket_timeout`` (``from_url`` sets it).
         breaker_threshold, breaker_cooldown: consecutive Redis failures that open
             the breaker, and its first cool-down in seconds (doubling to 15 s).
+            Each read of a failed pipeline of auto-batched reads is a failure.
         refresh_backoff: first back-off after a failed refresh, seconds
             (doubling to ``max_refresh_backoff``); the stale value keeps serving.
         drain_timeout: seconds ``__aexit__`` waits for background work.
@@ -81,6 +82,13 @@ class Cache:
             that fails is a miss served by the origin anyway. ``False`` uses
             the client's normal command path (e.g. to keep redis-py's
             OpenTelemetry metrics for hits).
+        batch_reads: entry reads of distinct keys made while another read
+            to the same Redis node is under way (concurrent callers, one
+            event-loop tick) share one pipeline on one connection, grouped
+            per node on a cluster (counted as ``read_batches`` and
+            ``batched_reads`` in the ``swr_cache`` stats). A lone read is
+            sent at once, as without it. ``False`` sends one command per
+            read; so does ``direct_reads=False`` on a standalone client.
         compress_threshold: values (attributes, results) whose encoding is
             longer than this many bytes are stored zlib-compressed when that
             is smaller; ``None`` (the default) never compresses. Reads inflate
@@ -126,6 +134,7 @@ class Cache:
         clock_sync_interval: float = 60.0,
         tag_stamp_ttl: float = 120.0,
         direct_reads: bool = True,
+        batch_reads: bool = True,
         compress_threshold: int | None = None,
         signing_key: bytes | str | Sequence[bytes | str] | None = None,
         near_cache: NearCache | None = None,
@@ -169,7 +178,7 @@ class Cache:
         self.max_pending_refreshes = max_pending_refreshes
         self.metrics = MetricsRegistry()
         signer = None if signing_key is None else Signer(signing_key)
-        store = Store(client, direct_reads)
+        store = Store(client, direct_reads, batch_reads)
         store.signer = signer
         self._engine = RedisEngine(
             client,

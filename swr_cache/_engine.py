@@ -15,7 +15,11 @@ How one read goes (``RedisEngine.get``):
 1. One Redis round trip reads the entry: a fixed HMGET of its blob field for a
    whole item, HMGET of the blob field, the metadata and the requested
    attributes for a projection (HGETALL with a signing key; layout in
-   ``_store``). Concurrent reads of one entry in this process share it.
+   ``_store``). Concurrent reads of one entry in this process share it;
+   concurrent reads of distinct entries share a pipeline (``_autobatch``): the
+   first takes a limiter slot and a connection and sends at once, the others
+   ride on its connection with no slot of their own (one slot per pipeline),
+   and its reader alone tells the breaker how the pipeline went.
 2. Fresh → returned. Stale → returned, and one background refresh is queued
    (a lease in Redis makes it one across processes). Absent, corrupt, or
    lacking requested attributes → a foreground load.
@@ -42,6 +46,7 @@ import anyio
 from anyio.abc import TaskGroup
 from redis.exceptions import RedisError, ResponseError
 
+from ._autobatch import ReadAgain
 from ._batch import BatchReads
 from ._breaker import Breaker
 from ._clock import Clock
@@ -144,6 +149,8 @@ class RedisEngine:
         self.breaker = breaker
         self.metrics = metrics
         self.counts = metrics.get("swr_cache").counts
+        if store.batcher is not None:
+            store.batcher.counts = self.counts
         self.slots = _Limiter(max_in_flight)
         self.lease_ms = lease_ms
         self.lease_wait = lease_wait
@@ -247,6 +254,8 @@ class RedisEngine:
     def use_store(self, store: Store) -> None:
         """Swap the store every part uses (tests wrap it to pause or fail commands)."""
         store.signer = self.signer
+        if store.batcher is not None:
+            store.batcher.counts = self.counts
         self.store = store
 
     def note_idle(self) -> None:
@@ -336,51 +345,37 @@ class RedisEngine:
         metrics = req.metrics
         slots = self.slots
         breaker = self.breaker
-        failure: BaseException | None = None
-        if slots.free:
+        # A read that rides on a pipeline under way takes no connection: no
+        # slot of its own, and the pipeline's reader reports to the breaker.
+        # Not while the breaker is open: a half-open probe stays one read.
+        batcher = self.store.batcher
+        joined = (
+            batcher is not None
+            and bool(batcher.open)
+            and not breaker.is_open
+            and batcher.joins(req.entry)
+        )
+        if joined:
+            pass
+        elif slots.free:
             slots.free -= 1
+            if not breaker.allow():
+                slots.release()
+                self._refuse(metrics, reads, rkey, followers)
         else:
-            try:
-                got_slot = await slots.wait(self.call_timeout)
-            except BaseException:
-                # Cancelled while registered: followers must not wait on a
-                # leader that will never read (one of them reads instead).
-                _settle(reads, rkey, followers, _RETRY)
-                raise
-            if not got_slot:
-                # Every slot stayed busy for as long as a call may take. A pool
-                # wait says nothing about Redis' health: not a breaker failure.
-                metrics.counts["pool_waits_timed_out"] += 1
-                failure = _Bypass()
-        if failure is None and not breaker.allow():
-            slots.release()
-            failure = _Bypass()
-        if failure is not None:
-            metrics.counts["bypasses"] += 1
-            _settle(reads, rkey, followers, failure)
-            raise failure
+            await self._wait_slot(metrics, reads, rkey, followers)
         t0 = time.perf_counter()
         try:
             raw: Any = await self.store.read_entry(req.entry, fields)
         except BaseException as exc:
+            if self._read_broke(exc, metrics, joined, reads, rkey, followers):
+                return await self.read(req)  # the pipeline's reader was cancelled
+            raise
+        if not joined:
             slots.release()
-            mapped = self.read_failed(metrics, exc)
-            _settle(reads, rkey, followers, _RETRY if mapped is None else mapped)
-            if mapped is None:
-                breaker.abandon()  # cancelled (perhaps mid-probe): let another probe go
-                raise
-            raise mapped from exc
-        slots.release()
-        breaker.success()
+            breaker.success()
         metrics.redis_latency.observe(time.perf_counter() - t0)
-        if self.signer is not None:
-            snap = self.snap(req, raw, fields)
-        elif fields is None:
-            snap = _snap_from_hash(raw)
-        elif req.is_item:
-            snap = _snap_from_list(raw)
-        else:
-            snap = _snap_from_result(raw)
+        snap = req.parse(raw) if self.signer is None else self.snap(req, raw, fields)
         if reads.get(rkey) is followers:
             del reads[rkey]
         for f in followers:
@@ -388,15 +383,79 @@ class RedisEngine:
                 f.set_result(snap)
         return snap
 
-    def read_failed(self, metrics: Metrics, exc: BaseException) -> BaseException | None:
-        """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle)."""
+    def _read_broke(
+        self,
+        exc: BaseException,
+        metrics: Metrics,
+        joined: bool,
+        reads: dict[Any, Any],
+        rkey: Any,
+        followers: list[Any],
+    ) -> bool:
+        """Clean up after a failed entry read: True to read again, else raise what it maps to.
+
+        Returns False (the caller re-raises ``exc``) for what is not ours to
+        map: a cancellation, perhaps mid-probe.
+        """
+        if not joined:
+            self.slots.release()
+        if type(exc) is ReadAgain:
+            _settle(reads, rkey, followers, _RETRY)
+            return True
+        mapped = self.read_failed(metrics, exc, joined)
+        _settle(reads, rkey, followers, _RETRY if mapped is None else mapped)
+        if mapped is not None:
+            raise mapped from exc
+        if not joined:
+            self.breaker.abandon()  # let another probe go
+        return False
+
+    async def _wait_slot(
+        self, metrics: Metrics, reads: dict[Any, Any], rkey: Any, followers: list[Any]
+    ) -> None:
+        """No slot is free: wait for one (up to ``call_timeout``), then ask the breaker."""
+        try:
+            got_slot = await self.slots.wait(self.call_timeout)
+        except BaseException:
+            # Cancelled while registered: followers must not wait on a
+            # leader that will never read (one of them reads instead).
+            _settle(reads, rkey, followers, _RETRY)
+            raise
+        if not got_slot:
+            # Every slot stayed busy for as long as a call may take. A pool
+            # wait says nothing about Redis' health: not a breaker failure.
+            metrics.counts["pool_waits_timed_out"] += 1
+            self._refuse(metrics, reads, rkey, followers)
+        if not self.breaker.allow():
+            self.slots.release()
+            self._refuse(metrics, reads, rkey, followers)
+
+    @staticmethod
+    def _refuse(metrics: Metrics, reads: dict[Any, Any], rkey: Any, followers: list[Any]) -> None:
+        """Redis is not to be used for this read: its followers and it bypass."""
+        failure = _Bypass()
+        metrics.counts["bypasses"] += 1
+        _settle(reads, rkey, followers, failure)
+        raise failure
+
+    def read_failed(
+        self, metrics: Metrics, exc: BaseException, joined: bool = False
+    ) -> BaseException | None:
+        """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle).
+
+        ``joined``: the read rode on a pipeline whose reader tells the breaker
+        how the pipeline went; a failure still counts once per read it carried,
+        so a wave of concurrent reads that fails opens the breaker at once, as
+        the same reads on connections of their own would.
+        """
         if _is_pool_exhausted(exc):
             # The client's pool is busy with other work: not Redis' health.
             metrics.counts["pool_waits_timed_out"] += 1
             metrics.counts["bypasses"] += 1
             return _Bypass()
         if isinstance(exc, ResponseError):
-            self.breaker.success()  # the server answered: not a breaker failure
+            if not joined:
+                self.breaker.success()  # the server answered: not a breaker failure
             if is_wrongtype(exc):
                 metrics.counts["decode_errors"] += 1
                 return _Corrupt()

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
+from ._entry import _snap_from_list, _snap_from_result
 from ._signing import M_SIG
 from ._store import (
     ALL_META,
@@ -106,6 +107,7 @@ class EntryRequest:
         "loader",
         "metrics",
         "outcome",
+        "parse",
         "policy",
         "purge_floor",
         "tags",
@@ -157,6 +159,8 @@ class EntryRequest:
         self.outcome = ""
         # What one read asks Redis for: None = HGETALL (a signed item), else
         # HMGET of these fields (an array reply in RESP2 and RESP3 alike).
+        # How a reply of an unsigned read becomes a snapshot.
+        self.parse = _snap_from_list if is_item else _snap_from_result
         if engine.signer is not None:
             # A signature covers every field: signed entries are read whole.
             self.fields: tuple[bytes, ...] | None = None if is_item else SIGNED_RESULT_FIELDS

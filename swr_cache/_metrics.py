@@ -38,6 +38,10 @@ COUNTERS: Final = (
     "redis_errors",
     "bypasses",
     "pool_waits_timed_out",
+    # Auto-batched entry reads (engine-wide, ``swr_cache``): pipelines that
+    # carried more than one read, and the reads they carried
+    "read_batches",
+    "batched_reads",
     "invalidations",
     # Near cache (NearCache): hits from memory, copies not installed because
     # an invalidation overtook their read; engine-wide: announcements heard

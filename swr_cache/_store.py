@@ -1,4 +1,8 @@
-"""Every Redis command and Lua script swr_cache sends lives in this module.
+"""Every Redis command and Lua script swr_cache sends lives in this module (and ``_autobatch``).
+
+``_autobatch`` is part of this layer: it packs the entry reads and the lease
+script in RESP itself and sends them pipelined on the client's own
+connections (``Store.read_entry`` with ``batch_reads``, ``Store.read_pipeline``).
 
 The engine above speaks in entries, leases, fences and tags; this module turns
 those into commands, normalises replies and decides what is cluster-safe:
@@ -79,6 +83,8 @@ from typing import Any, Final
 
 import anyio
 from redis.exceptions import NoScriptError, ResponseError
+
+from ._autobatch import RawPipeline, ReadBatcher, is_redirect
 
 __all__ = [
     "ALL_META",
@@ -346,6 +352,17 @@ def queue_acquire(pipe: Any, lease_key: str, token: str, lease_ms: int, sha: str
         pipe.execute_command("EVALSHA", sha, 1, lease_key, token, lease_ms)
 
 
+def _reads_like_redis_py(connection_class: Any) -> bool:
+    """Whether a connection class reads replies as redis-py's own connections do."""
+    from redis.asyncio.connection import Connection
+
+    return (
+        isinstance(connection_class, type)
+        and issubclass(connection_class, Connection)
+        and connection_class.read_response is Connection.read_response
+    )
+
+
 def queue_read(pipe: Any, key: str, fields: Sequence[bytes] | None) -> None:
     """Queue an entry read on a pipeline: HGETALL (whole) or HMGET of ``fields``."""
     if fields is None:
@@ -362,9 +379,9 @@ def is_wrongtype(exc: BaseException) -> bool:
 class Store:
     """Entry-level operations over a ``redis.asyncio`` client (standalone or cluster)."""
 
-    __slots__ = ("_direct_pool", "client", "is_cluster", "signer")
+    __slots__ = ("_direct_pool", "batcher", "client", "is_cluster", "signer")
 
-    def __init__(self, client: Any, direct_reads: bool = True) -> None:
+    def __init__(self, client: Any, direct_reads: bool = True, batch_reads: bool = True) -> None:
         self.client = client
         # A ``_signing.Signer`` when the cache has a signing key: every whole
         # entry written below (fill, stream put, write-through) is signed.
@@ -373,8 +390,8 @@ class Store:
         # Entry reads may take a pooled connection themselves: redis-py's
         # per-command wrapper (retry closure, observability hooks, response
         # callback) costs about as much again as parsing the reply. Only for a
-        # plain pooled client; a cluster or single-connection client keeps
-        # the normal command path.
+        # plain pooled client; a single-connection client keeps the normal
+        # command path.
         pool = getattr(client, "connection_pool", None)
         usable = (
             direct_reads
@@ -386,8 +403,24 @@ class Store:
             and hasattr(pool, "release")
         )
         self._direct_pool = pool if usable else None
+        # Concurrent entry reads share pipelines (``_autobatch``): on the
+        # direct path's pool, or on a cluster's node connections.
+        # A batch writes raw commands to redis-py's stream writer and reads with
+        # its parser: not for connection classes that read replies their own
+        # way (an in-process fake server, say), which keep the direct path.
+        self.batcher: ReadBatcher | None = None
+        own_replies = usable and _reads_like_redis_py(getattr(pool, "connection_class", None))
+        if batch_reads and (
+            own_replies or (self.is_cluster and hasattr(client, "get_node_from_key"))
+        ):
+            self.batcher = ReadBatcher(client, pool, self.is_cluster)
 
     # -- reads ---------------------------------------------------------------
+
+    def joins_read(self, key: str) -> bool:
+        """Would a read of ``key`` now ride on a pipeline under way (taking no connection)?"""
+        batcher = self.batcher
+        return batcher is not None and batcher.joins(key)
 
     async def read_entry(self, key: str, fields: Sequence[bytes] | None) -> Any:
         """One entry: HGETALL as a dict (``fields is None``: signed items) or HMGET as a list.
@@ -397,14 +430,24 @@ class Store:
 
         A missing key is an empty dict / a list of ``None``. Raises redis-py's
         errors (``ResponseError`` for WRONGTYPE, ``ConnectionError``,
-        ``TimeoutError``); a connection that failed mid-command is closed by
-        redis-py before it returns to the pool.
+        ``TimeoutError``) and ``_autobatch.ReadAgain`` (the pipeline this read
+        joined lost its reader: read again); a connection that failed
+        mid-command is disconnected before it returns to the pool.
         """
+        batcher = self.batcher
+        if batcher is not None:
+            raw = await batcher.read(key, fields)
+            if isinstance(raw, ResponseError):
+                if is_redirect(raw):  # a cluster resharding: the client follows it
+                    return await self._client_read(key, fields)
+                raise raw
+            if fields is None and type(raw) is list:  # RESP2 gives pairs, RESP3 a map
+                it = iter(raw)
+                return dict(zip(it, it, strict=True))
+            return raw
         pool = self._direct_pool
         if pool is None:
-            if fields is None:
-                return await self.client.hgetall(key)
-            return await self.client.hmget(key, fields)
+            return await self._client_read(key, fields)
         try:
             conn = await pool.get_connection()
         except TypeError:  # redis-py < 5.3 wants a command name: use the normal path
@@ -428,6 +471,11 @@ class Store:
             it = iter(raw)
             return dict(zip(it, it, strict=True))
         return raw
+
+    async def _client_read(self, key: str, fields: Sequence[bytes] | None) -> Any:
+        if fields is None:
+            return await self.client.hgetall(key)
+        return await self.client.hmget(key, fields)
 
     async def read_all(self, key: str) -> dict[bytes, bytes]:
         """HGETALL of one entry (a missing key is an empty dict)."""
@@ -774,6 +822,16 @@ class Store:
     def pipeline(self) -> Any:
         """A non-transactional pipeline (grouped by node on a cluster)."""
         return self.client.pipeline(transaction=False)
+
+    def read_pipeline(self) -> Any:
+        """A pipeline for entry reads and the lease script (``queue_read``, ``queue_acquire``).
+
+        Packed by hand and sent on one connection per node (``_autobatch.RawPipeline``)
+        where reads are batched; else redis-py's pipeline.
+        """
+        if self.batcher is not None:
+            return RawPipeline(self.batcher)
+        return self.pipeline()
 
     async def pttl(self, key: str) -> int:
         """Milliseconds ``key`` has left (-2: absent, -1: no TTL)."""

@@ -19,6 +19,13 @@ async def check(cache: Cache) -> None:
     assert_type(await get_user.peek("u1"), tuple[dict[str, Any] | None, str] | None)
     assert_type(await get_user.invalidate("u1"), None)
 
+    async def load_users(ids: list[str]) -> dict[str, dict[str, Any] | None]:
+        return {}
+
+    assert_type(
+        await get_user.many(["u1", "u2"], load=load_users), dict[str, dict[str, Any] | None]
+    )
+
     @cached(cache, key="orders:{customer_id}")
     async def list_orders(customer_id: str, limit: int = 10) -> list[dict[str, Any]]:
         return []

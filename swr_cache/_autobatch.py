@@ -1,0 +1,424 @@
+"""Pipelined entry reads on the user's own connections: part of the store layer (see ``_store``).
+
+Two things live here, both speaking RESP on connections taken from the
+user's pool (standalone) or from the cluster node that owns a key's slot, so
+the client's settings (TLS, ACL, timeouts) hold:
+
+* ``ReadBatcher``: entry reads of distinct keys issued while one read to the
+  same node is under way go out on that read's connection as one pipeline.
+  The first read (the *leader*) takes a connection and writes its command at
+  once, so a lone read costs no extra loop iteration or task. Reads arriving
+  meanwhile (in the same event-loop tick, typically) append their commands;
+  one callback per tick writes them all in one ``write``. The leader reads
+  every reply in order and hands each to its waiter. A batch stops taking
+  reads at ``MAX_BATCH`` or once the leader has read every reply.
+* ``RawPipeline``: what ``get_many`` builds its pipelines with (entry reads,
+  the lease script): the commands packed by hand, one write and one read loop
+  per node, without redis-py's ``Pipeline`` object.
+
+Failures:
+
+* an error reply (WRONGTYPE, say) answers only its own read;
+* MOVED/ASK/TRYAGAIN (a cluster resharding) sends that one command again
+  through the client's normal path, which follows redirects;
+* a connection error or timeout fails every read of the batch still waiting
+  with that error; the connection is disconnected before it goes back to
+  the pool, so it is never reused mid-reply;
+* a cancelled follower's reply is read and dropped (the connection stays in
+  step); a cancelled leader disconnects the connection and its followers get
+  ``ReadAgain`` (they read again, on a batch of their own).
+
+redis-py's connections have no public "write these bytes" or "read one reply
+without a timer of its own" call (``send_packed_command`` wraps every write in
+``asyncio.wait_for``, a task per write on Python 3.11). The two reaches into
+a connection's private members are in ``_write`` and ``_reply_reader``
+below, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import anyio
+from redis.exceptions import AskError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._gate import _is_pool_exhausted
+
+__all__ = ["MAX_BATCH", "RawPipeline", "ReadAgain", "ReadBatcher", "pack_command", "pack_read"]
+
+#: Reads one pipeline carries at most (a longer batch waits longer for its last reply).
+MAX_BATCH: Final = 256
+
+_HGETALL: Final = b"*2\r\n$7\r\nHGETALL\r\n"
+_HMGET: Final = b"$5\r\nHMGET\r\n"
+# Packed field lists of HMGET reads, by field tuple (few distinct projections).
+_TAILS: dict[tuple[bytes, ...], bytes] = {}
+_TAILS_MAX: Final = 1024
+
+
+class ReadAgain(Exception):
+    """The batch's leader was cancelled before this read's reply: read again."""
+
+
+def _arg(value: Any) -> bytes:
+    if type(value) is bytes:
+        return value
+    if type(value) is str:
+        return value.encode()
+    if type(value) is int or type(value) is float:
+        return repr(value).encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"cannot send {type(value).__name__} to Redis")
+
+
+def pack_command(*args: Any) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for value in args:
+        raw = _arg(value)
+        out.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+def pack_read(key: str, fields: Sequence[bytes] | None) -> bytes:
+    """An entry read in RESP: HGETALL ``key`` or HMGET ``key`` ``fields``."""
+    k = key.encode()
+    if fields is None:
+        return b"%b$%d\r\n%b\r\n" % (_HGETALL, len(k), k)
+    tail = _TAILS.get(fields)  # type: ignore[call-overload]
+    if tail is None:
+        tail = b"".join(b"$%d\r\n%b\r\n" % (len(f), f) for f in fields)
+        if len(_TAILS) >= _TAILS_MAX:
+            _TAILS.clear()
+        _TAILS[tuple(fields)] = tail
+    return b"*%d\r\n%b$%d\r\n%b\r\n%b" % (len(fields) + 2, _HMGET, len(k), k, tail)
+
+
+def _write(conn: Any, data: bytes) -> None:
+    # Private: the connection's stream writer. A write into the transport's
+    # buffer; the next read waits for the replies.
+    conn._writer.write(data)  # noqa: SLF001
+
+
+def _reply_reader(conn: Any) -> Callable[[], Awaitable[Any]]:
+    # Private: the connection's "one reply from the parser" (RESP2 or RESP3,
+    # hiredis or not), an error reply returned as a ``ResponseError``, not
+    # raised. The caller bounds its whole read loop with one timer.
+    read: Callable[[], Awaitable[Any]] = conn._read_response_from_parser  # noqa: SLF001
+    return read
+
+
+# MOVED (a subclass of ASK) and TRYAGAIN: the command did not run on this node.
+_REDIRECTS: Final = (AskError, TryAgainError)
+
+
+def is_redirect(reply: Any) -> bool:
+    """MOVED, ASK or TRYAGAIN: the command did not run on this node."""
+    return isinstance(reply, _REDIRECTS)
+
+
+class _Node:
+    """Where a read goes: the standalone pool, or one cluster node."""
+
+    __slots__ = ("node", "pool")
+
+    def __init__(self, pool: Any, node: Any) -> None:
+        self.pool = pool
+        self.node = node
+
+    async def acquire(self) -> Any:
+        if self.node is None:
+            return await self.pool.get_connection()
+        conn = self.node.acquire_connection()
+        if not conn.is_connected:
+            try:
+                await conn.connect()
+            except BaseException:
+                self.node.release(conn)
+                raise
+        return conn
+
+    async def release(self, conn: Any) -> None:
+        if self.node is None:
+            await self.pool.release(conn)
+        else:
+            self.node.release(conn)
+
+    async def discard(self, conn: Any) -> None:
+        """Give back a connection that may hold unread replies: disconnected first (shielded)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await conn.disconnect(nowait=True)
+            finally:
+                await self.release(conn)
+
+
+class _Batch:
+    __slots__ = ("conn", "pending", "scheduled", "sent", "timer", "waiters")
+
+    def __init__(self, first: bytes) -> None:
+        self.conn: Any = None
+        self.pending = [first]  # packed commands not written yet (the leader's first)
+        self.waiters: list[asyncio.Future[Any]] = []  # the followers, in command order
+        self.sent = 0
+        self.scheduled = False
+        self.timer: Any = None
+
+
+class ReadBatcher:
+    """Coalesces concurrent entry reads per node into pipelines (see the module docstring)."""
+
+    __slots__ = ("client", "counts", "nodes", "open", "pool", "standalone", "suspect")
+
+    def __init__(self, client: Any, pool: Any, is_cluster: bool) -> None:
+        self.client = client
+        self.pool = None if is_cluster else pool
+        self.open: dict[Any, _Batch] = {}
+        self.nodes: dict[Any, _Node] = {}
+        self.standalone = _Node(pool, None)
+        # Cluster nodes whose connection failed: their reads take the client's
+        # own path (which refreshes the cluster's layout) until one succeeds.
+        self.suspect: set[Any] = set()
+        # The engine's counters (``read_batches``, ``batched_reads``); set by the engine.
+        self.counts: dict[str, int] | None = None
+
+    def _route(self, key: str) -> tuple[Any, _Node]:
+        if self.pool is not None:
+            return None, self.standalone
+        nid = self.client.get_node_from_key(key)
+        node = self.nodes.get(nid)
+        if node is None:
+            if len(self.nodes) > 64:  # nodes replaced after failovers
+                self.nodes.clear()
+            node = self.nodes[nid] = _Node(None, nid)
+        return nid, node
+
+    def joins(self, key: str) -> bool:
+        """Would a read of ``key`` now join a batch under way (and need no connection)?"""
+        if not self.open:
+            return False
+        try:
+            batch = self.open.get(self._route(key)[0])
+        except Exception:  # no slot map: read() takes the client's path
+            return False
+        return batch is not None and len(batch.waiters) + 1 < MAX_BATCH
+
+    async def read(self, key: str, fields: Sequence[bytes] | None) -> Any:
+        """The raw reply of one entry read (an error reply is returned, not raised)."""
+        if self.pool is not None:  # standalone: one pool, no routing
+            batch = self.open.get(None)
+            if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
+                return await self._follow(batch, pack_read(key, fields))
+            return await self._lead(None, self.standalone, pack_read(key, fields))
+        try:
+            nid, node = self._route(key)
+        except Exception:  # no slot map (yet): the client's own path finds the node
+            return await self._via_client(None, key, fields)
+        if self.suspect and nid in self.suspect:
+            return await self._via_client(nid, key, fields)
+        batch = self.open.get(nid)
+        if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
+            return await self._follow(batch, pack_read(key, fields))
+        return await self._lead(nid, node, pack_read(key, fields))
+
+    async def _via_client(self, nid: Any, key: str, fields: Sequence[bytes] | None) -> Any:
+        if fields is None:
+            raw = await self.client.hgetall(key)
+        else:
+            raw = await self.client.hmget(key, fields)
+        self.suspect.discard(nid)
+        return raw
+
+    def _failed(self, nid: Any, exc: BaseException) -> None:
+        """A cluster node's connection failed: route its reads through the client for now."""
+        if (
+            self.pool is None
+            and isinstance(exc, (RedisError, OSError))
+            and not _is_pool_exhausted(exc)
+        ):
+            if len(self.suspect) > 64:
+                self.suspect.clear()
+            self.suspect.add(nid)
+
+    async def _follow(self, batch: _Batch, command: bytes) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch.waiters.append(fut)
+        batch.pending.append(command)
+        if not batch.scheduled and batch.conn is not None:
+            batch.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, batch)
+        # (Cancelled here: the future is cancelled; the leader reads its reply and drops it.)
+        return await fut
+
+    def _flush(self, batch: _Batch) -> None:
+        batch.scheduled = False
+        if batch.conn is not None and batch.pending:
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        pending = batch.pending
+        _write(batch.conn, pending[0] if len(pending) == 1 else b"".join(pending))
+        batch.sent += len(pending)
+        pending.clear()
+        timer = batch.timer
+        if timer is not None and not timer.expired():  # (expired: the reader fails the batch)
+            timeout = batch.conn.socket_timeout
+            if timeout is not None:
+                timer.reschedule(asyncio.get_running_loop().time() + timeout)
+
+    async def _lead(self, nid: Any, node: _Node, command: bytes) -> Any:
+        batch = _Batch(command)
+        self.open[nid] = batch
+        conn = None
+        done = 0  # replies read
+        own: Any = None
+        try:
+            conn = await node.acquire()
+            batch.conn = conn
+            self._send(batch)
+            read = _reply_reader(conn)
+            async with asyncio.timeout(conn.socket_timeout) as timer:
+                batch.timer = timer
+                while True:
+                    if done == batch.sent:
+                        if batch.pending:
+                            self._send(batch)
+                            continue
+                        break
+                    reply = await read()
+                    if done:
+                        fut = batch.waiters[done - 1]
+                        if not fut.done():
+                            fut.set_result(reply)
+                    else:
+                        own = reply
+                    done += 1
+            if self.open.get(nid) is batch:
+                del self.open[nid]
+        except BaseException as exc:
+            if self.open.get(nid) is batch:
+                del self.open[nid]
+            batch.conn = None
+            if isinstance(exc, TimeoutError):
+                exc = RedisTimeoutError("Timeout reading a pipelined entry read")
+            unanswered = batch.waiters[max(0, done - 1) :]
+            for fut in unanswered:
+                if not fut.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        fut.set_exception(ReadAgain())
+                    else:
+                        fut.set_exception(exc)
+            self._failed(nid, exc)
+            if conn is not None:
+                await node.discard(conn)
+            if isinstance(exc, RedisTimeoutError):
+                raise exc from None
+            raise
+        await node.release(conn)
+        n = len(batch.waiters)
+        if n:
+            counts = self.counts
+            if counts is not None:
+                counts["read_batches"] += 1
+                counts["batched_reads"] += n + 1
+        return own
+
+
+class RawPipeline:
+    """A non-transactional pipeline of keyed commands, packed by hand, one write per node.
+
+    Offers what ``get_many`` queues (``hgetall``, ``hmget``, ``execute_command``
+    for the lease script) and ``execute(raise_on_error=False)``: replies in
+    order, error replies as exceptions in place. Raises when a connection
+    fails (every connection that may hold unread replies is disconnected).
+    """
+
+    def __init__(self, batcher: ReadBatcher) -> None:
+        self.batcher = batcher
+        self.commands: list[tuple[tuple[Any, ...], str, bytes, bool]] = []
+
+    def hgetall(self, key: str) -> None:
+        self.commands.append((("HGETALL", key), key, pack_read(key, None), True))
+
+    def hmget(self, key: str, fields: Sequence[bytes]) -> None:
+        self.commands.append((("HMGET", key, *fields), key, pack_read(key, tuple(fields)), False))
+
+    def execute_command(self, *args: Any) -> None:
+        """A raw command; EVAL/EVALSHA are routed by their first key, others by their first argument."""
+        name = str(args[0]).upper()
+        key = args[3] if name in ("EVAL", "EVALSHA") else args[1]
+        self.commands.append((args, str(key), pack_command(*args), False))
+
+    async def execute(self, raise_on_error: bool = False) -> list[Any]:
+        batcher = self.batcher
+        if batcher.suspect:
+            return await self._via_client(raise_on_error)
+        groups: dict[Any, tuple[_Node, list[int]]] = {}
+        try:
+            for i, (_args, key, _packed, _pairs) in enumerate(self.commands):
+                # (The batcher's own routing: this module's.)
+                nid, node = batcher._route(key)  # noqa: SLF001
+                group = groups.get(nid)
+                if group is None:
+                    group = groups[nid] = (node, [])
+                group[1].append(i)
+        except Exception:  # no slot map (yet): the client's pipeline finds the nodes
+            return await self._via_client(raise_on_error)
+        replies: list[Any] = [None] * len(self.commands)
+        taken: list[tuple[_Node, Any, list[int]]] = []
+        try:
+            for node, indices in groups.values():
+                conn = await node.acquire()
+                taken.append((node, conn, indices))
+                _write(conn, b"".join(self.commands[i][2] for i in indices))
+            while taken:
+                node, conn, indices = taken[0]
+                read = _reply_reader(conn)
+                async with asyncio.timeout(conn.socket_timeout):
+                    for i in indices:
+                        replies[i] = await read()
+                taken.pop(0)
+                await node.release(conn)
+        except BaseException as exc:
+            for node, conn, _ in taken:
+                await node.discard(conn)
+            if isinstance(exc, TimeoutError):
+                exc = RedisTimeoutError("Timeout reading a pipeline")
+            for nid in groups:
+                batcher._failed(nid, exc)  # noqa: SLF001 (same module)
+            if isinstance(exc, RedisTimeoutError):
+                raise exc from None
+            raise
+        client = batcher.client
+        for i, (args, _key, _packed, pairs) in enumerate(self.commands):
+            reply = replies[i]
+            if isinstance(reply, _REDIRECTS):
+                try:
+                    reply = await client.execute_command(*args)
+                except ResponseError as exc:
+                    reply = exc
+                replies[i] = reply
+            elif pairs and type(reply) is list:  # RESP2 gives pairs, RESP3 a map
+                it = iter(reply)
+                replies[i] = dict(zip(it, it, strict=True))
+            if raise_on_error and isinstance(replies[i], ResponseError):
+                raise replies[i]
+        return replies
+
+    async def _via_client(self, raise_on_error: bool) -> list[Any]:
+        """A node is suspect: the client's own pipeline (it refreshes the cluster's layout)."""
+        pipe = self.batcher.client.pipeline(transaction=False)
+        for args, _key, _packed, _pairs in self.commands:
+            pipe.execute_command(*args)
+        replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+        self.batcher.suspect.clear()  # the client reached every node it needed
+        for i, (_args, _key, _packed, pairs) in enumerate(self.commands):
+            reply = replies[i]
+            if pairs and type(reply) is list:
+                it = iter(reply)
+                replies[i] = dict(zip(it, it, strict=True))
+        return replies
