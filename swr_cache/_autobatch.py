@@ -393,7 +393,11 @@ class RawPipeline:
             if isinstance(exc, RedisTimeoutError):
                 raise exc from None
             raise
-        client = batcher.client
+        return await self._finish(replies, raise_on_error)
+
+    async def _finish(self, replies: list[Any], raise_on_error: bool) -> list[Any]:
+        """Re-send what a node redirected (through the client), shape pair lists as maps."""
+        client = self.batcher.client
         for i, (args, _key, _packed, pairs) in enumerate(self.commands):
             reply = replies[i]
             if isinstance(reply, _REDIRECTS):

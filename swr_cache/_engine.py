@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import anyio
 from anyio.abc import TaskGroup
@@ -104,6 +104,45 @@ def _settle(
 
 def _closed() -> CacheNotEnteredError:
     return CacheNotEnteredError("the cache was closed while this load ran")
+
+
+def map_read_failure(
+    breaker: Breaker, metrics: Metrics, exc: BaseException, joined: bool = False
+) -> BaseException | None:
+    """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle).
+
+    ``joined``: the read rode on a pipeline whose reader tells the breaker how
+    the pipeline went; a failure still counts once per read it carried, so a
+    wave of concurrent reads that fails opens the breaker at once, as the same
+    reads on connections of their own would.
+    """
+    if _is_pool_exhausted(exc):
+        # The client's pool is busy with other work: not Redis' health.
+        metrics.counts["pool_waits_timed_out"] += 1
+        metrics.counts["bypasses"] += 1
+        return _Bypass()
+    if isinstance(exc, ResponseError):
+        if not joined:
+            breaker.success()  # the server answered: not a breaker failure
+        if is_wrongtype(exc):
+            metrics.counts["decode_errors"] += 1
+            return _Corrupt()
+        metrics.counts["redis_errors"] += 1
+        return _Bypass()
+    if isinstance(exc, (RedisError, OSError, TimeoutError)):
+        metrics.counts["redis_errors"] += 1
+        breaker.failure()
+        log.debug("swr_cache: Redis read failed: %r", exc)
+        return _Bypass()
+    return None
+
+
+def _refuse(metrics: Metrics, reads: dict[Any, Any], rkey: Any, followers: list[Any]) -> NoReturn:
+    """Redis is not to be used for this read: it and its followers bypass."""
+    failure = _Bypass()
+    metrics.counts["bypasses"] += 1
+    _settle(reads, rkey, followers, failure)
+    raise failure
 
 
 class RedisEngine:
@@ -361,7 +400,7 @@ class RedisEngine:
             slots.free -= 1
             if not breaker.allow():
                 slots.release()
-                self._refuse(metrics, reads, rkey, followers)
+                _refuse(metrics, reads, rkey, followers)
         else:
             await self._wait_slot(metrics, reads, rkey, followers)
         t0 = time.perf_counter()
@@ -402,7 +441,7 @@ class RedisEngine:
         if type(exc) is ReadAgain:
             _settle(reads, rkey, followers, _RETRY)
             return True
-        mapped = self.read_failed(metrics, exc, joined)
+        mapped = map_read_failure(self.breaker, metrics, exc, joined)
         _settle(reads, rkey, followers, _RETRY if mapped is None else mapped)
         if mapped is not None:
             raise mapped from exc
@@ -425,48 +464,10 @@ class RedisEngine:
             # Every slot stayed busy for as long as a call may take. A pool
             # wait says nothing about Redis' health: not a breaker failure.
             metrics.counts["pool_waits_timed_out"] += 1
-            self._refuse(metrics, reads, rkey, followers)
+            _refuse(metrics, reads, rkey, followers)
         if not self.breaker.allow():
             self.slots.release()
-            self._refuse(metrics, reads, rkey, followers)
-
-    @staticmethod
-    def _refuse(metrics: Metrics, reads: dict[Any, Any], rkey: Any, followers: list[Any]) -> None:
-        """Redis is not to be used for this read: its followers and it bypass."""
-        failure = _Bypass()
-        metrics.counts["bypasses"] += 1
-        _settle(reads, rkey, followers, failure)
-        raise failure
-
-    def read_failed(
-        self, metrics: Metrics, exc: BaseException, joined: bool = False
-    ) -> BaseException | None:
-        """Map a failed entry read to ``_Corrupt``/``_Bypass`` (``None``: not ours to handle).
-
-        ``joined``: the read rode on a pipeline whose reader tells the breaker
-        how the pipeline went; a failure still counts once per read it carried,
-        so a wave of concurrent reads that fails opens the breaker at once, as
-        the same reads on connections of their own would.
-        """
-        if _is_pool_exhausted(exc):
-            # The client's pool is busy with other work: not Redis' health.
-            metrics.counts["pool_waits_timed_out"] += 1
-            metrics.counts["bypasses"] += 1
-            return _Bypass()
-        if isinstance(exc, ResponseError):
-            if not joined:
-                self.breaker.success()  # the server answered: not a breaker failure
-            if is_wrongtype(exc):
-                metrics.counts["decode_errors"] += 1
-                return _Corrupt()
-            metrics.counts["redis_errors"] += 1
-            return _Bypass()
-        if isinstance(exc, (RedisError, OSError, TimeoutError)):
-            metrics.counts["redis_errors"] += 1
-            self.breaker.failure()
-            log.debug("swr_cache: Redis read failed: %r", exc)
-            return _Bypass()
-        return None
+            _refuse(metrics, reads, rkey, followers)
 
     def snap(
         self, req: EntryRequest, raw: Any, fields: tuple[bytes, ...] | None, count: bool = True

@@ -79,7 +79,7 @@ DynamoDB attribute name (always valid UTF-8) can collide with them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 from redis.exceptions import NoScriptError, ResponseError
@@ -376,7 +376,106 @@ def is_wrongtype(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-class Store:
+class _TagCommands:
+    """The tag commands of ``Store`` (purge stamps and member sets; a base class of it)."""
+
+    __slots__ = ()
+    client: Any
+
+    if TYPE_CHECKING:
+
+        async def delete(self, *keys: str) -> None: ...
+
+    async def tag_generations(
+        self, gen_keys: Sequence[str], expire_ms: int
+    ) -> tuple[list[float | None], int]:
+        """When each tag was last purged, ms of server time (``None``: never, or long ago).
+
+        A stamp key that is broken (another type, not a number) cannot say
+        when its tag was purged: it is re-stamped now, as a purge would, so
+        the caller's load counts as raced once and the next one is stored.
+        Returns the stamps and how many keys were repaired.
+        """
+        if not gen_keys:
+            return [], 0
+        pipe = self.client.pipeline(transaction=False)
+        for key in gen_keys:
+            pipe.get(key)
+        replies = await pipe.execute(raise_on_error=False)
+        stamps: list[float | None] = []
+        broken: list[int] = []
+        for i, reply in enumerate(replies):
+            if isinstance(reply, BaseException):
+                if not is_wrongtype(reply):
+                    raise reply
+                broken.append(i)
+                stamps.append(None)
+                continue
+            try:
+                stamps.append(None if reply is None else float(reply))
+            except ValueError:
+                broken.append(i)
+                stamps.append(None)
+        if broken:
+            marked, _ = await self.mark_purged([gen_keys[i] for i in broken], expire_ms)
+            for i, stamp in zip(broken, marked, strict=True):
+                stamps[i] = stamp
+        return stamps, len(broken)
+
+    async def add_tag_members(
+        self, member_keys: Sequence[str], entry_key: str, expire_ms: int
+    ) -> int:
+        """Record ``entry_key`` in each tag's member set; how many sets were repaired."""
+        calls = [((key,), (entry_key, expire_ms)) for key in member_keys]
+        return sum(int(r) for r in await _run_each(self.client, _add_member, calls))
+
+    async def mark_purged(self, gen_keys: Sequence[str], expire_ms: int) -> tuple[list[float], int]:
+        """Stamp each tag with the Redis server time of this purge (kept ``expire_ms``).
+
+        Returns the stamps and how many stamp keys were broken and replaced.
+        """
+        calls = [((key,), (expire_ms,)) for key in gen_keys]
+        replies = await _run_each(self.client, _mark_purged, calls)
+        return [float(r[0]) for r in replies], sum(int(r[1]) for r in replies)
+
+    async def tag_members(self, member_keys: Sequence[str]) -> tuple[list[set[bytes]], int]:
+        """SMEMBERS of each member set, and how many member keys were repaired.
+
+        A member key of another type holds no members we could read: it is
+        deleted (the next fill with the tag recreates it) rather than failing
+        every purge of the tag.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for key in member_keys:
+            pipe.smembers(key)
+        replies = await pipe.execute(raise_on_error=False)
+        out: list[set[bytes]] = []
+        broken: list[str] = []
+        for key, reply in zip(member_keys, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not is_wrongtype(reply):
+                    raise reply
+                broken.append(key)
+                reply = set()
+            out.append(reply)
+        if broken:
+            await self.delete(*broken)
+        return out, len(broken)
+
+    async def remove_tag_members(
+        self, member_keys: Sequence[str], member_sets: Sequence[set[bytes]]
+    ) -> None:
+        """SREM what a purge read from each member set (members added since stay)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, members in zip(member_keys, member_sets, strict=True):
+            if members:
+                pipe.srem(key, *members)
+        await pipe.execute()
+
+    # -- DynamoDB Streams (Lua below) -------------------------------------------
+
+
+class Store(_TagCommands):
     """Entry-level operations over a ``redis.asyncio`` client (standalone or cluster)."""
 
     __slots__ = ("_direct_pool", "batcher", "client", "is_cluster", "signer")
@@ -656,94 +755,6 @@ class Store:
             await pipe.execute()
 
     # -- tags ------------------------------------------------------------------
-
-    async def tag_generations(
-        self, gen_keys: Sequence[str], expire_ms: int
-    ) -> tuple[list[float | None], int]:
-        """When each tag was last purged, ms of server time (``None``: never, or long ago).
-
-        A stamp key that is broken (another type, not a number) cannot say
-        when its tag was purged: it is re-stamped now, as a purge would, so
-        the caller's load counts as raced once and the next one is stored.
-        Returns the stamps and how many keys were repaired.
-        """
-        if not gen_keys:
-            return [], 0
-        pipe = self.client.pipeline(transaction=False)
-        for key in gen_keys:
-            pipe.get(key)
-        replies = await pipe.execute(raise_on_error=False)
-        stamps: list[float | None] = []
-        broken: list[int] = []
-        for i, reply in enumerate(replies):
-            if isinstance(reply, BaseException):
-                if not is_wrongtype(reply):
-                    raise reply
-                broken.append(i)
-                stamps.append(None)
-                continue
-            try:
-                stamps.append(None if reply is None else float(reply))
-            except ValueError:
-                broken.append(i)
-                stamps.append(None)
-        if broken:
-            marked, _ = await self.mark_purged([gen_keys[i] for i in broken], expire_ms)
-            for i, stamp in zip(broken, marked, strict=True):
-                stamps[i] = stamp
-        return stamps, len(broken)
-
-    async def add_tag_members(
-        self, member_keys: Sequence[str], entry_key: str, expire_ms: int
-    ) -> int:
-        """Record ``entry_key`` in each tag's member set; how many sets were repaired."""
-        calls = [((key,), (entry_key, expire_ms)) for key in member_keys]
-        return sum(int(r) for r in await _run_each(self.client, _add_member, calls))
-
-    async def mark_purged(self, gen_keys: Sequence[str], expire_ms: int) -> tuple[list[float], int]:
-        """Stamp each tag with the Redis server time of this purge (kept ``expire_ms``).
-
-        Returns the stamps and how many stamp keys were broken and replaced.
-        """
-        calls = [((key,), (expire_ms,)) for key in gen_keys]
-        replies = await _run_each(self.client, _mark_purged, calls)
-        return [float(r[0]) for r in replies], sum(int(r[1]) for r in replies)
-
-    async def tag_members(self, member_keys: Sequence[str]) -> tuple[list[set[bytes]], int]:
-        """SMEMBERS of each member set, and how many member keys were repaired.
-
-        A member key of another type holds no members we could read: it is
-        deleted (the next fill with the tag recreates it) rather than failing
-        every purge of the tag.
-        """
-        pipe = self.client.pipeline(transaction=False)
-        for key in member_keys:
-            pipe.smembers(key)
-        replies = await pipe.execute(raise_on_error=False)
-        out: list[set[bytes]] = []
-        broken: list[str] = []
-        for key, reply in zip(member_keys, replies, strict=True):
-            if isinstance(reply, BaseException):
-                if not is_wrongtype(reply):
-                    raise reply
-                broken.append(key)
-                reply = set()
-            out.append(reply)
-        if broken:
-            await self.delete(*broken)
-        return out, len(broken)
-
-    async def remove_tag_members(
-        self, member_keys: Sequence[str], member_sets: Sequence[set[bytes]]
-    ) -> None:
-        """SREM what a purge read from each member set (members added since stay)."""
-        pipe = self.client.pipeline(transaction=False)
-        for key, members in zip(member_keys, member_sets, strict=True):
-            if members:
-                pipe.srem(key, *members)
-        await pipe.execute()
-
-    # -- DynamoDB Streams (Lua below) -------------------------------------------
 
     async def stream_put_many(
         self,
