@@ -48,6 +48,8 @@ from ._store import (
 )
 
 _ONE: Final = b"1"
+# Value types no caller can change in place (a near copy may share them).
+_IMMUTABLE: Final = frozenset({str, int, float, bool, type(None), bytes, Decimal})
 _WHOLE: Final = b"w"  # entry kinds in the \xffe header
 _NEGATIVE: Final = b"n"
 
@@ -80,6 +82,8 @@ class _Snap:
         "format",
         "hard",
         "hard_ms",
+        "held",
+        "kept",
         "none",
         "soft",
         "soft_ms",
@@ -104,6 +108,11 @@ class _Snap:
         # A partial entry's attribute fields. HGETALL: name (bytes) -> raw;
         # HMGET: raw values in request order. A result: its raw value.
         self.data: Any = None
+        # Held by a near cache (served many times): a whole item whose values
+        # are all immutable is decoded once and kept; each caller gets its
+        # own shallow copy (see _decode_whole).
+        self.held = False
+        self.kept: dict[str, Any] | None = None
 
 
 def _snap_from_entry(entry: bytes) -> _Snap:
@@ -178,9 +187,16 @@ def _decode_whole(snap: _Snap) -> dict[str, Any]:
     Concurrent readers share the snapshot and each decodes objects of its
     own. Anything but a map with text keys means corrupt data.
     """
+    kept = snap.kept
+    if kept is not None:
+        return dict(kept)
     decoded = _codec.decode(snap.blob)  # type: ignore[arg-type]
     if type(decoded) is not dict:
         raise CodecError("a whole entry's blob is not a map")
+    if snap.held and all(type(v) in _IMMUTABLE for v in decoded.values()):
+        # Nothing a caller can change in place: copies of the dict suffice.
+        snap.kept = decoded
+        return dict(decoded)
     return decoded
 
 

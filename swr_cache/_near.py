@@ -363,6 +363,7 @@ class NearCache:
         except (TypeError, ValueError):
             return  # corrupt: the judge says so, and it is not worth holding
         until = min(self._now_ms() + self.max_age * 1000.0, hard)
+        snap.held = True  # served many times: a flat item is decoded once (see _entry)
         items = self._items
         if fields is None or fields is WHOLE_FIELDS:
             rkey: Any = entry

@@ -227,3 +227,29 @@ def test_expand_gives_tools_a_field_per_attribute() -> None:
     }
     partial = filled({"name": "Ada"}, ("name",))
     assert expand(partial) == partial
+
+
+def test_a_held_flat_item_is_decoded_once_and_copied_per_caller() -> None:
+    """A near copy of an item whose values are all immutable is decoded once; each caller gets a dict of its own."""
+    snap = read(filled({"name": "Ada", "age": 36, "raw": b"\x00"}), None)
+    snap.held = True
+    first = judge(request(), snap, NOW)
+    assert isinstance(first, tuple)
+    first[1]["name"] = "changed"
+    second = judge(request(), snap, NOW)
+    assert isinstance(second, tuple)
+    assert second[1] == {"name": "Ada", "age": 36, "raw": b"\x00"}
+    assert snap.kept is not None and second[1] is not snap.kept
+
+
+def test_a_held_item_with_mutable_values_is_decoded_for_each_caller() -> None:
+    """Lists, sets and maps inside an item are never shared between callers."""
+    snap = read(filled({"tags": {"a"}, "list": [1]}), None)
+    snap.held = True
+    first = judge(request(), snap, NOW)
+    assert isinstance(first, tuple)
+    first[1]["tags"].add("b")
+    first[1]["list"].append(2)
+    second = judge(request(), snap, NOW)
+    assert isinstance(second, tuple)
+    assert second[1] == {"tags": {"a"}, "list": [1]} and snap.kept is None
