@@ -116,6 +116,13 @@ def _reply_reader(conn: Any) -> Callable[[], Awaitable[Any]]:
 _REDIRECTS: Final = (AskError, TryAgainError)
 
 
+async def read_via_client(client: Any, key: str, fields: Sequence[bytes] | None) -> Any:
+    """One entry read through the client's own command path (HGETALL or HMGET)."""
+    if fields is None:
+        return await client.hgetall(key)
+    return await client.hmget(key, fields)
+
+
 def is_redirect(reply: Any) -> bool:
     """MOVED, ASK or TRYAGAIN: the command did not run on this node."""
     return isinstance(reply, _REDIRECTS)
@@ -226,10 +233,7 @@ class ReadBatcher:
         return await self._lead(nid, node, pack_read(key, fields))
 
     async def _via_client(self, nid: Any, key: str, fields: Sequence[bytes] | None) -> Any:
-        if fields is None:
-            raw = await self.client.hgetall(key)
-        else:
-            raw = await self.client.hmget(key, fields)
+        raw = await read_via_client(self.client, key, fields)
         self.suspect.discard(nid)
         return raw
 

@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from redis.exceptions import NoScriptError, ResponseError
 
-from ._autobatch import RawPipeline, ReadBatcher, is_redirect
+from ._autobatch import RawPipeline, ReadBatcher, is_redirect, read_via_client
 
 __all__ = [
     "ALL_META",
@@ -516,11 +516,6 @@ class Store(_TagCommands):
 
     # -- reads ---------------------------------------------------------------
 
-    def joins_read(self, key: str) -> bool:
-        """Would a read of ``key`` now ride on a pipeline under way (taking no connection)?"""
-        batcher = self.batcher
-        return batcher is not None and batcher.joins(key)
-
     async def read_entry(self, key: str, fields: Sequence[bytes] | None) -> Any:
         """One entry: HGETALL as a dict (``fields is None``: signed items) or HMGET as a list.
 
@@ -572,9 +567,7 @@ class Store(_TagCommands):
         return raw
 
     async def _client_read(self, key: str, fields: Sequence[bytes] | None) -> Any:
-        if fields is None:
-            return await self.client.hgetall(key)
-        return await self.client.hmget(key, fields)
+        return await read_via_client(self.client, key, fields)
 
     async def read_all(self, key: str) -> dict[bytes, bytes]:
         """HGETALL of one entry (a missing key is an empty dict)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import test_streams
+from helpers import users
 
 from swr_cache import Cache, _store, cached, cached_item
 from swr_cache._store import Script
@@ -40,16 +41,6 @@ async def cache(cluster_client: Any, clock: FakeClock) -> AsyncIterator[Cache]:
 
 
 # --- cluster-specific ------------------------------------------------------------------
-
-
-def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
-    @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, **kw)
-    async def get_user(
-        user_id: str, *, attributes: list[str] | None = None
-    ) -> dict[str, Any] | None:
-        return await origin.get(user_id, attributes)
-
-    return get_user
 
 
 def many_users(n: int) -> RecordingOrigin:

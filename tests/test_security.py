@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import test_engine
-from helpers import entry_field
+from helpers import entry_field, users
 from redis.exceptions import NoPermissionError
 
 from devtools.devservers import RedisServer
@@ -31,7 +31,6 @@ from swr_cache import (
     InvalidationError,
     StreamInvalidator,
     cached,
-    cached_item,
     item_tag,
 )
 from swr_cache._entry import expand
@@ -43,16 +42,6 @@ pytestmark = pytest.mark.redis
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
-
-
-def users(cache: Cache, origin: RecordingOrigin, **kw: Any) -> Any:
-    @cached_item(cache, table="Users", key=lambda user_id: {"pk": user_id}, **kw)
-    async def get_user(
-        user_id: str, *, attributes: list[str] | None = None
-    ) -> dict[str, Any] | None:
-        return await origin.get(user_id, attributes)
-
-    return get_user
 
 
 async def exercise(cache: Cache) -> None:
