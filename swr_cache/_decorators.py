@@ -20,7 +20,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _otel
 from ._cache import Cache
-from ._engine_api import EntryRequest, engine_of
+from ._engine_api import NOT_HELD, EntryRequest, engine_of
 from ._entry import normalize_attributes
 from ._errors import CodecError, ConfigError
 from ._keys import KeyTemplate, encode_args, escape, item_identity, result_identity
@@ -178,6 +178,11 @@ def _check_item_plan(plan: ValuePlan, name: str, has_attributes: bool) -> None:
             f"{name}: an accessor returning a model cannot take `attributes` (a projection "
             "is not a whole model): return a dict, or drop the attributes parameter"
         )
+
+
+async def _ready(value: Any) -> Any:
+    """An answer known before any await (a near hit), as the coroutine callers await."""
+    return value
 
 
 def _policy(cache: Cache, **overrides: float | None) -> Policy:
@@ -399,6 +404,11 @@ class CachedItemFunction(_Wrapper[P, T]):
         self._key = key
         self.policy = policy
         self._memo: dict[str, tuple[str, str]] = {}
+        # Whole-item calls of one text argument are first asked of the near
+        # cache (no request built): not for typed values (rebuilt per call).
+        self._near = (
+            self.engine.near is not None and self._plan is None and self._binder.single_str_fast
+        )
         if not consistent_reads and _reads_consistently(fn):
             warnings.warn(
                 f"{self.name} reads with ConsistentRead=True but was decorated without "
@@ -407,6 +417,16 @@ class CachedItemFunction(_Wrapper[P, T]):
                 UserWarning,
                 stacklevel=3,
             )
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
+        if self._near and not kwargs and len(args) == 1 and type(args[0]) is str:
+            memo = self._memo.get(args[0])
+            if memo is not None and (self._span_attributes is None or not _otel.recording()):
+                engine = self.engine
+                value = engine.near_item(memo[1], self.metrics, self.policy, self._request, args)
+                if value is not NOT_HELD:
+                    return _ready(value)
+        return super().__call__(*args, **kwargs)
 
     def _identity(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any], skip_first: bool

@@ -50,7 +50,7 @@ from ._autobatch import ReadAgain
 from ._batch import BatchReads
 from ._breaker import Breaker
 from ._clock import Clock
-from ._engine_api import EntryRequest, Fill, Peeked
+from ._engine_api import NOT_HELD, EntryRequest, Fill, Peeked
 from ._entry import (
     _Corrupt,
     _Plan,
@@ -58,6 +58,7 @@ from ._entry import (
     _snap_from_hash,
     _snap_from_list,
     _snap_from_result,
+    held_value,
     judge,
 )
 from ._errors import CacheNotEnteredError
@@ -69,7 +70,7 @@ from ._loads import LoadResult, Loads
 from ._metrics import Metrics, MetricsRegistry
 from ._near import NearCache
 from ._policy import Policy
-from ._refresh import Refresher
+from ._refresh import Refresher, due_early
 from ._signing import Signer
 from ._store import WHOLE_FIELDS, Store, is_wrongtype
 
@@ -491,6 +492,39 @@ class RedisEngine:
         if not req.is_item:
             return _snap_from_result(raw)
         return _snap_from_list(raw)
+
+    def near_item(
+        self,
+        entry: str,
+        metrics: Metrics,
+        policy: Policy,
+        request: Callable[..., EntryRequest],
+        args: tuple[Any, ...],
+    ) -> Any:
+        """A fresh whole item (or ``None``, not found) from the near cache, counted.
+
+        The item accessors' hit path with a near cache: no request is built
+        and nothing is judged again (``NearCache.fresh``). ``NOT_HELD`` when
+        there is no such copy. An early (XFetch) refresh it calls for is
+        scheduled with a request built then, by ``request(args, {}, False)``.
+        """
+        got = self.near.fresh(entry)  # type: ignore[union-attr]
+        if got is None:
+            return NOT_HELD
+        snap, now = got
+        counts = metrics.counts
+        counts["near_hits"] += 1
+        if snap.none is not None:
+            counts["negative_hits"] += 1
+            value = None
+        else:
+            value = held_value(snap)
+            counts["hits"] += 1
+        beta = policy.early_refresh
+        if beta and snap.delta is not None and due_early(beta, snap, now):
+            counts["early_refreshes"] += 1
+            self.refresher.schedule_refresh(request(args, {}, False), snap.version)
+        return value
 
     async def get(self, req: EntryRequest) -> Any:
         """Answer one call: from the cache when it can, else through a shared load."""

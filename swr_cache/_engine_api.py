@@ -43,12 +43,22 @@ if TYPE_CHECKING:
     from ._gate import _Limiter
     from ._keys import KeySpace
     from ._metrics import Metrics, MetricsRegistry
+    from ._near import NearCache
     from ._policy import Policy
     from ._signing import Signer
     from ._store import Store
 
 
-__all__ = ["Engine", "EntryRequest", "EntryState", "Fill", "LoadMany", "Peeked", "engine_of"]
+__all__ = [
+    "NOT_HELD",
+    "Engine",
+    "EntryRequest",
+    "EntryState",
+    "Fill",
+    "LoadMany",
+    "Peeked",
+    "engine_of",
+]
 
 RESULT_FIELDS: Final = (M_SOFT, M_HARD, M_FORMAT, M_DELTA, M_VERSION, M_RESULT)
 SIGNED_RESULT_FIELDS: Final = (*RESULT_FIELDS, M_SIG)
@@ -201,6 +211,13 @@ LoadMany = Callable[
 ]
 
 
+class _NotHeld:
+    """``Engine.near_item``: no fresh near copy; the call goes the usual way."""
+
+
+NOT_HELD: Final = _NotHeld()
+
+
 class Engine(Protocol):
     """What adapters may use of a running cache (see the module docstring)."""
 
@@ -216,6 +233,7 @@ class Engine(Protocol):
     invalidation_wait: float
     fence_ms: int
     max_entry_bytes: int
+    near: NearCache | None
 
     @property
     def entered(self) -> bool: ...
@@ -241,6 +259,15 @@ class Engine(Protocol):
     ) -> EntryRequest: ...
 
     async def get(self, req: EntryRequest) -> Any: ...
+
+    def near_item(
+        self,
+        entry: str,
+        metrics: Metrics,
+        policy: Policy,
+        request: Callable[..., EntryRequest],
+        args: tuple[Any, ...],
+    ) -> Any: ...
 
     async def peek(self, req: EntryRequest) -> Peeked | None: ...
 

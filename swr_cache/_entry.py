@@ -25,9 +25,11 @@ this version: a counted miss (``decode_errors``), reloaded and overwritten.
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Final
 
@@ -49,13 +51,27 @@ from ._store import (
 
 _ONE: Final = b"1"
 # Value types no caller can change in place (a near copy may share them).
-_IMMUTABLE: Final = frozenset({str, int, float, bool, type(None), bytes, Decimal})
+_IMMUTABLE: Final = frozenset(
+    {
+        str,
+        int,
+        float,
+        bool,
+        type(None),
+        bytes,
+        Decimal,
+        datetime.datetime,
+        datetime.date,
+        uuid.UUID,
+    }
+)
 _WHOLE: Final = b"w"  # entry kinds in the \xffe header
 _NEGATIVE: Final = b"n"
 
 __all__ = [
     "encode_fields",
     "expand",
+    "held_value",
     "judge",
     "normalize_attributes",
     "stamp_entry",
@@ -77,6 +93,7 @@ class _Snap:
     __slots__ = (
         "absent",
         "blob",
+        "copies",
         "data",
         "delta",
         "format",
@@ -108,11 +125,13 @@ class _Snap:
         # A partial entry's attribute fields. HGETALL: name (bytes) -> raw;
         # HMGET: raw values in request order. A result: its raw value.
         self.data: Any = None
-        # Held by a near cache (served many times): a whole item whose values
-        # are all immutable is decoded once and kept; each caller gets its
-        # own shallow copy (see _decode_whole).
+        # Held by a near cache (served many times): a whole item is decoded
+        # once and kept; each caller gets its own copy: a new dict, and a new
+        # container for each mutable value (``copies``: name -> copier; see
+        # _decode_whole).
         self.held = False
         self.kept: dict[str, Any] | None = None
+        self.copies: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
 
 
 def _snap_from_entry(entry: bytes) -> _Snap:
@@ -185,19 +204,91 @@ def _decode_whole(snap: _Snap) -> dict[str, Any]:
     """Decode a whole entry's blob: every attribute in one msgpack call.
 
     Concurrent readers share the snapshot and each decodes objects of its
-    own. Anything but a map with text keys means corrupt data.
+    own. Anything but a map with text keys means corrupt data. A snapshot
+    held by a near cache is decoded once: each caller then gets a copy that
+    shares only immutable objects (a set, list or map value is copied).
     """
     kept = snap.kept
     if kept is not None:
-        return dict(kept)
+        out = dict(kept)
+        for name, copy in snap.copies:
+            out[name] = copy(out[name])
+        return out
     decoded = _codec.decode(snap.blob)  # type: ignore[arg-type]
     if type(decoded) is not dict:
         raise CodecError("a whole entry's blob is not a map")
-    if snap.held and all(type(v) in _IMMUTABLE for v in decoded.values()):
-        # Nothing a caller can change in place: copies of the dict suffice.
-        snap.kept = decoded
-        return dict(decoded)
+    if snap.held:
+        copies = _copiers(decoded)
+        if copies is not None:
+            snap.kept = decoded
+            snap.copies = copies
+            return _decode_whole(snap)
     return decoded
+
+
+def held_value(snap: _Snap) -> dict[str, Any] | None:
+    """The answer of a near copy ``NearCache.fresh`` returned: the caller's own copy, or None."""
+    if snap.none is not None:
+        return None
+    return _decode_whole(snap)
+
+
+def _copier(value: Any) -> Callable[[Any], Any] | None:
+    """How to copy one decoded value so no mutable object is shared.
+
+    ``None`` for a value of a type this does not know (a boto3 ``Binary``,
+    say): such an item is decoded for every caller instead.
+    """
+    kind = type(value)
+    if kind is set:  # set members are scalars (the codec allows no other)
+        return set if all(type(v) in _IMMUTABLE for v in value) else None
+    if kind is list:
+        if all(type(v) in _IMMUTABLE for v in value):
+            return list
+    elif kind is dict:
+        if all(type(v) in _IMMUTABLE for v in value.values()):
+            return dict
+    else:
+        return None
+    return _deep_copy if _copyable(value) else None
+
+
+def _copyable(value: Any) -> bool:
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return True
+    if kind is set:
+        return all(type(v) in _IMMUTABLE for v in value)
+    if kind is list:
+        return all(_copyable(v) for v in value)
+    if kind is dict:
+        return all(_copyable(v) for v in value.values())
+    return False
+
+
+def _deep_copy(value: Any) -> Any:
+    """A copy of nested lists, maps and sets of scalars (``_copyable`` said so)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_deep_copy(v) for v in value]
+    if kind is set:
+        return set(value)
+    return value
+
+
+def _copiers(decoded: dict[str, Any]) -> tuple[tuple[str, Callable[[Any], Any]], ...] | None:
+    """The copier of each mutable attribute, or ``None`` if one cannot be copied."""
+    copies: list[tuple[str, Callable[[Any], Any]]] = []
+    for name, value in decoded.items():
+        if type(value) in _IMMUTABLE:
+            continue
+        copy = _copier(value)
+        if copy is None:
+            return None
+        copies.append((name, copy))
+    return tuple(copies)
 
 
 def expand(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:

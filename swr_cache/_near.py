@@ -164,6 +164,30 @@ class NearCache:
         items.move_to_end(rkey)
         return held[0]
 
+    def fresh(self, entry: str) -> tuple[_Snap, float] | None:
+        """A held whole entry that is fresh now and was judged before, and the time.
+
+        The hit path of an item accessor asks this first (no request built,
+        no judge): a snapshot whose deadlines were parsed by an earlier judge
+        of it (so its format was checked), holding a decoded item or a
+        not-found mark. Anything else (absent, stale, never judged): ``None``,
+        and the call goes the usual way.
+        """
+        if not self.usable:
+            return None
+        held = self._items.get(entry)
+        if held is None:
+            return None
+        snap = held[0]
+        soft = snap.soft_ms
+        now = self._now_ms()
+        if soft is None or now >= soft or now >= held[1]:
+            return None
+        if snap.kept is None and snap.none is None:
+            return None
+        self._items.move_to_end(entry)
+        return snap, now
+
     async def read(self, read: Callable[[Any], Awaitable[_Snap | None]], req: Any) -> _Snap | None:
         """Read an entry through ``read`` (one Redis round trip) and install what it returns.
 

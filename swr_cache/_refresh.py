@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("swr_cache")
 
 
+def due_early(beta: float, snap: _Snap, now: float) -> bool:
+    """XFetch: whether a fresh entry is refreshed now, likelier as its soft deadline nears."""
+    gap = -float(snap.delta) * beta * math.log(1.0 - random.random())  # type: ignore[arg-type]
+    return now + gap >= (snap.soft_ms or 0.0)
+
+
 class Refresher:
     """Schedules and runs one engine's background refreshes."""
 
@@ -45,12 +51,9 @@ class Refresher:
         if state == _FRESH:
             counts["negative_hits" if none and req.is_item else "hits"] += 1
             beta = req.policy.early_refresh
-            if beta and snap.delta is not None:
-                # XFetch: refresh early, likelier as the soft deadline nears.
-                gap = -float(snap.delta) * beta * math.log(1.0 - random.random())
-                if now + gap >= (snap.soft_ms or 0.0):
-                    counts["early_refreshes"] += 1
-                    self.schedule_refresh(req, snap.version)
+            if beta and snap.delta is not None and due_early(beta, snap, now):
+                counts["early_refreshes"] += 1
+                self.schedule_refresh(req, snap.version)
         else:
             counts["stale_hits"] += 1
             self.schedule_refresh(req, snap.version)

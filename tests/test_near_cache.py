@@ -201,6 +201,71 @@ async def test_each_caller_gets_its_own_object(
     assert cache.stats()[get_user.name]["near_hits"] == 2
 
 
+class GetCounter:
+    """Counts calls that reach the engine's ``get`` (the near fast path does not)."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.count = 0
+        self._get = cache._engine.get
+        cache._engine.get = self  # type: ignore[method-assign]
+
+    async def __call__(self, req: EntryRequest) -> Any:
+        self.count += 1
+        return await self._get(req)
+
+
+async def test_fresh_copies_skip_the_request(
+    cache: Cache, near: NearCache, origin: RecordingOrigin
+) -> None:
+    """A fresh held item (or not-found) is answered before any request is built; counted as usual."""
+    get_user = users(cache, origin)
+    await settled(cache, get_user("u1"))
+    await settled(cache, get_user("nobody"))
+    await get_user("u1")  # installs the copies (a Redis read each)
+    await get_user("nobody")
+    gets = GetCounter(cache)
+    for _ in range(5):
+        assert await get_user("u1") == origin.items["u1"]
+        assert await get_user("nobody") is None
+    assert gets.count == 0
+    stats = cache.stats()[get_user.name]
+    assert stats["near_hits"] == 10 and stats["hits"] == 6 and stats["negative_hits"] == 6
+    # A projection, a keyword call and a stale copy go the usual way.
+    assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
+    assert await get_user(user_id="u1") == origin.items["u1"]
+    assert gets.count == 2
+
+
+async def test_early_refresh_from_a_fresh_copy(
+    redis_client: Any, clock: FakeClock, origin: RecordingOrigin
+) -> None:
+    """XFetch still runs for copies answered before any request: its refresh is scheduled once."""
+    near = NearCache()
+    # A huge beta: every fresh hit of an entry with a load time is due early.
+    async with tracking(
+        redis_client, near, soft_ttl=10, hard_ttl=100, clock=clock, early_refresh=1e9
+    ) as cache:
+        get_user = users(cache, origin)
+        origin.hold()
+        first = asyncio.create_task(settled(cache, get_user("u1")))
+        await origin.entered.wait()
+        await asyncio.sleep(0.02)  # a load time of 20 ms or more: the entry's delta
+        origin.release()
+        await first
+        origin.hold()
+        gets = GetCounter(cache)
+        stats_before = cache.stats()[get_user.name]["near_hits"]
+        for _ in range(5):
+            assert await get_user("u1") == origin.items["u1"]
+        await origin.entered.wait()
+        stats = cache.stats()[get_user.name]
+        assert stats["early_refreshes"] >= 1
+        assert stats["near_hits"] - stats_before >= 4 and gets.count <= 1
+        origin.release()
+        await wait_until(lambda: not cache._engine.refresher.refreshing)
+        assert cache.stats()[get_user.name]["refreshes"] == 1 and origin.count == 2
+
+
 async def test_projections_are_held_apart(
     cache: Cache, near: NearCache, origin: RecordingOrigin
 ) -> None:

@@ -26,6 +26,7 @@ from swr_cache._entry import (
     _snap_from_list,
     encode_fields,
     expand,
+    held_value,
     judge,
     stamp_entry,
 )
@@ -242,14 +243,46 @@ def test_a_held_flat_item_is_decoded_once_and_copied_per_caller() -> None:
     assert snap.kept is not None and second[1] is not snap.kept
 
 
-def test_a_held_item_with_mutable_values_is_decoded_for_each_caller() -> None:
-    """Lists, sets and maps inside an item are never shared between callers."""
-    snap = read(filled({"tags": {"a"}, "list": [1]}), None)
+def test_a_held_item_with_mutable_values_is_copied_for_each_caller() -> None:
+    """Lists, sets and maps (nested too) inside a held item are copied, never shared between callers."""
+    item = {
+        "tags": {"a"},
+        "list": [1],
+        "map": {"k": "v"},
+        "nested": {"l": [{"x": [1, 2]}], "s": {"a", "b"}},
+        "listed": [[1], {"m": 2}],
+        "name": "Ada",
+    }
+    snap = read(filled(item), None)
     snap.held = True
     first = judge(request(), snap, NOW)
     assert isinstance(first, tuple)
-    first[1]["tags"].add("b")
+    assert snap.kept is not None  # decoded once
+    assert {name for name, _ in snap.copies} == {"tags", "list", "map", "nested", "listed"}
+    got = first[1]
+    got["tags"].add("b")
+    got["list"].append(2)
+    got["map"]["k"] = "changed"
+    got["nested"]["l"][0]["x"].append(3)
+    got["nested"]["s"].add("c")
+    got["listed"][0].append(9)
+    got["listed"][1]["m"] = 3
+    got["name"] = "changed"
+    second = judge(request(), snap, NOW)
+    assert isinstance(second, tuple)
+    assert second[1] == item
+    assert held_value(snap) == item
+
+
+def test_a_held_item_of_a_type_it_cannot_copy_is_decoded_for_each_caller() -> None:
+    """A value whose type the copier does not know (boto3's Binary) keeps the item decoded per call."""
+    from boto3.dynamodb.types import Binary
+
+    snap = read(filled({"raw": Binary(b"\x00"), "list": [1]}), None)
+    snap.held = True
+    first = judge(request(), snap, NOW)
+    assert isinstance(first, tuple)
     first[1]["list"].append(2)
     second = judge(request(), snap, NOW)
     assert isinstance(second, tuple)
-    assert second[1] == {"tags": {"a"}, "list": [1]} and snap.kept is None
+    assert second[1]["list"] == [1] and snap.kept is None
