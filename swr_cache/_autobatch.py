@@ -47,6 +47,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._gate import _is_pool_exhausted
 
+_HIREDIS_PARSER: Any = None
+_NOT_ENOUGH_DATA: Any = None
+try:  # redis-py's hiredis parser: its replies are read straight from hiredis (see _read_into)
+    from redis._parsers import hiredis as _hiredis_parsers
+
+    _HIREDIS_PARSER = _hiredis_parsers._AsyncHiredisParser  # noqa: SLF001
+    _NOT_ENOUGH_DATA = _hiredis_parsers.NOT_ENOUGH_DATA
+except (ImportError, AttributeError):  # pragma: no cover - another redis-py layout
+    pass
+
 __all__ = ["MAX_BATCH", "RawPipeline", "ReadAgain", "ReadBatcher", "pack_command", "pack_read"]
 
 #: Reads one pipeline carries at most (a longer batch waits longer for its last reply).
@@ -89,13 +99,18 @@ def pack_read(key: str, fields: Sequence[bytes] | None) -> bytes:
     k = key.encode()
     if fields is None:
         return b"%b$%d\r\n%b\r\n" % (_HGETALL, len(k), k)
-    tail = _TAILS.get(fields)  # type: ignore[call-overload]
+    return b"*%d\r\n%b$%d\r\n%b\r\n%b" % (len(fields) + 2, _HMGET, len(k), k, _tail(fields))
+
+
+def _tail(fields: Sequence[bytes]) -> bytes:
+    """HMGET's field arguments in RESP (remembered per field tuple)."""
+    tail: bytes | None = _TAILS.get(fields)  # type: ignore[call-overload]
     if tail is None:
         tail = b"".join(b"$%d\r\n%b\r\n" % (len(f), f) for f in fields)
         if len(_TAILS) >= _TAILS_MAX:
             _TAILS.clear()
         _TAILS[tuple(fields)] = tail
-    return b"*%d\r\n%b$%d\r\n%b\r\n%b" % (len(fields) + 2, _HMGET, len(k), k, tail)
+    return tail
 
 
 def _write(conn: Any, data: bytes) -> None:
@@ -110,6 +125,43 @@ def _reply_reader(conn: Any) -> Callable[[], Awaitable[Any]]:
     # raised. The caller bounds its whole read loop with one timer.
     read: Callable[[], Awaitable[Any]] = conn._read_response_from_parser  # noqa: SLF001
     return read
+
+
+async def _read_into(conn: Any, replies: list[Any], indices: Sequence[int]) -> None:
+    """Read one reply per index, in order, into ``replies`` (error replies as values).
+
+    With redis-py's hiredis parser the replies are taken from its hiredis
+    reader directly, one ``gets`` each, reading the socket only when a reply
+    is incomplete; what redis-py's own read does besides (a connection error
+    in the reply is raised, a RESP3 push is handed to its handler and
+    skipped) is done here too. Other parsers: one ``_reply_reader`` call per
+    reply. The caller bounds the whole loop with one timer.
+    """
+    parser: Any = conn._parser  # noqa: SLF001 (see the module docstring)
+    if _HIREDIS_PARSER is None or type(parser) is not _HIREDIS_PARSER or not parser._connected:  # noqa: SLF001
+        read = _reply_reader(conn)
+        for i in indices:
+            replies[i] = await read()
+        return
+    gets = parser._reader.gets  # noqa: SLF001
+    push = parser._hiredis_PushNotificationType  # noqa: SLF001
+    for i in indices:
+        while True:
+            reply = gets()
+            while reply is _NOT_ENOUGH_DATA:
+                await parser.read_from_socket()
+                reply = gets()
+            kind = type(reply)
+            if kind is list:
+                if reply and isinstance(reply[0], ConnectionError):
+                    raise reply[0]
+            elif isinstance(reply, ConnectionError):
+                raise reply
+            elif push is not None and kind is push:
+                await parser.handle_push_response(reply)
+                continue
+            replies[i] = reply
+            break
 
 
 # MOVED (a subclass of ASK) and TRYAGAIN: the command did not run on this node.
@@ -343,48 +395,70 @@ class RawPipeline:
 
     def __init__(self, batcher: ReadBatcher) -> None:
         self.batcher = batcher
-        self.commands: list[tuple[tuple[Any, ...], str, bytes, bool]] = []
+        # (args, or None for an entry read: built only if needed), key, packed
+        # command, whether the reply is a pair list (HGETALL), the read's fields.
+        self.commands: list[tuple[tuple[Any, ...] | None, str, bytes, bool, Any]] = []
 
     def hgetall(self, key: str) -> None:
-        self.commands.append((("HGETALL", key), key, pack_read(key, None), True))
+        self.commands.append((None, key, pack_read(key, None), True, None))
 
     def hmget(self, key: str, fields: Sequence[bytes]) -> None:
-        self.commands.append((("HMGET", key, *fields), key, pack_read(key, tuple(fields)), False))
+        if type(fields) is not tuple:
+            fields = tuple(fields)
+        self.commands.append((None, key, pack_read(key, fields), False, fields))
+
+    def hmget_many(self, keys: Sequence[str], fields: tuple[bytes, ...]) -> None:
+        """``hmget`` of each key, the commands packed in one go."""
+        head = b"*%d\r\n%b" % (len(fields) + 2, _HMGET)
+        tail = _tail(fields)
+        self.commands.extend(
+            [
+                (None, key, b"%b$%d\r\n%b\r\n%b" % (head, len(k), k, tail), False, fields)
+                for key, k in zip(keys, [key.encode() for key in keys], strict=True)
+            ]
+        )
 
     def execute_command(self, *args: Any) -> None:
         """A raw command; EVAL/EVALSHA are routed by their first key, others by their first argument."""
         name = str(args[0]).upper()
         key = args[3] if name in ("EVAL", "EVALSHA") else args[1]
-        self.commands.append((args, str(key), pack_command(*args), False))
+        self.commands.append((args, str(key), pack_command(*args), False, None))
+
+    def _groups(self) -> dict[Any, tuple[_Node, list[int]]]:
+        """The commands' indices by node (raises when the cluster's slot map is missing)."""
+        batcher = self.batcher
+        if batcher.pool is not None:  # standalone: one node
+            return {None: (batcher.standalone, list(range(len(self.commands))))}
+        groups: dict[Any, tuple[_Node, list[int]]] = {}
+        for i, command in enumerate(self.commands):
+            # (The batcher's own routing: this module's.)
+            nid, node = batcher._route(command[1])  # noqa: SLF001
+            group = groups.get(nid)
+            if group is None:
+                group = groups[nid] = (node, [])
+            group[1].append(i)
+        return groups
 
     async def execute(self, raise_on_error: bool = False) -> list[Any]:
         batcher = self.batcher
         if batcher.suspect:
             return await self._via_client(raise_on_error)
-        groups: dict[Any, tuple[_Node, list[int]]] = {}
         try:
-            for i, (_args, key, _packed, _pairs) in enumerate(self.commands):
-                # (The batcher's own routing: this module's.)
-                nid, node = batcher._route(key)  # noqa: SLF001
-                group = groups.get(nid)
-                if group is None:
-                    group = groups[nid] = (node, [])
-                group[1].append(i)
+            groups = self._groups()
         except Exception:  # no slot map (yet): the client's pipeline finds the nodes
             return await self._via_client(raise_on_error)
-        replies: list[Any] = [None] * len(self.commands)
+        commands = self.commands
+        replies: list[Any] = [None] * len(commands)
         taken: list[tuple[_Node, Any, list[int]]] = []
         try:
             for node, indices in groups.values():
                 conn = await node.acquire()
                 taken.append((node, conn, indices))
-                _write(conn, b"".join(self.commands[i][2] for i in indices))
+                _write(conn, b"".join([commands[i][2] for i in indices]))
             while taken:
                 node, conn, indices = taken[0]
-                read = _reply_reader(conn)
                 async with asyncio.timeout(conn.socket_timeout):
-                    for i in indices:
-                        replies[i] = await read()
+                    await _read_into(conn, replies, indices)
                 taken.pop(0)
                 await node.release(conn)
         except BaseException as exc:
@@ -402,17 +476,19 @@ class RawPipeline:
     async def _finish(self, replies: list[Any], raise_on_error: bool) -> list[Any]:
         """Re-send what a node redirected (through the client), shape pair lists as maps."""
         client = self.batcher.client
-        for i, (args, _key, _packed, pairs) in enumerate(self.commands):
+        for i, command in enumerate(self.commands):
             reply = replies[i]
+            if type(reply) is list:
+                if command[3]:  # RESP2 gives HGETALL's pairs, RESP3 a map
+                    it = iter(reply)
+                    replies[i] = dict(zip(it, it, strict=True))
+                continue
             if isinstance(reply, _REDIRECTS):
                 try:
-                    reply = await client.execute_command(*args)
+                    reply = await client.execute_command(*_args_of(command))
                 except ResponseError as exc:
                     reply = exc
                 replies[i] = reply
-            elif pairs and type(reply) is list:  # RESP2 gives pairs, RESP3 a map
-                it = iter(reply)
-                replies[i] = dict(zip(it, it, strict=True))
             if raise_on_error and isinstance(replies[i], ResponseError):
                 raise replies[i]
         return replies
@@ -420,13 +496,23 @@ class RawPipeline:
     async def _via_client(self, raise_on_error: bool) -> list[Any]:
         """A node is suspect: the client's own pipeline (it refreshes the cluster's layout)."""
         pipe = self.batcher.client.pipeline(transaction=False)
-        for args, _key, _packed, _pairs in self.commands:
-            pipe.execute_command(*args)
+        for command in self.commands:
+            pipe.execute_command(*_args_of(command))
         replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
         self.batcher.suspect.clear()  # the client reached every node it needed
-        for i, (_args, _key, _packed, pairs) in enumerate(self.commands):
+        for i, command in enumerate(self.commands):
             reply = replies[i]
-            if pairs and type(reply) is list:
+            if command[3] and type(reply) is list:
                 it = iter(reply)
                 replies[i] = dict(zip(it, it, strict=True))
         return replies
+
+
+def _args_of(command: tuple[tuple[Any, ...] | None, str, bytes, bool, Any]) -> tuple[Any, ...]:
+    """A queued command's arguments (an entry read's are built only when they are needed)."""
+    args, key, _packed, pairs, fields = command
+    if args is not None:
+        return args
+    if pairs:
+        return ("HGETALL", key)
+    return ("HMGET", key, *fields)

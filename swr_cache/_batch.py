@@ -23,13 +23,22 @@ import anyio
 from redis.exceptions import RedisError, ResponseError
 
 from ._engine_api import EntryRequest, LoadMany
-from ._entry import _Corrupt, _Plan, judge, with_version
+from ._entry import _Corrupt, _Plan, fresh_item, judge, with_version
 from ._errors import CodecError
 from ._fills import EntryTooLarge
 from ._gate import _is_pool_exhausted, _NoSlot
 from ._loads import PURGE_MARGIN_MS, while_renewing
 from ._metrics import Metrics
-from ._store import FillOutcome, LeaseOutcome, is_wrongtype, queue_acquire, queue_read
+from ._policy import Policy
+from ._store import (
+    WHOLE_FIELDS,
+    FillOutcome,
+    LeaseOutcome,
+    is_wrongtype,
+    queue_acquire,
+    queue_read,
+    queue_reads,
+)
 
 if TYPE_CHECKING:
     from ._engine import RedisEngine
@@ -104,6 +113,65 @@ class BatchReads:
             return {}, 0
         return await _Batch(self.engine, reqs[0].metrics, load_many).run(reqs)
 
+    async def get_items(
+        self,
+        entries: Sequence[str],
+        request: Callable[[int], EntryRequest],
+        load_many: LoadMany,
+        metrics: Metrics,
+        policy: Policy,
+    ) -> list[Any]:
+        """Whole items of distinct entries of one accessor: their values, in order.
+
+        ``get_many`` for callers that have entry keys at hand and build a
+        request (``request(i)`` for ``entries[i]``) only where one is needed:
+        a fresh whole entry is answered from the pipeline's reply alone
+        (``_entry.fresh_item``); anything else (absent, stale, negative, partial,
+        corrupt) goes through ``get_many``'s steps with the reply already
+        read. With a near cache or a signing key every entry takes those steps.
+        """
+        engine = self.engine
+        engine.require_entered()
+        n = len(entries)
+        if engine.near is not None or engine.signer is not None:
+            reqs = [request(i) for i in range(n)]
+            got, _ = await self.get_many(reqs, load_many)
+            return [got.get(req.identity) for req in reqs]
+        batch = _Batch(engine, metrics, load_many)
+
+        def build(pipe: Any) -> None:
+            queue_reads(pipe, entries, WHOLE_FIELDS)
+
+        replies = await batch.pipeline(build, n) if n else []
+        if replies is None:  # Redis is unusable: from the origin, nothing stored
+            reqs = [request(i) for i in range(n)]
+            await batch.load_unstored(reqs)
+            return [batch.results.get(req.identity) for req in reqs]
+        values: list[Any] = [None] * n
+        rest: list[int] = []
+        early: list[tuple[int, bytes]] = []
+        now = engine.now_ms()
+        beta = policy.early_refresh
+        for i, raw in enumerate(replies):
+            value = fresh_item(raw, now, beta, early, i)
+            if value is None:
+                rest.append(i)
+            else:
+                values[i] = value
+        metrics.counts["hits"] += n - len(rest)
+        for i, version in early:
+            metrics.counts["early_refreshes"] += 1
+            engine.refresher.schedule_refresh(request(i), version)
+        if rest:
+            reqs = [request(i) for i in rest]
+            snaps = [batch.snap(req, replies[i]) for req, i in zip(reqs, rest, strict=True)]
+            misses = batch.judge_many(reqs, snaps)
+            if misses:
+                await batch.load_misses(misses)
+            for req, i in zip(reqs, rest, strict=True):
+                values[i] = batch.results.get(req.identity)
+        return values
+
 
 class _Batch:
     """One ``get_many`` call: its answers so far and what it loads with."""
@@ -122,13 +190,13 @@ class _Batch:
         else:  # held copies skip the pipeline
             snaps = await near.read_many(self._read_many, todo, self.metrics)
         if snaps is None:
-            loaded = await self._load_unstored(todo)
+            loaded = await self.load_unstored(todo)
         else:
-            misses = self._judge_many(todo, snaps)
-            loaded = await self._load_misses(misses) if misses else 0
+            misses = self.judge_many(todo, snaps)
+            loaded = await self.load_misses(misses) if misses else 0
         return self.results, loaded
 
-    def _judge_many(
+    def judge_many(
         self, reqs: Sequence[EntryRequest], snaps: Sequence[Any]
     ) -> list[tuple[EntryRequest, _Plan | None]]:
         """Serve what the snapshots answer (scheduling stale refreshes); return the misses."""
@@ -167,7 +235,7 @@ class _Batch:
             counts["redis_errors"] += 1
             breaker.failure()
 
-    async def _pipeline(self, build: Callable[[Any], None], n: int) -> list[Any] | None:
+    async def pipeline(self, build: Callable[[Any], None], n: int) -> list[Any] | None:
         """Run one non-transactional pipeline (grouped by node on a cluster); ``None`` to bypass."""
         engine = self.engine
         breaker = engine.breaker
@@ -210,12 +278,12 @@ class _Batch:
             for req in reqs:
                 queue_read(pipe, req.entry, req.fields)
 
-        replies = await self._pipeline(build, len(reqs))
+        replies = await self.pipeline(build, len(reqs))
         if replies is None:
             return None
-        return [self._snap(req, raw) for req, raw in zip(reqs, replies, strict=True)]
+        return [self.snap(req, raw) for req, raw in zip(reqs, replies, strict=True)]
 
-    def _snap(self, req: EntryRequest, raw: Any, count: bool = True) -> Any:
+    def snap(self, req: EntryRequest, raw: Any, count: bool = True) -> Any:
         if isinstance(raw, BaseException):
             return _CORRUPT  # WRONGTYPE
         try:
@@ -223,7 +291,7 @@ class _Batch:
         except (TypeError, ValueError):
             return _CORRUPT
 
-    async def _load_unstored(
+    async def load_unstored(
         self,
         reqs: Sequence[EntryRequest],
     ) -> int:
@@ -249,7 +317,7 @@ class _Batch:
         finally:
             self.metrics.load_latency.observe(time.perf_counter() - t0)
 
-    async def _load_misses(
+    async def load_misses(
         self,
         misses: list[tuple[EntryRequest, _Plan | None]],
     ) -> int:
@@ -262,9 +330,9 @@ class _Batch:
                 queue_acquire(pipe, req.lease, tokens[req.identity], engine.lease_ms, None)
                 queue_read(pipe, req.entry, req.fields)
 
-        replies = await self._pipeline(build, len(misses))
+        replies = await self.pipeline(build, len(misses))
         if replies is None:
-            return await self._load_unstored([req for req, _ in misses])
+            return await self.load_unstored([req for req, _ in misses])
         now = engine.now_ms()
         mine: list[tuple[EntryRequest, _Plan | None]] = []
         others: list[EntryRequest] = []
@@ -275,7 +343,7 @@ class _Batch:
             if got and reply == LeaseOutcome.REPAIRED:
                 req.metrics.counts["leases_repaired"] += 1
             # (A bad signature seen again here was counted by the first read.)
-            snap = self._snap(req, raw, count=False)
+            snap = self.snap(req, raw, count=False)
             verdict: Any = None
             if snap is not _CORRUPT and snap is not None:
                 try:

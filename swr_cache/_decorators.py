@@ -455,14 +455,7 @@ class CachedItemFunction(_Wrapper[P, T]):
         ):
             # The common call, get(user_id): the key function is pure, so its
             # identity and entry key are remembered (bounded) per argument.
-            memo = self._memo.get(args[0])
-            if memo is None:
-                identity = self._identity(args, {}, False)[0]
-                memo = (identity, self.engine.keys.entry(identity))
-                if len(self._memo) >= _MEMO_SIZE:
-                    self._memo.clear()
-                self._memo[args[0]] = memo
-            identity, entry = memo
+            identity, entry = self._entry_of(args[0])
             attributes = kwargs.get(_ATTRS) if kwargs else None
         else:
             identity, _key, attributes = self._identity(args, kwargs, skip_first)
@@ -526,21 +519,27 @@ class CachedItemFunction(_Wrapper[P, T]):
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return {}
-        by_identity: dict[str, K] = {}
+        # One entry per identity (two keys may name one item).
+        firsts: dict[str, K] = {}
+        entries: list[str] = []
         identity_of: dict[K, str] = {}
-        reqs: list[EntryRequest] = []
+        identities: list[str] = []
         for k in wanted:
-            req = self._request((k,), {}, False)
-            identity_of[k] = req.identity
-            if req.identity not in by_identity:
-                by_identity[req.identity] = k
-                reqs.append(req)
+            identity, entry = self._entry_of(k)
+            identity_of[k] = identity
+            if identity not in firsts:
+                firsts[identity] = k
+                identities.append(identity)
+                entries.append(entry)
         plan = self._plan
+
+        def request(i: int) -> EntryRequest:
+            return self._request((firsts[identities[i]],), {}, False)
 
         async def load_many(
             loading: Sequence[EntryRequest], _attrs: tuple[str, ...] | None
         ) -> Mapping[str, Any]:
-            asked = [by_identity[r.identity] for r in loading]
+            asked = [firsts[r.identity] for r in loading]
             found = await load(asked)
             out: dict[str, Any] = {}
             for r, k in zip(loading, asked, strict=True):
@@ -550,20 +549,34 @@ class CachedItemFunction(_Wrapper[P, T]):
                 out[r.identity] = value
             return out
 
-        got, _loaded = await self.engine.get_many(reqs, load_many)
+        got = await self.engine.get_items(entries, request, load_many, self.metrics, self.policy)
         values: dict[str, T | None] = {}
-        for req in reqs:
-            value = got.get(req.identity)
+        for i, (identity, value) in enumerate(zip(identities, got, strict=True)):
             if value is None or plan is None:
-                values[req.identity] = value
+                values[identity] = value
                 continue
             try:
-                values[req.identity] = self._rebuild(value)
+                values[identity] = self._rebuild(value)
             except CodecError:
                 # Stored by an older version of the type: a counted miss, reloaded alone.
                 self.metrics.counts["decode_errors"] += 1
-                values[req.identity] = self._rebuild(await self.engine.refresh_now(req), fresh=True)
+                fresh = await self.engine.refresh_now(request(i))
+                values[identity] = self._rebuild(fresh, fresh=True)
         return {k: values[identity_of[k]] for k in wanted}
+
+    def _entry_of(self, key: Any) -> tuple[str, str]:
+        """The identity and entry key of a one-argument call (remembered for text keys)."""
+        if type(key) is str:
+            memo = self._memo.get(key)
+            if memo is not None:
+                return memo
+        identity = self._identity((key,), {}, False)[0]
+        memo = (identity, self.engine.keys.entry(identity))
+        if type(key) is str:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = memo
+        return memo
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Invalidate the item these arguments name (entry, lease and its item tag)."""

@@ -58,6 +58,7 @@ from ._entry import (
     _snap_from_hash,
     _snap_from_list,
     _snap_from_result,
+    due_early,
     held_value,
     judge,
 )
@@ -70,7 +71,7 @@ from ._loads import LoadResult, Loads
 from ._metrics import Metrics, MetricsRegistry
 from ._near import NearCache
 from ._policy import Policy
-from ._refresh import Refresher, due_early
+from ._refresh import Refresher
 from ._signing import Signer
 from ._store import WHOLE_FIELDS, Store, is_wrongtype
 
@@ -224,7 +225,9 @@ class RedisEngine:
         self.call_loader = self.loads.call_loader
         self.consistent_get = self.loads.consistent_get
         self.whole_entry = self.fills.whole_entry
-        self.get_many = BatchReads(self).get_many
+        batches = BatchReads(self)
+        self.get_many = batches.get_many
+        self.get_items = batches.get_items
         # Requests are built on every call: a partial adds no Python frame.
         self.request = partial(EntryRequest, self)
 
@@ -521,7 +524,11 @@ class RedisEngine:
             value = held_value(snap)
             counts["hits"] += 1
         beta = policy.early_refresh
-        if beta and snap.delta is not None and due_early(beta, snap, now):
+        if (
+            beta
+            and snap.delta is not None
+            and due_early(beta, snap.delta, snap.soft_ms or 0.0, now)
+        ):
             counts["early_refreshes"] += 1
             self.refresher.schedule_refresh(request(args, {}, False), snap.version)
         return value

@@ -277,6 +277,15 @@ class Engine(Protocol):
         self, reqs: Sequence[EntryRequest], load_many: LoadMany
     ) -> tuple[dict[str, Any], int]: ...
 
+    async def get_items(
+        self,
+        entries: Sequence[str],
+        request: Callable[[int], EntryRequest],
+        load_many: LoadMany,
+        metrics: Metrics,
+        policy: Policy,
+    ) -> list[Any]: ...
+
     async def consistent_get(self, req: EntryRequest) -> Any: ...
 
     async def call_loader(self, req: EntryRequest, attrs: tuple[str, ...] | None) -> Any: ...

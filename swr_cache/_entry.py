@@ -26,6 +26,7 @@ this version: a counted miss (``decode_errors``), reloaded and overwritten.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import uuid
@@ -69,8 +70,10 @@ _WHOLE: Final = b"w"  # entry kinds in the \xffe header
 _NEGATIVE: Final = b"n"
 
 __all__ = [
+    "due_early",
     "encode_fields",
     "expand",
+    "fresh_item",
     "held_value",
     "judge",
     "normalize_attributes",
@@ -224,6 +227,43 @@ def _decode_whole(snap: _Snap) -> dict[str, Any]:
             snap.copies = copies
             return _decode_whole(snap)
     return decoded
+
+
+def fresh_item(raw: Any, now: float, beta: float, early: list[tuple[int, bytes]], i: int) -> Any:
+    """A whole entry's item if the read reply ``raw`` (of ``WHOLE_FIELDS``) holds one fresh at ``now``.
+
+    ``None`` for anything else (absent, stale, negative, partial, an
+    error reply, a malformed header or blob): ``judge`` then decides and
+    counts. Appends ``(i, version)`` to ``early`` when XFetch (``beta``)
+    calls for an early refresh.
+    """
+    if type(raw) is not list or raw[0] is None:
+        return None
+    parts = raw[0].split(b"|", 7)
+    if len(parts) != 8 or parts[0] != FORMAT or parts[5] != _WHOLE:
+        return None
+    try:
+        soft = float(parts[1])
+        if now >= soft or now >= float(parts[2]):
+            return None
+        value = _codec.decode(parts[7])
+    except (ValueError, CodecError):
+        return None
+    if type(value) is not dict:
+        return None
+    delta = parts[4]
+    if beta and delta and due_early(beta, delta, soft, now):
+        early.append((i, parts[3]))
+    return value
+
+
+def due_early(beta: float, delta: bytes, soft: float, now: float) -> bool:
+    """XFetch: whether a fresh entry is refreshed now, likelier as its soft deadline nears.
+
+    ``delta`` is how long the entry's load took (ms, as its header holds it).
+    """
+    gap = -float(delta) * beta * math.log(1.0 - random.random())
+    return now + gap >= soft
 
 
 def held_value(snap: _Snap) -> dict[str, Any] | None:

@@ -12,25 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
 from ._engine_api import EntryRequest
 from ._entry import FRESH as _FRESH
-from ._entry import _Snap
+from ._entry import _Snap, due_early
 
 if TYPE_CHECKING:
     from ._engine import RedisEngine
 
 log = logging.getLogger("swr_cache")
-
-
-def due_early(beta: float, snap: _Snap, now: float) -> bool:
-    """XFetch: whether a fresh entry is refreshed now, likelier as its soft deadline nears."""
-    gap = -float(snap.delta) * beta * math.log(1.0 - random.random())  # type: ignore[arg-type]
-    return now + gap >= (snap.soft_ms or 0.0)
 
 
 class Refresher:
@@ -51,7 +43,11 @@ class Refresher:
         if state == _FRESH:
             counts["negative_hits" if none and req.is_item else "hits"] += 1
             beta = req.policy.early_refresh
-            if beta and snap.delta is not None and due_early(beta, snap, now):
+            if (
+                beta
+                and snap.delta is not None
+                and due_early(beta, snap.delta, snap.soft_ms or 0.0, now)
+            ):
                 counts["early_refreshes"] += 1
                 self.schedule_refresh(req, snap.version)
         else:

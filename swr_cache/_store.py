@@ -371,6 +371,15 @@ def queue_read(pipe: Any, key: str, fields: Sequence[bytes] | None) -> None:
         pipe.hmget(key, fields)
 
 
+def queue_reads(pipe: Any, keys: Sequence[str], fields: tuple[bytes, ...]) -> None:
+    """Queue HMGET of the same ``fields`` from each key (packed in one go where it can)."""
+    if isinstance(pipe, RawPipeline):
+        pipe.hmget_many(keys, fields)
+    else:
+        for key in keys:
+            pipe.hmget(key, fields)
+
+
 def is_wrongtype(exc: BaseException) -> bool:
     """True for Redis' WRONGTYPE reply: a key of ours holds another type."""
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")

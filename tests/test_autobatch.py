@@ -284,3 +284,45 @@ async def test_batches_on_a_client_with_a_socket_timeout(
         assert errors == []
         assert cache.stats()["swr_cache"]["read_batches"] == 3
         assert origin.count == N
+
+
+@pytest.mark.parametrize(
+    ("protocol", "parser"),
+    [(2, None), (3, None), (2, "_AsyncRESP2Parser"), (3, "_AsyncRESP3Parser")],
+    ids=["resp2-hiredis", "resp3-hiredis", "resp2-python", "resp3-python"],
+)
+async def test_pipelines_read_replies_with_every_parser(
+    redis_url: str, origin: RecordingOrigin, protocol: int, parser: str | None
+) -> None:
+    """A hand-packed pipeline reads its replies right with hiredis (taken directly) and redis-py's own parsers.
+
+    An error reply (WRONGTYPE at one key) answers only its own read.
+    """
+    import redis._parsers
+    import redis.asyncio as aioredis
+
+    kwargs: dict[str, Any] = {"protocol": protocol, "socket_timeout": 5}
+    if parser is not None:
+        kwargs["parser_class"] = getattr(redis._parsers, parser)
+    client = aioredis.Redis.from_url(redis_url, **kwargs)
+    cache = Cache(client, namespace=f"p{protocol}{parser}", early_refresh=0)
+    try:
+        async with CacheHost(cache):
+            get_user = users(cache, origin)
+            await warm(get_user)
+
+            async def load(ids: list[str]) -> dict[str, dict[str, Any] | None]:
+                return {i: origin.items[i] for i in ids}
+
+            got = await get_user.many(KEYS, load=load)
+            assert got == {k: origin.items[k] for k in KEYS}
+            assert origin.count == N
+            entry = cache._engine.keys.entry("Users|pk=S:u3")
+            await client.delete(entry)
+            await client.set(entry, b"not a hash")
+            again = await get_user.many(KEYS, load=load)
+            assert again == got
+            stats = cache.stats()[get_user.name]
+            assert stats["decode_errors"] == 1 and stats["hits"] == 2 * N - 1
+    finally:
+        await client.aclose()

@@ -158,3 +158,87 @@ async def test_many_needs_one_key_argument(cache: Cache) -> None:
 
     with pytest.raises(ConfigError, match="one key argument"):
         await get_user.many(["a"], load=load)
+
+
+class RequestCounter:
+    """Counts the requests an accessor builds (``_request``): many() builds them only where needed."""
+
+    def __init__(self, fn: Any) -> None:
+        self.count = 0
+        self._request = fn._request
+        fn._request = self
+
+    def __call__(self, *args: Any) -> Any:
+        self.count += 1
+        return self._request(*args)
+
+
+async def test_fresh_items_build_no_request(cache: Cache, origin: RecordingOrigin) -> None:
+    """Fresh whole entries are answered from the pipeline's replies alone; misses still load once."""
+    get_user = accessor(cache, origin)
+    load = BatchOrigin(origin)
+    await get_user.many(KEYS[:6], load=load)
+    requests = RequestCounter(get_user)
+    got = await get_user.many(KEYS, load=load)
+    assert got == {k: origin.items[k] for k in KEYS}
+    assert requests.count == 4  # u6..u9, the misses
+    assert load.calls[1] == KEYS[6:]
+    stats = cache.stats()[get_user.name]
+    assert stats["hits"] == 6 and stats["misses"] == 10
+    requests.count = 0
+    assert await get_user.many(KEYS, load=load) == got
+    assert requests.count == 0 and len(load.calls) == 2
+    assert cache.stats()[get_user.name]["hits"] == 16
+
+
+async def test_unusual_entries_take_the_full_steps(
+    cache: Cache, origin: RecordingOrigin, redis_client: Any
+) -> None:
+    """Negative, partial, corrupt and old-format entries are judged and counted as single reads judge them."""
+    from swr_cache._engine_api import engine_of
+
+    get_user = accessor(cache, origin)
+    load = BatchOrigin(origin)
+    await get_user.many(["u0", "u1", "u2", "ghost"], load=load)
+    keys = engine_of(cache).keys
+    u1 = keys.entry("Users|pk=S:u1")
+    u2 = keys.entry("Users|pk=S:u2")
+    await redis_client.hset(u1, b"\xffe", b"2|garbage")  # a header that does not parse
+    await redis_client.delete(u2)
+    await redis_client.hset(u2, mapping={b"\xfff": b"2", b"name": b"\xa2U2"})  # a partial entry
+    requests = RequestCounter(get_user)
+    got = await get_user.many(["u0", "u1", "u2", "ghost"], load=load)
+    assert got == {
+        "u0": origin.items["u0"],
+        "u1": origin.items["u1"],
+        "u2": origin.items["u2"],
+        "ghost": None,
+    }
+    assert requests.count == 3  # u1, u2 and ghost: u0 is a fresh hit
+    assert sorted(load.calls[1]) == ["u1", "u2"]
+    stats = cache.stats()[get_user.name]
+    assert stats["decode_errors"] == 1 and stats["partial_misses"] == 1
+    assert stats["negative_hits"] == 1
+
+
+async def test_early_refresh_from_a_batch(redis_client: Any, origin: RecordingOrigin) -> None:
+    """XFetch runs for fresh batch hits too: a due entry is refreshed once, by the single accessor."""
+    cache = Cache(redis_client, namespace="t", soft_ttl=10, hard_ttl=100, early_refresh=1e9)
+    async with CacheHost(cache):
+        get_user = accessor(cache, origin)
+        load = BatchOrigin(origin)
+        load.gate.clear()
+        first = asyncio.create_task(get_user.many(["u0"], load=load))
+        await load.entered.wait()
+        await asyncio.sleep(0.02)  # a load time of 20 ms or more: the entry's delta
+        load.gate.set()
+        await first
+        got = await get_user.many(["u0"], load=load)
+        assert got == {"u0": origin.items["u0"]}
+        stats = cache.stats()[get_user.name]
+        assert stats["hits"] == 1 and stats["early_refreshes"] == 1
+        for _ in range(500):
+            if origin.count >= 1 and not cache._engine.refresher.refreshing:
+                break
+            await asyncio.sleep(0.01)
+        assert origin.count == 1 and len(load.calls) == 1
