@@ -120,8 +120,8 @@ class BatchReads:
         load_many: LoadMany,
         metrics: Metrics,
         policy: Policy,
-    ) -> list[Any]:
-        """Whole items of distinct entries of one accessor: their values, in order.
+    ) -> tuple[list[Any], int]:
+        """Whole items of distinct entries of one accessor: their values in order, loads made.
 
         ``get_many`` for callers that have entry keys at hand and build a
         request (``request(i)`` for ``entries[i]``) only where one is needed:
@@ -135,8 +135,8 @@ class BatchReads:
         n = len(entries)
         if engine.near is not None or engine.signer is not None:
             reqs = [request(i) for i in range(n)]
-            got, _ = await self.get_many(reqs, load_many)
-            return [got.get(req.identity) for req in reqs]
+            got, loaded = await self.get_many(reqs, load_many)
+            return [got.get(req.identity) for req in reqs], loaded
         batch = _Batch(engine, metrics, load_many)
 
         def build(pipe: Any) -> None:
@@ -145,8 +145,8 @@ class BatchReads:
         replies = await batch.pipeline(build, n) if n else []
         if replies is None:  # Redis is unusable: from the origin, nothing stored
             reqs = [request(i) for i in range(n)]
-            await batch.load_unstored(reqs)
-            return [batch.results.get(req.identity) for req in reqs]
+            loaded = await batch.load_unstored(reqs)
+            return [batch.results.get(req.identity) for req in reqs], loaded
         values: list[Any] = [None] * n
         rest: list[int] = []
         early: list[tuple[int, bytes]] = []
@@ -162,15 +162,16 @@ class BatchReads:
         for i, version in early:
             metrics.counts["early_refreshes"] += 1
             engine.refresher.schedule_refresh(request(i), version)
+        loaded = 0
         if rest:
             reqs = [request(i) for i in rest]
             snaps = [batch.snap(req, replies[i]) for req, i in zip(reqs, rest, strict=True)]
             misses = batch.judge_many(reqs, snaps)
             if misses:
-                await batch.load_misses(misses)
+                loaded = await batch.load_misses(misses)
             for req, i in zip(reqs, rest, strict=True):
                 values[i] = batch.results.get(req.identity)
-        return values
+        return values, loaded
 
 
 class _Batch:

@@ -549,7 +549,9 @@ class CachedItemFunction(_Wrapper[P, T]):
                 out[r.identity] = value
             return out
 
-        got = await self.engine.get_items(entries, request, load_many, self.metrics, self.policy)
+        got, _loaded = await self.engine.get_items(
+            entries, request, load_many, self.metrics, self.policy
+        )
         values: dict[str, T | None] = {}
         for i, (identity, value) in enumerate(zip(identities, got, strict=True)):
             if value is None or plan is None:

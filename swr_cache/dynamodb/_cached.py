@@ -180,14 +180,13 @@ class CachedTable(_CachedWrites):
         attrs = normalize_attributes(attributes)
         check_key = self._ops.check_key
         clean = [check_key(k, names) for k in keys]
-        reqs: dict[str, EntryRequest] = {}
         keymap: dict[str, dict[str, Any]] = {}
         idents = []
+        table = self.table.name
         for key in clean:
-            ident = item_identity(self.table.name, key)
+            ident = item_identity(table, key)
             idents.append(ident)
-            if ident not in reqs:
-                reqs[ident] = self._request(key, attrs, self.consistent_fills, ident)
+            if ident not in keymap:
                 keymap[ident] = key
         batch_get = self._ops.batch_get
         consistent = self.consistent_fills
@@ -200,7 +199,19 @@ class CachedTable(_CachedWrites):
                 [keymap[req.identity] for req in loading], load_attrs, consistent, counts
             )
 
-        results, loaded = await self.engine.get_many(list(reqs.values()), load_many)
+        firsts = list(keymap)
+        engine = self.engine
+        if attrs is None:  # whole items: a request only where a fresh hit does not answer
+            values, loaded = await engine.get_items(
+                [engine.keys.entry(ident) for ident in firsts],
+                lambda i: self._request(keymap[firsts[i]], None, consistent, firsts[i]),
+                load_many,
+                self.metrics,
+                self.policy,
+            )
+            return _one_each(idents, dict(zip(firsts, values, strict=True)), None), loaded
+        reqs = [self._request(keymap[ident], attrs, consistent, ident) for ident in firsts]
+        results, loaded = await engine.get_many(reqs, load_many)
         return _one_each(idents, results, None), loaded
 
     # -- cached query / scan -------------------------------------------------------
