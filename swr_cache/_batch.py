@@ -23,7 +23,7 @@ import anyio
 from redis.exceptions import RedisError, ResponseError
 
 from ._engine_api import EntryRequest, LoadMany
-from ._entry import _Corrupt, _Plan, fresh_item, judge, with_version
+from ._entry import _Corrupt, _Plan, fresh_items, judge, with_version
 from ._errors import CodecError
 from ._fills import EntryTooLarge
 from ._gate import _is_pool_exhausted, _NoSlot
@@ -126,7 +126,7 @@ class BatchReads:
         ``get_many`` for callers that have entry keys at hand and build a
         request (``request(i)`` for ``entries[i]``) only where one is needed:
         a fresh whole entry is answered from the pipeline's reply alone
-        (``_entry.fresh_item``); anything else (absent, stale, negative, partial,
+        (``_entry.fresh_items``); anything else (absent, stale, negative, partial,
         corrupt) goes through ``get_many``'s steps with the reply already
         read. With a near cache or a signing key every entry takes those steps.
         """
@@ -147,17 +147,7 @@ class BatchReads:
             reqs = [request(i) for i in range(n)]
             loaded = await batch.load_unstored(reqs)
             return [batch.results.get(req.identity) for req in reqs], loaded
-        values: list[Any] = [None] * n
-        rest: list[int] = []
-        early: list[tuple[int, bytes]] = []
-        now = engine.now_ms()
-        beta = policy.early_refresh
-        for i, raw in enumerate(replies):
-            value = fresh_item(raw, now, beta, early, i)
-            if value is None:
-                rest.append(i)
-            else:
-                values[i] = value
+        values, rest, early = fresh_items(replies, engine.now_ms(), policy.early_refresh)
         metrics.counts["hits"] += n - len(rest)
         for i, version in early:
             metrics.counts["early_refreshes"] += 1

@@ -524,8 +524,10 @@ class CachedItemFunction(_Wrapper[P, T]):
         entries: list[str] = []
         identity_of: dict[K, str] = {}
         identities: list[str] = []
+        memo: Mapping[Any, tuple[str, str]] = self._memo
         for k in wanted:
-            identity, entry = self._entry_of(k)
+            known = memo.get(k) if type(k) is str else None
+            identity, entry = self._entry_of(k) if known is None else known
             identity_of[k] = identity
             if identity not in firsts:
                 firsts[identity] = k

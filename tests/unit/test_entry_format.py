@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
+from unittest.mock import patch
 
 import pytest
+from redis.exceptions import ResponseError
 
 from swr_cache import _codec
 from swr_cache._entry import (
@@ -24,8 +26,10 @@ from swr_cache._entry import (
     _Snap,
     _snap_from_hash,
     _snap_from_list,
+    due_early,
     encode_fields,
     expand,
+    fresh_items,
     held_value,
     judge,
     stamp_entry,
@@ -286,3 +290,51 @@ def test_a_held_item_of_a_type_it_cannot_copy_is_decoded_for_each_caller() -> No
     second = judge(request(), snap, NOW)
     assert isinstance(second, tuple)
     assert second[1]["list"] == [1] and snap.kept is None
+
+
+def test_fresh_items_answer_fresh_whole_entries_and_leave_the_rest_to_judge() -> None:
+    """A batch's fresh whole entries are decoded from their replies; every other reply is left to judge."""
+    fresh = hmget(filled(ITEM), WHOLE_FIELDS)
+    negative = hmget(filled(None), WHOLE_FIELDS)
+    partial = hmget(filled({"name": "Ada"}, ("name",)), WHOLE_FIELDS)
+    assert fresh[0] is not None
+    header = fresh[0].split(b"|", 7)
+    stale_soft = b"|".join([header[0], b"%d" % (NOW - 1), *header[2:]])
+    garbage = b"|".join([*header[:7], b"\xc1"])  # a blob msgpack rejects
+    replies = [
+        fresh,
+        None,
+        [None, None],
+        negative,
+        partial,
+        [stale_soft, None],
+        [garbage, None],
+        ResponseError("WRONGTYPE"),
+        [b"1|old", None],
+    ]
+    values, rest, early = fresh_items(replies, NOW, 0.0)
+    assert values[0] == ITEM and values[1:] == [None] * 8
+    assert rest == [1, 2, 3, 4, 5, 6, 7, 8] and early == []
+    # Each caller gets objects of its own.
+    again, _, _ = fresh_items([fresh], NOW, 0.0)
+    assert again[0] == ITEM and again[0] is not values[0]
+
+
+def test_xfetch_draws_only_near_the_soft_deadline() -> None:
+    """An early refresh is drawn only within 40 load-times x beta of the soft deadline; nearer, it is likely."""
+    soft = NOW + 1000.0
+    with patch("swr_cache._entry.random.random") as draw:
+        draw.return_value = 0.999999
+        assert not due_early(1.0, b"10", soft, NOW)  # 1000 ms away, 400 ms horizon: no draw
+        assert draw.call_count == 0
+        assert due_early(1.0, b"100", soft, NOW)  # within the horizon, a draw near 1: due
+        draw.return_value = 0.0
+        assert not due_early(1.0, b"100", soft, NOW)  # a zero gap: not yet
+        assert draw.call_count == 2
+    fresh = hmget(filled(ITEM), WHOLE_FIELDS)
+    assert fresh[0] is not None
+    header = fresh[0].split(b"|", 7)
+    header[1] = b"%d" % (NOW + 5)  # soft in 5 ms
+    header[4] = b"1000"  # a load of 1 s
+    _, _, early = fresh_items([[b"|".join(header), None]], NOW, 1e6)
+    assert early == [(0, header[3])]
