@@ -180,17 +180,66 @@ def is_redirect(reply: Any) -> bool:
     return isinstance(reply, _REDIRECTS)
 
 
-class _Node:
-    """Where a read goes: the standalone pool, or one cluster node."""
+#: Connections a standalone node keeps between reads instead of handing them
+#: back to the pool (see ``_Node``).
+IDLE_KEPT: Final = 4
+#: ... and only while its pool could hand out this many more: a small pool
+#: shared with the application is never made smaller.
+POOL_ROOM: Final = 16
 
-    __slots__ = ("node", "pool")
+
+def _clean(conn: Any) -> bool:
+    """A kept connection is still open and holds no unread bytes (what the pool checks)."""
+    if not conn.is_connected:
+        return False
+    should_reconnect = getattr(conn, "should_reconnect", None)  # redis-py 7+: a server moving
+    if should_reconnect is not None and should_reconnect():
+        return False
+    stream = conn._reader  # noqa: SLF001 (the connection's asyncio stream; see the module docstring)
+    if stream is None or stream.at_eof() or stream._buffer:  # noqa: SLF001
+        return False
+    parser: Any = conn._parser  # noqa: SLF001
+    reader = getattr(parser, "_reader", None)
+    return not (type(parser) is _HIREDIS_PARSER and reader is not None and reader.has_data())
+
+
+def _roomy(pool: Any) -> bool:
+    """The pool can give ``POOL_ROOM`` more connections: keeping one takes nothing the app needs."""
+    limit = getattr(pool, "max_connections", None)
+    in_use = getattr(pool, "_in_use_connections", None)
+    if type(limit) is not int or in_use is None:
+        return False
+    return limit - len(in_use) >= POOL_ROOM
+
+
+class _Node:
+    """Where a read goes: the standalone pool, or one cluster node.
+
+    A standalone node keeps up to ``IDLE_KEPT`` connections between reads,
+    while its pool has room for ``POOL_ROOM`` more: taking one from redis-py's
+    pool and handing it back costs 11-16 µs here (a lock and its
+    observability records), a tenth of a hit. A kept
+    connection is checked as the pool would check it (open, nothing unread)
+    and goes back to the pool otherwise, and all of them when the cache
+    closes (``give_back``). A cluster node's connections come from its own
+    free list already.
+    """
+
+    __slots__ = ("idle", "node", "pool")
 
     def __init__(self, pool: Any, node: Any) -> None:
         self.pool = pool
         self.node = node
+        self.idle: list[Any] = []
 
     async def acquire(self) -> Any:
         if self.node is None:
+            idle = self.idle
+            while idle:
+                conn = idle.pop()
+                if _clean(conn):
+                    return conn
+                await self.discard(conn)  # the pool connects it again when it is next taken
             return await self.pool.get_connection()
         conn = self.node.acquire_connection()
         if not conn.is_connected:
@@ -203,9 +252,19 @@ class _Node:
 
     async def release(self, conn: Any) -> None:
         if self.node is None:
-            await self.pool.release(conn)
+            if len(self.idle) < IDLE_KEPT and _roomy(self.pool):
+                self.idle.append(conn)
+            else:
+                await self.pool.release(conn)
         else:
             self.node.release(conn)
+
+    async def give_back(self) -> None:
+        """Hand the kept connections back to the pool."""
+        idle, self.idle = self.idle, []
+        with anyio.CancelScope(shield=True):
+            for conn in idle:
+                await self.pool.release(conn)
 
     async def discard(self, conn: Any) -> None:
         """Give back a connection that may hold unread replies: disconnected first (shielded)."""
@@ -213,7 +272,10 @@ class _Node:
             try:
                 await conn.disconnect(nowait=True)
             finally:
-                await self.release(conn)
+                if self.node is None:
+                    await self.pool.release(conn)
+                else:
+                    self.node.release(conn)
 
 
 class _Batch:
@@ -244,6 +306,10 @@ class ReadBatcher:
         self.suspect: set[Any] = set()
         # The engine's counters (``read_batches``, ``batched_reads``); set by the engine.
         self.counts: dict[str, int] | None = None
+
+    async def give_back(self) -> None:
+        """Hand the connections kept between reads back to the client's pool (the cache closes)."""
+        await self.standalone.give_back()
 
     def _route(self, key: str) -> tuple[Any, _Node]:
         if self.pool is not None:

@@ -293,6 +293,8 @@ class RedisEngine:
                 self.abandon_background()
                 with anyio.CancelScope(shield=True):
                     await self.release_held()
+                    if self.store.batcher is not None:
+                        await self.store.batcher.give_back()
 
     def use_store(self, store: Store) -> None:
         """Swap the store every part uses (tests wrap it to pause or fail commands)."""

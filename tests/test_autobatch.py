@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from helpers import users
+from helpers import users, wait_until
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from swr_cache import Cache, _autobatch
@@ -51,11 +51,18 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
     return seen
 
 
-def in_use(client: Any) -> int:
-    """Connections taken from the client's pool(s) and not given back."""
+def in_use(client: Any, cache: Cache | None = None) -> int:
+    """Connections taken from the client's pool(s) and not given back.
+
+    Those the cache keeps between reads (clean: open, nothing unread) are not counted.
+    """
     if hasattr(client, "get_nodes"):
         return sum(len(n._connections) - len(n._free) for n in client.get_nodes())
-    return len(client.connection_pool._in_use_connections)
+    kept: list[Any] = []
+    if cache is not None and cache._engine.store.batcher is not None:
+        kept = cache._engine.store.batcher.standalone.idle
+    assert all(_autobatch._clean(conn) for conn in kept)
+    return len(client.connection_pool._in_use_connections) - len(kept)
 
 
 async def warm(get_user: Callable[[str], Awaitable[Any]]) -> None:
@@ -94,7 +101,7 @@ async def test_distinct_keys_in_one_tick_go_as_one_pipeline_per_node(
     batches = after["read_batches"] - before["read_batches"]
     assert 1 <= batches <= nodes
     assert after["batched_reads"] - before["batched_reads"] == N
-    assert in_use(redis_client) == 0
+    assert in_use(redis_client, cache) == 0
 
 
 async def test_sequential_reads_are_not_batched(
@@ -174,7 +181,7 @@ async def test_cancelling_one_waiter_mid_batch_leaves_the_others_answered(
         else:
             assert await task == origin.items[KEYS[i]]
     assert origin.count == N  # every answer was a hit
-    assert in_use(redis_client) == 0
+    assert in_use(redis_client, cache) == 0
     # The connections are clean: the next batch reads the right replies.
     got = await asyncio.gather(*(get_user(k) for k in KEYS))
     assert got == [origin.items[k] for k in KEYS]
@@ -207,7 +214,7 @@ async def test_connection_lost_mid_batch_bypasses_every_waiter_and_opens_the_bre
     if not is_cluster(redis_client):
         assert stats["redis_errors"] >= 3
         assert cache.breaker.is_open
-    assert in_use(redis_client) == 0
+    assert in_use(redis_client, cache) == 0
     assert nodes >= 1
     # After its cool-down a probe read closes the breaker; reads work again, from the cache.
     while cache.breaker.is_open:
@@ -258,7 +265,7 @@ async def test_many_reads_in_one_hand_packed_pipeline_per_node(
     # Reads (all keys), then leases with re-reads (the misses): at most one write per node each.
     assert len(writes.log) <= 2 * nodes
     assert sum(n for _, n in writes.log) == N + (N - 10)
-    assert in_use(redis_client) == 0
+    assert in_use(redis_client, cache) == 0
     writes.log.clear()
     assert await get_user.many(KEYS, load=load) == got
     assert len(writes.log) <= nodes and len(loaded) == 1
@@ -326,3 +333,43 @@ async def test_pipelines_read_replies_with_every_parser(
             assert stats["decode_errors"] == 1 and stats["hits"] == 2 * N - 1
     finally:
         await client.aclose()
+
+
+@pytest.mark.standalone_only(reason="kept connections are the standalone pool's")
+async def test_kept_connections_are_checked_bounded_and_given_back(
+    redis_url: str, origin: RecordingOrigin
+) -> None:
+    """Reads keep a few clean connections between them; one the server closed is not reused; all go back on close."""
+    client = aioredis_from_url(redis_url)
+    admin = aioredis_from_url(redis_url)
+    cache = Cache(client, namespace="kept", early_refresh=0)
+    try:
+        async with CacheHost(cache):
+            get_user = users(cache, origin)
+            await warm(get_user)
+            kept = cache._engine.store.batcher.standalone.idle  # type: ignore[union-attr]
+            assert len(kept) == 1  # sequential reads use one connection
+
+            async def load(ids: list[str]) -> dict[str, dict[str, Any] | None]:
+                return {i: origin.items[i] for i in ids}
+
+            # Concurrent pipelines take several connections; at most IDLE_KEPT stay.
+            await asyncio.gather(*(get_user.many(KEYS, load=load) for _ in range(8)))
+            assert 1 <= len(kept) <= _autobatch.IDLE_KEPT
+            assert in_use(client, cache) == 0
+            # The server closes every connection: none is reused, no read fails.
+            await admin.client_kill_filter(_type="normal", skipme=True)
+            await wait_until(lambda: not any(_autobatch._clean(c) for c in kept))
+            assert await get_user("u1") == origin.items["u1"]
+            stats = cache.stats()["swr_cache"]
+            assert stats["redis_errors"] == 0 and stats["bypasses"] == 0
+        assert len(client.connection_pool._in_use_connections) == 0
+    finally:
+        await client.aclose()
+        await admin.aclose()
+
+
+def aioredis_from_url(url: str) -> Any:
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url, socket_timeout=5)

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from helpers import users
 
 from devtools.devservers import RedisServer
-from swr_cache import Cache, StreamInvalidator, cached, item_tag
+from swr_cache import Cache, StreamInvalidator, _autobatch, cached, item_tag
 from swr_cache._keys import table_tag
 from swr_cache._store import Store
 from swr_cache.testing import CacheHost, FakeClock, RecordingOrigin
@@ -145,7 +145,12 @@ async def _storm(cache: Cache, origin: RecordingOrigin, slots: int) -> None:
         assert cache._slots.free == slots
         pool = getattr(cache.client, "connection_pool", None)
         if pool is not None and hasattr(pool, "_in_use_connections"):
-            assert len(pool._in_use_connections) == 0
+            batcher = cache._engine.store.batcher
+            kept = [] if batcher is None else batcher.standalone.idle
+            assert len(pool._in_use_connections) == len(kept)  # the kept ones are clean:
+            assert all(_autobatch._clean(conn) for conn in kept)
+    if pool is not None and hasattr(pool, "_in_use_connections"):
+        assert len(pool._in_use_connections) == 0  # given back when the cache closed
 
 
 async def test_cache_closed_under_a_load_answers_its_callers(
