@@ -29,7 +29,7 @@ from ._fills import EntryTooLarge
 from ._gate import _is_pool_exhausted, _NoSlot
 from ._loads import PURGE_MARGIN_MS, while_renewing
 from ._metrics import Metrics
-from ._store import FillOutcome, LeaseOutcome, is_wrongtype, queue_acquire, queue_read
+from ._store import FillOutcome, LeaseOutcome, is_wrongtype
 
 if TYPE_CHECKING:
     from ._engine import RedisEngine
@@ -208,7 +208,7 @@ class _Batch:
 
         def build(pipe: Any) -> None:
             for req in reqs:
-                queue_read(pipe, req.entry, req.fields)
+                pipe.read(req.entry, req.fields)
 
         replies = await self._pipeline(build, len(reqs))
         if replies is None:
@@ -259,8 +259,8 @@ class _Batch:
 
         def build(pipe: Any) -> None:
             for req, _ in misses:
-                queue_acquire(pipe, req.lease, tokens[req.identity], engine.lease_ms, None)
-                queue_read(pipe, req.entry, req.fields)
+                pipe.acquire(req.lease, tokens[req.identity], engine.lease_ms)
+                pipe.read(req.entry, req.fields)
 
         replies = await self._pipeline(build, len(misses))
         if replies is None:

@@ -116,7 +116,7 @@ class _Snap:
 
 
 def _snap_from_entry(entry: bytes) -> _Snap:
-    """A whole (or not-found) entry: split the ``\\xffe`` header from the blob.
+    """A whole (or not-found) entry: split the string's header from the blob.
 
     A header that does not split into its parts leaves the deadlines unset,
     which ``judge`` reports as corrupt.
@@ -133,14 +133,20 @@ def _snap_from_entry(entry: bytes) -> _Snap:
     return snap
 
 
+def _old_whole() -> _Snap:
+    """A hash holding ``\\xffe``: a whole entry of format 2, corrupt to this version."""
+    snap = _Snap()
+    snap.format = b"2"
+    return snap
+
+
 def _snap_from_hash(raw: dict[bytes, bytes]) -> _Snap | None:
     """Split an HGETALL reply (which the caller owns) into metadata and attribute fields."""
     if not raw:
         return None
     pop = raw.pop
-    entry = pop(M_ENTRY, None)
-    if entry is not None:
-        return _snap_from_entry(entry)
+    if pop(M_ENTRY, None) is not None:
+        return _old_whole()
     snap = _Snap()
     snap.soft = pop(M_SOFT, None)
     snap.hard = pop(M_HARD, None)
@@ -153,16 +159,15 @@ def _snap_from_hash(raw: dict[bytes, bytes]) -> _Snap | None:
 
 
 def _snap_from_list(raw: list[bytes | None]) -> _Snap | None:
-    """Split an HMGET reply of ``WHOLE_FIELDS`` or of ``ALL_META + attributes``.
+    """Split an HMGET reply of ``WHOLE_FIELDS`` or of ``ALL_META + attributes`` from a hash.
 
-    A whole entry answers with its ``\\xffe`` field; a partial one (or one of
-    format 1) with its format, and for a projection read its metadata and
-    attribute fields. A whole read of a partial entry has no deadlines: judged
-    as a plan to load the whole item.
+    A partial entry answers with its format, and for a projection read its
+    metadata and attribute fields. A whole read of a partial entry has no
+    deadlines: judged as a plan to load the whole item. A ``\\xffe`` field
+    is a format-2 whole entry: corrupt (whole entries are strings now).
     """
-    entry = raw[0]
-    if entry is not None:
-        return _snap_from_entry(entry)
+    if raw[0] is not None:
+        return _old_whole()
     if raw[1] is None:
         return None
     snap = _Snap()
@@ -171,6 +176,22 @@ def _snap_from_list(raw: list[bytes | None]) -> _Snap | None:
         snap.soft, snap.hard, snap.absent, snap.version, snap.delta = raw[2:7]
         snap.data = raw[7:]
     return snap
+
+
+def _snap_from_item(raw: Any) -> _Snap | None:
+    """An item read's snapshot (``_store.Store.read_entry``): the string, no key, or a hash's fields.
+
+    A string (bytes) is a whole entry; ``None`` no entry; a list an HMGET of
+    a hash (a partial entry, or a format-2 one); a dict a signed projection's
+    HGETALL of a hash.
+    """
+    if type(raw) is bytes:
+        return _snap_from_entry(raw)
+    if raw is None:
+        return None
+    if type(raw) is dict:
+        return _snap_from_hash(raw)
+    return _snap_from_list(raw)
 
 
 def _snap_from_result(raw: list[bytes | None]) -> _Snap | None:
@@ -200,21 +221,22 @@ def _decode_whole(snap: _Snap) -> dict[str, Any]:
     return decoded
 
 
-def expand(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """A field-per-attribute view of an HGETALL reply, for tools (CLI, checkers).
+def expand(raw: dict[bytes, bytes] | bytes) -> dict[bytes, bytes]:
+    """A field-per-attribute view of an entry, for tools (CLI, checkers).
 
-    A format-2 whole entry becomes its header as metadata fields (``M_WHOLE``
-    or ``M_NONE`` marks what it holds) and one field per attribute, each
-    msgpack on its own. A partial entry, a result or an unreadable header is
-    returned as it is. Raises ``CodecError`` for a blob that is not a map.
+    ``raw`` is a string entry (bytes, GET; without its signature) or a hash's
+    HGETALL reply. A whole entry (a string) becomes its header as metadata
+    fields (``M_WHOLE`` or ``M_NONE`` marks what it holds) and one field per
+    attribute, each msgpack on its own. A partial entry, a result or an
+    unreadable header is returned as it is (a string as ``M_ENTRY``). Raises
+    ``CodecError`` for a blob that is not a map.
     """
-    entry = raw.get(M_ENTRY)
-    if entry is None:
-        return dict(raw)
-    snap = _snap_from_entry(entry)
+    if type(raw) is not bytes:
+        return dict(raw)  # type: ignore[arg-type]
+    snap = _snap_from_entry(raw)
     if snap.blob is None:
-        return dict(raw)
-    out = {k: v for k, v in raw.items() if k != M_ENTRY}
+        return {M_ENTRY: raw}
+    out: dict[bytes, bytes] = {}
     for name, field in (
         (M_FORMAT, snap.format),
         (M_SOFT, snap.soft),

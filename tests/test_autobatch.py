@@ -42,8 +42,13 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
     real = _autobatch._write
 
     def counting(conn: Any, data: bytes) -> None:
-        # Entry reads: HGETALL (signed entries) or HMGET (format 2).
-        reads = data.count(b"\r\n$7\r\nHGETALL\r\n") + data.count(b"\r\n$5\r\nHMGET\r\n")
+        # Entry reads: GET (whole entries, format 3), HGETALL (signed projections)
+        # or HMGET (projections and results; a projection pairs its HMGET with a GET).
+        reads = (
+            data.count(b"\r\n$3\r\nGET\r\n")
+            + data.count(b"\r\n$7\r\nHGETALL\r\n")
+            + data.count(b"\r\n$5\r\nHMGET\r\n")
+        )
         seen.log.append((id(conn), reads))
         real(conn, data)
 
