@@ -431,7 +431,7 @@ async def test_signed_entries_carry_a_signature_and_hit(
     await get_user("u1")
     entry = signed._keys.entry("Users|pk=S:u1")
     assert await redis_client.type(entry) == b"string"  # a whole entry: header, blob, signature
-    raw = await redis_client.get(entry)
+    raw = await entry_field(redis_client, entry, M_ENTRY)
     assert raw is not None and raw.startswith(b"3|")
     body = Signer(KEY).check_string(entry, raw)
     assert body is not None and len(raw) == len(body) + 32
@@ -466,7 +466,7 @@ async def test_unsigned_entry_is_a_counted_miss(
     assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
     stats = signed.stats()[get_user.name]
     assert stats["bad_signatures"] == 1 and origin.count == 2
-    stored = await redis_client.get(entry)
+    stored = await entry_field(redis_client, entry, M_ENTRY)
     assert stored is not None
     body = Signer(KEY).check_string(entry, stored)  # overwritten, signed again
     assert body is not None and expand(body)[b"name"] == encode("Ada")
@@ -495,13 +495,13 @@ async def test_tampered_field_and_moved_entry_are_refused(
     await get_user("u1")
     await get_user("u2")
     e1, e2 = signed._keys.entry("Users|pk=S:u1"), signed._keys.entry("Users|pk=S:u2")
-    real = await redis_client.get(e1)
+    real = await entry_field(redis_client, e1, M_ENTRY)
     assert real is not None
     await redis_client.set(e1, real.replace(encode("Ada"), encode("Adb")))  # one byte changed
     assert (await get_user("u1"))["name"] == "Ada"
     await redis_client.copy(e1, e2, replace=True)  # u1's valid, signed entry under u2's key
     assert (await get_user("u2"))["name"] == "Bob"
-    real = await redis_client.get(e1)
+    real = await entry_field(redis_client, e1, M_ENTRY)
     assert real is not None
     spliced = encode({"pk": "u1", "name": "Ada", "extra": "spliced in"})
     head, mac = real.split(b"|", 7)[:7], real[-32:]
