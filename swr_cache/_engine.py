@@ -12,10 +12,10 @@ read coalescing and single flight itself.
 
 How one read goes (``RedisEngine.get``):
 
-1. One Redis round trip reads the entry: a fixed HMGET of its blob field for a
-   whole item, HMGET of the blob field, the metadata and the requested
-   attributes for a projection (HGETALL with a signing key; layout in
-   ``_store``). Concurrent reads of one entry in this process share it;
+1. One Redis round trip reads the entry: GET of its string for a whole item;
+   for a projection GET and HMGET of the metadata and the requested
+   attributes together (HGETALL for a signed one), answered by the string of
+   a whole entry or the hash of a partial one (layout in ``_store``). Concurrent reads of one entry in this process share it;
    concurrent reads of distinct entries share a pipeline (``_autobatch``): the
    first takes a limiter slot and a connection and sends at once, the others
    ride on its connection with no slot of their own (one slot per pipeline),

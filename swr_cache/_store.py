@@ -13,14 +13,14 @@ those into commands, normalises replies and decides what is cluster-safe:
   members (entry keys) live anywhere: purges delete them key by key through a
   pipeline, which redis-py groups by node on a cluster.
 
-Entry layout (format 2; one Redis hash per item or result).
+Entry layout (format 3): a Redis string for a whole item, a hash for the rest.
 
-A *whole* item (or a not-found item) is one field, ``\\xffe``, holding a small
-text header and the item as **one msgpack map**::
+A *whole* item (or a not-found item) is a **string** at the entry key: a
+small text header and the item as **one msgpack map**::
 
-    \\xffe  b"2|<soft>|<hard>|<version>|<delta>|<kind>|<item version>|" + blob
+    b"3|<soft>|<hard>|<version>|<delta>|<kind>|<item version>|" + blob
 
-    2              the codec format version (``_codec.FORMAT_VERSION``)
+    3              the codec format version (``_codec.FORMAT_VERSION``)
     soft, hard     deadlines, ms of Redis server time
     version        entry version (random), so a merge only lands on what it read
     delta          how long the load took, ms (empty when unknown; for XFetch)
@@ -31,18 +31,27 @@ text header and the item as **one msgpack map**::
                    writer that knows the attribute writes it: an entry
                    written without one (a stream refresh, an accessor with no
                    ``version_attribute``) has none, and a write-through over
-                   it invalidates instead (always safe; format 1 found the
-                   attribute's own field whoever wrote the entry)
+                   it invalidates instead (always safe)
     blob           msgpack of the attributes map, zlib-compressed (codec
                    extension 9) above ``compress_threshold``
 
-A whole read is a fixed ``HMGET key \\xffe \\xfff`` (``WHOLE_FIELDS``): an
-array reply in RESP2 and RESP3 alike, so no map is parsed, and one msgpack
-call decodes every attribute. ``\\xfff`` comes back only for a partial entry
-(or an entry of an older format): no blob, so the whole item is loaded.
+With a signing key the string ends with a 32-byte HMAC (``_signing``). Above
+this module, fills hand a whole entry over as the one field ``M_ENTRY``
+(``\\xffe``) of their field mapping; ``_with_entry`` turns it into the string
+the scripts ``SET`` (``write_entry``: ``SET key value PX ms``, which replaces a
+key of any type).
 
-A *partial* entry (a projection) keeps one field per attribute, since merges
-add attributes to it::
+A whole read is ``GET key`` (``WHOLE_FIELDS`` marks it): one bulk reply and
+one msgpack call. A hash at the key answers WRONGTYPE; the store then asks
+it ``HMGET key \\xffe \\xfff``, a second round trip on that (miss) path
+only: ``\\xfff`` answers for a partial entry (a whole read of it is a
+*partial miss*: the whole item is loaded and its string replaces the hash),
+``\\xffe`` for a whole entry left by format 2 (a one-field hash: a counted
+``decode_errors`` miss, reloaded and overwritten). A key of any other type is
+a counted miss as well.
+
+A *partial* entry (a projection) is a hash with one field per attribute,
+since merges add attributes to it::
 
     \\xffs  soft deadline, ms of Redis server time
     \\xffh  hard deadline, ms of Redis server time
@@ -52,25 +61,30 @@ add attributes to it::
     \\xffd  how long the load took, ms
     <name> one field per attribute, msgpack-encoded
 
-A projection read is ``HMGET key`` of ``ALL_META`` (which begins with
-``\\xffe``) and the attribute names: one round trip answers it from a whole
-entry (decoded from the blob) or a partial one. A ``@cached`` result is one
-blob already: ``\\xffr`` plus ``\\xffs \\xffh \\xfff \\xffv \\xffd``.
-With a signing key every entry also carries ``\\xffg``, an HMAC of all of its
-other fields (see ``_signing``), and is read with HGETALL.
+A projection read sends ``GET key`` and ``HMGET key`` of ``ALL_META`` and the
+attribute names together (one pipeline: one round trip; ``_autobatch`` packs
+both into the same batch): a string answers the GET (the projection is picked
+from its blob) and the HMGET fails WRONGTYPE; a hash answers the HMGET and the
+GET fails; no key answers nil to both. ``ALL_META`` still begins with
+``\\xffe`` so a format-2 hash is recognised. A merge (the projection fill of
+a fresh partial entry) that finds a string where its hash was leaves it
+alone: a whole entry already holds every attribute. A ``@cached`` result is a
+hash: ``\\xffr`` plus ``\\xffs \\xffh \\xfff \\xffv \\xffd``, read with HMGET.
+With a signing key a hash also carries ``\\xffg``, an HMAC of all of its other
+fields (see ``_signing``), and a projection reads it with HGETALL (paired
+with GET).
 
-Why one field in a hash, not a plain string (GET), for whole entries: both
-keep a hit to one small array or bulk reply and one msgpack call, but only a
-hash lets a projection read take either kind of entry with one HMGET; a
-string would need a script or a second round trip whenever the key might
-hold a partial entry. Measured with ``MEMORY USAGE`` on redis-server 7.0
-(``benchmarks/memory.py``, 1,000 ~1 KB items): with the default
-``hash-max-listpack-value`` (64 bytes) the one-field hash is a hashtable and
-costs 1.12x the same blob as a string (a constant ~120 bytes); raised above
-the entry's size it is a listpack and costs 1.00x. Format 1's field per
-attribute cost 1.78x (1.13x as a listpack). On the hit path HMGET of two
-fields and GET cost the same to parse (an array of two against one bulk
-string, ~0.3 µs with hiredis).
+Why a string, not a one-field hash (format 2), for whole entries: measured
+with ``MEMORY USAGE`` on redis-server 7.0 (``benchmarks/memory.py``, 1,000
+~1 KB items), with the default ``hash-max-listpack-value`` (64 bytes) a
+one-field hash whose value is longer is a hashtable and costs 1.12x the same
+blob stored with ``SET`` (a constant ~120 bytes); the string costs 1.00x
+(its header fits the blob's allocation class), whatever that setting. A
+projection read then needs two commands (GET and HMGET) instead of one HMGET,
+in the same round trip; the whole hit, the common one, parses one bulk reply
+instead of an array of two. A read-only script (``EVALSHA_RO``) could answer
+from either type in one command, but costs a script call on every projection
+hit and needs Redis 7 on replicas; the pair needs nothing.
 
 Metadata field names start with byte 0xFF, which never occurs in UTF-8, so no
 DynamoDB attribute name (always valid UTF-8) can collide with them.
