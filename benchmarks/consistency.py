@@ -1260,7 +1260,7 @@ def render(results: dict[str, Any]) -> None:
                 "stale after completed write: reads that began after a write of their item (and its invalidation)"
                 " had returned and got an older version; target 0 except in stream mode",
                 "loads straddling a write: origin reads that still held an older version when a write completed",
-                "entries != table: after quiescence, cached entries (raw hash decoded, and peek) that differ from"
+                "entries != table: after quiescence, cached entries (raw entry decoded, and peek) that differ from"
                 " a ConsistentRead of the table",
                 "torn reads: answers with v != w (two versions); 'not from DynamoDB' excludes pairs some origin"
                 " read returned (moto can serve an item in the middle of an UpdateItem)",
