@@ -331,7 +331,9 @@ class ReadBatcher:
                 return await self._via_client(nid, key, fields)
         first, second = pack_get(key), pack_read(key, fields)
         batch = self.open.get(nid)
-        if batch is not None and len(batch.waiters) + 2 < MAX_BATCH:
+        # (The same bound as ``joins``, which the engine asked: a pipeline may
+        # carry one command over MAX_BATCH rather than a joined read lead.)
+        if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
             got, other = await self._follow_pair(batch, first, second)
         else:
             got, other = await self._lead(nid, node, first, second)
