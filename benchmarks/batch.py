@@ -9,7 +9,7 @@ its Python calls per item.
 Contenders read the same 100 items, all cached beforehand:
 
 * swr_cache ``DynamoTable.cached(...).batch_get_item`` (one pipeline of 100
-  HMGET; filled once from moto's DynamoDB server), when ``swr_cache.dynamodb``
+  GET; filled once from moto's DynamoDB server), when ``swr_cache.dynamodb``
   exists;
 * swr_cache: 100 concurrent ``@cached_item`` hits (``asyncio.gather``), which
   auto-batching sends as one pipeline;
@@ -62,7 +62,7 @@ CONFIG = {
     "floor (pipeline of HGETALL)": "a redis-py pipeline of 100 HGETALL (format 1's field per attribute), msgpack.unpackb per field",
     "swr_cache DynamoTable.batch_get_item": "DynamoTable(...).cached(cache).batch_get_item(100 keys): one pipeline",
     "swr_cache 100x @cached_item": "asyncio.gather of 100 @cached_item hits (Cache.from_url defaults; auto-batched into one pipeline)",
-    "swr_cache get_user.many": "@cached_item's get_user.many(100 keys, load=...): one hand-packed pipeline of 100 HGETALL",
+    "swr_cache get_user.many": "@cached_item's get_user.many(100 keys, load=...): one hand-packed pipeline of 100 GET",
     "aiocache multi_cached": "aiocache.multi_cached(keys_from_attr='keys', RedisCache), msgpack serializer",
     "cashews get_many": "cashews Cache.get_many(100 keys) (raw API), pickle",
     "cashews 100x @cache": "asyncio.gather of 100 @cache(ttl='1h') hits, pickle",

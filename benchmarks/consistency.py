@@ -964,9 +964,12 @@ async def check_entries(redis_client: Any, client: Any, cfg: Config) -> dict[str
             truth = None if "Item" not in reply else _deserialize(reply["Item"])
             if truth is not None and truth.get("v") != truth.get("w"):
                 table_torn += 1  # the fake lost an update: versions cannot be trusted
-            raw: dict[bytes, bytes] = await redis_client.hgetall(
-                ks.entry(item_identity(cfg.table, {"pk": pk}))
-            )
+            key = ks.entry(item_identity(cfg.table, {"pk": pk}))
+            # A whole entry is a string (format 3); a partial one a hash.
+            if await redis_client.type(key) in (b"string", "string"):
+                raw: dict[bytes, bytes] | bytes = await redis_client.get(key)
+            else:
+                raw = await redis_client.hgetall(key)
             if not raw:
                 continue
             entries += 1
@@ -999,12 +1002,15 @@ def summary(item: Mapping[str, Any] | None) -> str:
     )
 
 
-def entry_problem(raw: Mapping[bytes, bytes], truth: Mapping[str, Any] | None) -> str | None:
-    """How a raw entry hash differs from the table's item (``None``: it matches)."""
+def entry_problem(
+    entry: Mapping[bytes, bytes] | bytes, truth: Mapping[str, Any] | None
+) -> str | None:
+    """How a raw entry (a whole entry's string, or a hash) differs from the table's item (``None``: it matches)."""
     from swr_cache._entry import expand
     from swr_cache._store import M_ABSENT, M_NONE, M_WHOLE
 
-    raw = expand(dict(raw))  # a whole entry's blob as a field per attribute
+    # A whole entry's blob as a field per attribute.
+    raw = expand(entry if type(entry) is bytes else dict(entry))
 
     attrs = {
         name.decode(): _codec.decode(value)
@@ -1254,7 +1260,7 @@ def render(results: dict[str, Any]) -> None:
                 "stale after completed write: reads that began after a write of their item (and its invalidation)"
                 " had returned and got an older version; target 0 except in stream mode",
                 "loads straddling a write: origin reads that still held an older version when a write completed",
-                "entries != table: after quiescence, cached entries (raw hash decoded, and peek) that differ from"
+                "entries != table: after quiescence, cached entries (raw entry decoded, and peek) that differ from"
                 " a ConsistentRead of the table",
                 "torn reads: answers with v != w (two versions); 'not from DynamoDB' excludes pairs some origin"
                 " read returned (moto can serve an item in the middle of an UpdateItem)",

@@ -55,7 +55,7 @@ KeyFn = Callable[[str], Awaitable[Any]]
 
 CONFIG = {
     "floor": "redis.asyncio GET of the msgpack blob + msgpack.unpackb with the codec's ext hook",
-    "swr_cache": "@cached_item (format 2: one HMGET of the entry's header + msgpack blob field), soft_ttl 3600 s",
+    "swr_cache": "@cached_item (format 3: one GET of the entry's string, header + msgpack blob), soft_ttl 3600 s",
     "aiocache": "aiocache.cached(RedisCache, ttl=3600), a msgpack serializer on the same codec",
     "cashews": "cashews @cache(ttl='1h') defaults (protected=True), pickle (its default)",
 }

@@ -13,8 +13,11 @@ and sums ``MEMORY USAGE key SAMPLES 0`` (every field counted) per kind. The
 ratio to the floor is the number to watch: a hash whose values exceed
 ``hash-max-listpack-value`` (64 bytes by default) is a hashtable, which costs
 a node per field: format 1's field per attribute cost 1.78x, format 2's
-whole entry (one field: header and blob) 1.12x. ``--listpack-value 1024``
-raises that limit first: both become listpacks (1.13x and 1.00x).
+whole entry (one field: header and blob) 1.12x. Format 3 keeps a whole entry
+as a string (header and blob), whatever that setting: 1.00x by default.
+``--listpack-value 1024`` raises that limit first: hashes become listpacks
+(format 1 1.13x, format 2 1.00x) and projections stop paying a node per
+attribute.
 
 Deterministic: no timing, so no pinning and no rounds. Runs against an older
 tree too (``PYTHONPATH=/path/to/tree``): it uses only the public API.
@@ -72,7 +75,10 @@ async def measure(url: str, n: int, listpack_value: int | None = None) -> dict[s
             await get_user(pk)
         whole_keys = [k.decode() async for k in client.scan_iter(match="mem:e:*", count=1000)]
         out["whole"] = await usage(client, whole_keys)
-        out["whole_fields"] = int(await client.hlen(whole_keys[0]))
+        # Format 3 keeps a whole entry as a string; formats 1 and 2 as a hash.
+        kind = (await client.type(whole_keys[0])).decode()
+        out["whole_type"] = kind
+        out["whole_fields"] = int(await client.hlen(whole_keys[0])) if kind == "hash" else 1
         out["whole_encoding"] = (await client.object("encoding", whole_keys[0])).decode()
         key_len = len(whole_keys[0])
         await client.delete(*whole_keys)
@@ -143,7 +149,7 @@ def main() -> None:
     notes = [
         f"{n} items of ~{got['blob_bytes']:.0f} bytes as msgpack; "
         f"hash-max-listpack-value {got['max_listpack_value']}; "
-        f"a whole entry is a {got['whole_encoding']} hash",
+        f"a whole entry is a {got.get('whole_type', 'hash')} ({got['whole_encoding']})",
     ]
     results: dict[str, Any] = {
         "benchmark": "memory",
@@ -152,7 +158,7 @@ def main() -> None:
         "tables": [
             table(
                 "Redis memory per item (MEMORY USAGE)",
-                ["layout", "bytes per item", "x floor", "hash fields"],
+                ["layout", "bytes per item", "x floor", "fields"],
                 rows,
                 notes,
             )

@@ -2,7 +2,7 @@
 
 Three contenders read the same ~1 KB item one call at a time, in interleaved
 rounds: the floor (one ``redis.asyncio`` GET + ``msgpack.unpackb``),
-``@cached_item`` served from Redis (one HGETALL), and the same accessor on a
+``@cached_item`` served from Redis (one GET), and the same accessor on a
 cache with a ``NearCache`` (a dict lookup and a decode; no round trip). The
 table gives p50/p99 of every call pooled and the median of the rounds' means.
 

@@ -57,11 +57,28 @@ try:  # redis-py's hiredis parser: its replies are read straight from hiredis (s
 except (ImportError, AttributeError):  # pragma: no cover - another redis-py layout
     pass
 
-__all__ = ["MAX_BATCH", "RawPipeline", "ReadAgain", "ReadBatcher", "pack_command", "pack_read"]
+__all__ = [
+    "MAX_BATCH",
+    "WHOLE",
+    "RawPipeline",
+    "ReadAgain",
+    "ReadBatcher",
+    "combine",
+    "is_pair",
+    "pack_command",
+    "pack_read",
+]
 
 #: Reads one pipeline carries at most (a longer batch waits longer for its last reply).
 MAX_BATCH: Final = 256
 
+#: The read spec of a whole item (``_store.WHOLE_FIELDS``): ``GET`` of the
+#: string entry. On WRONGTYPE (a hash is there) the store asks the hash for
+#: these two fields (``\xffe`` of an old entry, ``\xfff`` of a partial one).
+WHOLE: Final = (b"\xffe", b"\xfff")
+_ENTRY: Final = b"\xffe"
+
+_GET: Final = b"*2\r\n$3\r\nGET\r\n"
 _HGETALL: Final = b"*2\r\n$7\r\nHGETALL\r\n"
 _HMGET: Final = b"$5\r\nHMGET\r\n"
 # Packed field lists of HMGET reads, by field tuple (few distinct projections).
@@ -94,9 +111,45 @@ def pack_command(*args: Any) -> bytes:
     return b"".join(out)
 
 
+def is_pair(fields: Sequence[bytes] | None) -> bool:
+    """Whether a read of ``fields`` is two commands: ``GET`` and a hash read of the same key.
+
+    An item projection (``None``: signed, HGETALL; or fields beginning with
+    ``\\xffe``, ``_store.ALL_META``) may find a string (a whole entry) or a
+    hash (a partial one): both are asked in one round trip and one answers.
+    A whole read (``WHOLE``) is ``GET`` alone; a result's fields are a hash's.
+    """
+    return fields is None or (fields is not WHOLE and fields[0] == _ENTRY)
+
+
+def combine(fields: Sequence[bytes] | None, got: Any, other: Any) -> Any:
+    """The one reply of a paired read: the string if ``GET`` found one, else the hash read's.
+
+    A ``GET`` that found no key leaves the hash read's empty reply (absent);
+    one that hit a hash (WRONGTYPE) leaves the hash read's reply. An error
+    other than WRONGTYPE (a redirect, say) is the reply. HGETALL's RESP2
+    pair list becomes a dict.
+    """
+    if type(got) is bytes:
+        return got
+    if got is not None and not (
+        isinstance(got, ResponseError) and str(got).startswith("WRONGTYPE")
+    ):
+        return got
+    if fields is None and type(other) is list:  # RESP2 gives pairs, RESP3 a map
+        it = iter(other)
+        return dict(zip(it, it, strict=True))
+    return other
+
+
 def pack_read(key: str, fields: Sequence[bytes] | None) -> bytes:
-    """An entry read in RESP: HGETALL ``key`` or HMGET ``key`` ``fields``."""
+    """An entry read in RESP: GET ``key`` (``WHOLE``), HGETALL ``key`` or HMGET ``key`` ``fields``.
+
+    (A paired read packs its two commands with ``pack_get`` first.)
+    """
     k = key.encode()
+    if fields is WHOLE:
+        return b"%b$%d\r\n%b\r\n" % (_GET, len(k), k)
     if fields is None:
         return b"%b$%d\r\n%b\r\n" % (_HGETALL, len(k), k)
     return b"*%d\r\n%b$%d\r\n%b\r\n%b" % (len(fields) + 2, _HMGET, len(k), k, _tail(fields))
@@ -168,11 +221,33 @@ async def _read_into(conn: Any, replies: list[Any], indices: Sequence[int]) -> N
 _REDIRECTS: Final = (AskError, TryAgainError)
 
 
+def pack_get(key: str) -> bytes:
+    """GET ``key`` in RESP."""
+    k = key.encode()
+    return b"%b$%d\r\n%b\r\n" % (_GET, len(k), k)
+
+
 async def read_via_client(client: Any, key: str, fields: Sequence[bytes] | None) -> Any:
-    """One entry read through the client's own command path (HGETALL or HMGET)."""
+    """One entry read through the client's own command path; an error reply is returned.
+
+    ``WHOLE``: GET. A paired read (``is_pair``): GET and HGETALL/HMGET in one
+    pipeline, ``combine``d. Else HMGET.
+    """
+    try:
+        if fields is WHOLE:
+            return await client.get(key)
+        if not is_pair(fields):
+            return await client.hmget(key, fields)
+    except ResponseError as exc:
+        return exc
+    pipe = client.pipeline(transaction=False)
+    pipe.get(key)
     if fields is None:
-        return await client.hgetall(key)
-    return await client.hmget(key, fields)
+        pipe.hgetall(key)
+    else:
+        pipe.hmget(key, fields)
+    got, other = await pipe.execute(raise_on_error=False)
+    return combine(fields, got, other)
 
 
 def is_redirect(reply: Any) -> bool:
@@ -279,12 +354,16 @@ class _Node:
 
 
 class _Batch:
-    __slots__ = ("conn", "pending", "scheduled", "sent", "timer", "waiters")
+    __slots__ = ("conn", "pending", "reads", "scheduled", "sent", "timer", "waiters")
 
     def __init__(self, first: bytes) -> None:
         self.conn: Any = None
         self.pending = [first]  # packed commands not written yet (the leader's first)
-        self.waiters: list[asyncio.Future[Any]] = []  # the followers, in command order
+        # One per command after the leader's first, in command order: a
+        # follower's future, or ``None`` for the second command of the leader's
+        # own paired read (the leader keeps that reply itself).
+        self.waiters: list[asyncio.Future[Any] | None] = []
+        self.reads = 1  # entry reads carried (a paired read is two commands)
         self.sent = 0
         self.scheduled = False
         self.timer: Any = None
@@ -333,7 +412,13 @@ class ReadBatcher:
         return batch is not None and len(batch.waiters) + 1 < MAX_BATCH
 
     async def read(self, key: str, fields: Sequence[bytes] | None) -> Any:
-        """The raw reply of one entry read (an error reply is returned, not raised)."""
+        """The raw reply of one entry read (an error reply is returned, not raised).
+
+        A paired read (``is_pair``) sends its two commands in the same batch
+        and returns their ``combine``d reply.
+        """
+        if fields is not WHOLE and is_pair(fields):
+            return await self._read_pair(key, fields)
         if self.pool is not None:  # standalone: one pool, no routing
             batch = self.open.get(None)
             if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
@@ -349,6 +434,28 @@ class ReadBatcher:
         if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
             return await self._follow(batch, pack_read(key, fields))
         return await self._lead(nid, node, pack_read(key, fields))
+
+    async def _read_pair(self, key: str, fields: Sequence[bytes] | None) -> Any:
+        """GET and the hash read of one key, in one batch (so one round trip)."""
+        if self.pool is not None:
+            nid: Any = None
+            node = self.standalone
+        else:
+            try:
+                nid, node = self._route(key)
+            except Exception:
+                return await self._via_client(None, key, fields)
+            if self.suspect and nid in self.suspect:
+                return await self._via_client(nid, key, fields)
+        first, second = pack_get(key), pack_read(key, fields)
+        batch = self.open.get(nid)
+        # (The same bound as ``joins``, which the engine asked: a pipeline may
+        # carry one command over MAX_BATCH rather than a joined read lead.)
+        if batch is not None and len(batch.waiters) + 1 < MAX_BATCH:
+            got, other = await self._follow_pair(batch, first, second)
+        else:
+            got, other = await self._lead(nid, node, first, second)
+        return combine(fields, got, other)
 
     async def _via_client(self, nid: Any, key: str, fields: Sequence[bytes] | None) -> Any:
         raw = await read_via_client(self.client, key, fields)
@@ -370,11 +477,32 @@ class ReadBatcher:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch.waiters.append(fut)
         batch.pending.append(command)
+        batch.reads += 1
         if not batch.scheduled and batch.conn is not None:
             batch.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush, batch)
         # (Cancelled here: the future is cancelled; the leader reads its reply and drops it.)
         return await fut
+
+    async def _follow_pair(self, batch: _Batch, first: bytes, second: bytes) -> tuple[Any, Any]:
+        loop = asyncio.get_running_loop()
+        one: asyncio.Future[Any] = loop.create_future()
+        two: asyncio.Future[Any] = loop.create_future()
+        batch.waiters += (one, two)
+        batch.pending += (first, second)
+        batch.reads += 1
+        if not batch.scheduled and batch.conn is not None:
+            batch.scheduled = True
+            loop.call_soon(self._flush, batch)
+        try:
+            return await one, await two
+        except BaseException:
+            for fut in (one, two):  # the leader drops a cancelled one's reply
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # (retrieved: the error is raised once, here)
+            raise
 
     def _flush(self, batch: _Batch) -> None:
         batch.scheduled = False
@@ -392,12 +520,19 @@ class ReadBatcher:
             if timeout is not None:
                 timer.reschedule(asyncio.get_running_loop().time() + timeout)
 
-    async def _lead(self, nid: Any, node: _Node, command: bytes) -> Any:
+    async def _lead(
+        self, nid: Any, node: _Node, command: bytes, second: bytes | None = None
+    ) -> Any:
+        """Send the batch and read every reply: the leader's own (a pair of them for ``second``)."""
         batch = _Batch(command)
+        if second is not None:
+            batch.pending.append(second)
+            batch.waiters.append(None)
         self.open[nid] = batch
         conn = None
         done = 0  # replies read
         own: Any = None
+        own2: Any = None
         try:
             conn = await node.acquire()
             batch.conn = conn
@@ -414,7 +549,9 @@ class ReadBatcher:
                     reply = await read()
                     if done:
                         fut = batch.waiters[done - 1]
-                        if not fut.done():
+                        if fut is None:
+                            own2 = reply
+                        elif not fut.done():
                             fut.set_result(reply)
                     else:
                         own = reply
@@ -429,7 +566,7 @@ class ReadBatcher:
                 exc = RedisTimeoutError("Timeout reading a pipelined entry read")
             unanswered = batch.waiters[max(0, done - 1) :]
             for fut in unanswered:
-                if not fut.done():
+                if fut is not None and not fut.done():
                     if isinstance(exc, asyncio.CancelledError):
                         fut.set_exception(ReadAgain())
                     else:
@@ -441,19 +578,21 @@ class ReadBatcher:
                 raise exc from None
             raise
         await node.release(conn)
-        n = len(batch.waiters)
-        if n:
+        n = batch.reads
+        if n > 1:
             counts = self.counts
             if counts is not None:
                 counts["read_batches"] += 1
-                counts["batched_reads"] += n + 1
+                counts["batched_reads"] += n
+        if second is not None:
+            return own, own2
         return own
 
 
 class RawPipeline:
     """A non-transactional pipeline of keyed commands, packed by hand, one write per node.
 
-    Offers what ``get_many`` queues (``hgetall``, ``hmget``, ``execute_command``
+    Offers what ``get_many`` queues (``get``, ``hgetall``, ``hmget``, ``execute_command``
     for the lease script) and ``execute(raise_on_error=False)``: replies in
     order, error replies as exceptions in place. Raises when a connection
     fails (every connection that may hold unread replies is disconnected).
@@ -465,6 +604,9 @@ class RawPipeline:
         # command, whether the reply is a pair list (HGETALL), the read's fields.
         self.commands: list[tuple[tuple[Any, ...] | None, str, bytes, bool, Any]] = []
 
+    def get(self, key: str) -> None:
+        self.commands.append((("GET", key), key, pack_get(key), False, None))
+
     def hgetall(self, key: str) -> None:
         self.commands.append((None, key, pack_read(key, None), True, None))
 
@@ -472,17 +614,6 @@ class RawPipeline:
         if type(fields) is not tuple:
             fields = tuple(fields)
         self.commands.append((None, key, pack_read(key, fields), False, fields))
-
-    def hmget_many(self, keys: Sequence[str], fields: tuple[bytes, ...]) -> None:
-        """``hmget`` of each key, the commands packed in one go."""
-        head = b"*%d\r\n%b" % (len(fields) + 2, _HMGET)
-        tail = _tail(fields)
-        self.commands.extend(
-            [
-                (None, key, b"%b$%d\r\n%b\r\n%b" % (head, len(k), k, tail), False, fields)
-                for key, k in zip(keys, [key.encode() for key in keys], strict=True)
-            ]
-        )
 
     def execute_command(self, *args: Any) -> None:
         """A raw command; EVAL/EVALSHA are routed by their first key, others by their first argument."""

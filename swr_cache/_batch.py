@@ -30,15 +30,7 @@ from ._gate import _is_pool_exhausted, _NoSlot
 from ._loads import PURGE_MARGIN_MS, while_renewing
 from ._metrics import Metrics
 from ._policy import Policy
-from ._store import (
-    WHOLE_FIELDS,
-    FillOutcome,
-    LeaseOutcome,
-    is_wrongtype,
-    queue_acquire,
-    queue_read,
-    queue_reads,
-)
+from ._store import FillOutcome, LeaseOutcome, is_wrongtype
 
 if TYPE_CHECKING:
     from ._engine import RedisEngine
@@ -139,8 +131,10 @@ class BatchReads:
             return [got.get(req.identity) for req in reqs], loaded
         batch = _Batch(engine, metrics, load_many)
 
+        one_node = not engine.store.is_cluster
+
         def build(pipe: Any) -> None:
-            queue_reads(pipe, entries, WHOLE_FIELDS)
+            pipe.read_wholes(entries, one_node)
 
         replies = await batch.pipeline(build, n) if n else []
         if replies is None:  # Redis is unusable: from the origin, nothing stored
@@ -267,7 +261,7 @@ class _Batch:
 
         def build(pipe: Any) -> None:
             for req in reqs:
-                queue_read(pipe, req.entry, req.fields)
+                pipe.read(req.entry, req.fields)
 
         replies = await self.pipeline(build, len(reqs))
         if replies is None:
@@ -318,8 +312,8 @@ class _Batch:
 
         def build(pipe: Any) -> None:
             for req, _ in misses:
-                queue_acquire(pipe, req.lease, tokens[req.identity], engine.lease_ms, None)
-                queue_read(pipe, req.entry, req.fields)
+                pipe.acquire(req.lease, tokens[req.identity], engine.lease_ms)
+                pipe.read(req.entry, req.fields)
 
         replies = await self.pipeline(build, len(misses))
         if replies is None:

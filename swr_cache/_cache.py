@@ -77,7 +77,7 @@ class Cache:
             (one small key per purged tag). A tagged fill whose load took
             longer than this is not stored, since it could not be checked.
         direct_reads: entry reads (the hit path) take a pooled connection and
-            send HGETALL/HMGET themselves, skipping redis-py's per-command
+            send GET/HMGET themselves, skipping redis-py's per-command
             retry and observability wrappers (about 8 us a hit here). A read
             that fails is a miss served by the origin anyway. ``False`` uses
             the client's normal command path (e.g. to keep redis-py's

@@ -322,13 +322,23 @@ async def _inspect_entry(ns: argparse.Namespace, cache: Cache) -> int:
     if isinstance(raw, ResponseError):
         data["state"] = "unreadable"
         data["problem"] = (
-            f"the key holds a {kind.decode() if isinstance(kind, bytes) else kind}, not a hash"
+            f"the key holds a {kind.decode() if isinstance(kind, bytes) else kind}, "
+            "not a string or a hash"
         )
     elif isinstance(raw, BaseException):
         raise raw
     elif not raw:
         data["state"] = "absent"
+    elif (
+        type(raw) is bytes
+        and engine.signer is not None
+        and (engine.signer.check_string(entry, raw) is None)
+    ):
+        data["state"] = "unreadable"
+        data["problem"] = "its signature does not verify with this cache's key: read as a miss"
     else:
+        if type(raw) is bytes and engine.signer is not None:
+            raw = engine.signer.check_string(entry, raw)
         _describe_entry(raw, now, data, values=ns.values)
     _emit(ns, data, _inspect_lines(data))
     return EXIT_OK
@@ -380,12 +390,25 @@ def _field_lines(data: Mapping[str, Any]) -> list[str]:
 
 
 def _describe_entry(
-    raw: Mapping[bytes, bytes], now: float, data: dict[str, Any], *, values: bool
+    entry: Mapping[bytes, bytes] | bytes, now: float, data: dict[str, Any], *, values: bool
 ) -> None:
-    data["bytes"] = sum(len(k) + len(v) for k, v in raw.items())
-    data["layout"] = "one blob" if M_ENTRY in raw else "fields"
+    if type(entry) is bytes:  # a whole entry: one string
+        data["bytes"] = len(entry)
+        data["layout"] = "one blob"
+    else:
+        assert isinstance(entry, Mapping)
+        data["bytes"] = sum(len(k) + len(v) for k, v in entry.items())
+        data["layout"] = "fields"
+        if M_ENTRY in entry:
+            data["state"] = "unreadable"
+            data["problem"] = (
+                f"a whole entry of format 2 (a hash), this version reads {_FORMAT!r} "
+                "(a string): read as a miss"
+            )
+            return
+        entry = dict(entry)
     try:
-        raw = expand(dict(raw))  # a whole entry's blob as one field per attribute
+        raw = expand(entry)  # a whole entry's blob as one field per attribute
     except SwrCacheError as exc:
         data["state"] = "unreadable"
         data["problem"] = f"the entry's blob does not decode: {exc}"
@@ -610,12 +633,14 @@ def _stats_lines(scan: _Scan, states: Counter[str]) -> list[str]:
 
 
 def _state_of(reply: Any, now: float) -> str:
-    """The state of an entry from HMGET of its soft, hard and whole-entry fields."""
+    """The state of an entry: its string (a whole entry), or HMGET of a hash's soft, hard and ``\\xffe`` fields."""
+    if type(reply) is bytes:  # a whole entry: the deadlines are in its header
+        reply = [None, None, reply]
     if isinstance(reply, BaseException) or not isinstance(reply, list):
         return "unreadable"
     soft, hard, entry = reply
     negative = False
-    if entry is not None:  # a whole entry: the deadlines are in its header
+    if entry is not None:
         parts = entry.split(b"|", 6)
         if len(parts) < 7 or parts[0] != _FORMAT:
             return "unreadable"

@@ -58,7 +58,7 @@ from swr_cache._errors import CodecError
 
 __all__ = ["FORMAT_VERSION", "MAX_INFLATED", "compress", "decode", "encode"]
 
-FORMAT_VERSION: Final[int] = 2
+FORMAT_VERSION: Final[int] = 3
 """Version of the entry and value format; bump when either changes incompatibly.
 
 2: a whole item is one msgpack map in one hash field (see ``_store``); 1: a field per attribute.

@@ -709,7 +709,7 @@ def cached_item(
 
     The wrapped ``async def`` returns the item as plain Python values (or
     ``None`` when there is no item). If it takes an ``attributes`` parameter,
-    callers may ask for just some attributes: they are read with one HMGET and
+    callers may ask for just some attributes: they are read in one round trip and
     only the missing ones are loaded (the function is called with
     ``attributes=[...]``).
 

@@ -12,10 +12,10 @@ read coalescing and single flight itself.
 
 How one read goes (``RedisEngine.get``):
 
-1. One Redis round trip reads the entry: a fixed HMGET of its blob field for a
-   whole item, HMGET of the blob field, the metadata and the requested
-   attributes for a projection (HGETALL with a signing key; layout in
-   ``_store``). Concurrent reads of one entry in this process share it;
+1. One Redis round trip reads the entry: GET of its string for a whole item;
+   for a projection GET and HMGET of the metadata and the requested
+   attributes together (HGETALL for a signed one), answered by the string of
+   a whole entry or the hash of a partial one (layout in ``_store``). Concurrent reads of one entry in this process share it;
    concurrent reads of distinct entries share a pipeline (``_autobatch``): the
    first takes a limiter slot and a connection and sends at once, the others
    ride on its connection with no slot of their own (one slot per pipeline),
@@ -56,7 +56,7 @@ from ._entry import (
     _Plan,
     _Snap,
     _snap_from_hash,
-    _snap_from_list,
+    _snap_from_item,
     _snap_from_result,
     due_early,
     held_value,
@@ -372,7 +372,7 @@ class RedisEngine:
         wrong type. This is the hit path: it is one frame on purpose.
         """
         fields = req.fields
-        rkey: Any = req.entry if fields is None or fields is WHOLE_FIELDS else (req.entry, fields)
+        rkey: Any = req.entry if fields is WHOLE_FIELDS else (req.entry, fields)
         reads = self.reads
         followers = reads.get(rkey)
         if followers is not None:
@@ -478,25 +478,32 @@ class RedisEngine:
     def snap(
         self, req: EntryRequest, raw: Any, fields: tuple[bytes, ...] | None, count: bool = True
     ) -> _Snap | None:
+        """A read's snapshot; with a signing key, only of what verifies (else ``None``, counted)."""
         signer = self.signer
         if signer is not None:
-            ok = (
-                signer.check_hash(req.entry, raw)
-                if fields is None
-                else signer.check_fields(req.entry, fields, raw)
-            )
+            if type(raw) is bytes:  # a whole entry: its string ends with the signature
+                raw = signer.check_string(req.entry, raw)
+                ok = raw is not None
+            elif type(raw) is dict:
+                ok = signer.check_hash(req.entry, raw)
+            elif fields is WHOLE_FIELDS or raw is None:
+                # No entry, or a hash under a whole read: only its format is
+                # looked at (a plan to load), never its data.
+                ok = True
+            else:
+                assert fields is not None
+                ok = signer.check_fields(req.entry, fields, raw)
+                raw = raw[:-1]
             if not ok:
                 # Not written by a holder of our key: treat it as absent (reloaded, overwritten).
                 if count:
                     req.metrics.counts["bad_signatures"] += 1
                 return None
-            if fields is not None:
-                raw = raw[:-1]
-        if fields is None:
-            return _snap_from_hash(raw)
         if not req.is_item:
             return _snap_from_result(raw)
-        return _snap_from_list(raw)
+        if type(raw) is dict:
+            return _snap_from_hash(raw)
+        return _snap_from_item(raw)
 
     def near_item(
         self,

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
-from ._entry import _snap_from_list, _snap_from_result
+from ._entry import _snap_from_item, _snap_from_result
 from ._signing import M_SIG
 from ._store import (
     ALL_META,
@@ -167,17 +167,21 @@ class EntryRequest:
         # How get answered: fresh, stale, miss or bypass (for tracing spans);
         # wait-timeout when a wait for another call's load passed wait_timeout.
         self.outcome = ""
-        # What one read asks Redis for: None = HGETALL (a signed item), else
-        # HMGET of these fields (an array reply in RESP2 and RESP3 alike).
-        # How a reply of an unsigned read becomes a snapshot.
-        self.parse = _snap_from_list if is_item else _snap_from_result
-        if engine.signer is not None:
-            # A signature covers every field: signed entries are read whole.
-            self.fields: tuple[bytes, ...] | None = None if is_item else SIGNED_RESULT_FIELDS
-        elif not is_item:
-            self.fields = RESULT_FIELDS
+        # What one read asks Redis for (``_store.Store.read_entry``): GET for
+        # a whole item (WHOLE_FIELDS); GET and HMGET of these fields for a
+        # projection, or GET and HGETALL (None) for a signed one; HMGET for a
+        # result. How a reply of an unsigned read becomes a snapshot.
+        self.parse = _snap_from_item if is_item else _snap_from_result
+        if not is_item:
+            signed = engine.signer is not None
+            self.fields: tuple[bytes, ...] | None = (
+                SIGNED_RESULT_FIELDS if signed else RESULT_FIELDS
+            )
         elif attrs is None:
             self.fields = WHOLE_FIELDS
+        elif engine.signer is not None:
+            # A signature covers every field: signed hash entries are read whole.
+            self.fields = None
         else:
             self.fields = ALL_META + tuple(a.encode() for a in attrs)
 

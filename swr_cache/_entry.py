@@ -8,19 +8,20 @@ to load, or nothing (past its hard deadline). ``stamp_entry`` writes the
 metadata of a new entry. Nothing here talks to Redis, so all of it is
 unit-tested from tables of snapshots.
 
-Format 2 (``FORMAT``; the layout is drawn in ``_store``): a whole item is one
-hash field, ``\\xffe``, holding ``2|soft|hard|version|delta|kind|item
-version|`` and then the item as one msgpack map. Reading it is one fixed
-HMGET (an array reply, in RESP2 and RESP3 alike: no map to build), one
+Format 3 (``FORMAT``; the layout is drawn in ``_store``): a whole item is a
+Redis string, ``3|soft|hard|version|delta|kind|item version|`` and then the
+item as one msgpack map. Reading it is one GET (one bulk reply), one
 ``bytes.split`` for the header and one msgpack call for every attribute; a
-projection of a whole entry is picked from the same decoded map. Format 1
-spread a whole item over a field per attribute plus seven metadata fields:
-an HGETALL parsed as a RESP3 map (about 4 µs more than an array reply with
-hiredis), a dict of names to split and join before decoding, and 1.8x the
-memory of the blob. A partial entry (a projection) still keeps a field per
-attribute, with its metadata in fields of their own, so merges can add to
-it. An entry of format 1 (``\\xfff`` = ``1``, no ``\\xffe``) is corrupt to
-this version: a counted miss (``decode_errors``), reloaded and overwritten.
+projection of a whole entry is picked from the same decoded map. A partial
+entry (a projection) keeps a field per attribute in a hash, with its
+metadata in fields of their own, so merges can add to it. ``_snap_from_item``
+takes any item read's reply: the string (bytes), no key (``None``), or a
+hash's HMGET (a list) or HGETALL (a dict). A hash holding ``\\xffe`` (a whole
+entry of format 2) or an entry whose format is not 3 (format 1's field per
+attribute) is corrupt to this version: a counted miss (``decode_errors``),
+reloaded and overwritten. Format 2 kept the same header and blob in that one
+hash field, which Redis stores as a hashtable (1.12x the blob's memory by
+default; the string costs 1.00x).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class _Snap:
 
 
 def _snap_from_entry(entry: bytes) -> _Snap:
-    """A whole (or not-found) entry: split the ``\\xffe`` header from the blob.
+    """A whole (or not-found) entry: split the string's header from the blob.
 
     A header that does not split into its parts leaves the deadlines unset,
     which ``judge`` reports as corrupt.
@@ -155,14 +156,20 @@ def _snap_from_entry(entry: bytes) -> _Snap:
     return snap
 
 
+def _old_whole() -> _Snap:
+    """A hash holding ``\\xffe``: a whole entry of format 2, corrupt to this version."""
+    snap = _Snap()
+    snap.format = b"2"
+    return snap
+
+
 def _snap_from_hash(raw: dict[bytes, bytes]) -> _Snap | None:
     """Split an HGETALL reply (which the caller owns) into metadata and attribute fields."""
     if not raw:
         return None
     pop = raw.pop
-    entry = pop(M_ENTRY, None)
-    if entry is not None:
-        return _snap_from_entry(entry)
+    if pop(M_ENTRY, None) is not None:
+        return _old_whole()
     snap = _Snap()
     snap.soft = pop(M_SOFT, None)
     snap.hard = pop(M_HARD, None)
@@ -175,16 +182,15 @@ def _snap_from_hash(raw: dict[bytes, bytes]) -> _Snap | None:
 
 
 def _snap_from_list(raw: list[bytes | None]) -> _Snap | None:
-    """Split an HMGET reply of ``WHOLE_FIELDS`` or of ``ALL_META + attributes``.
+    """Split an HMGET reply of ``WHOLE_FIELDS`` or of ``ALL_META + attributes`` from a hash.
 
-    A whole entry answers with its ``\\xffe`` field; a partial one (or one of
-    format 1) with its format, and for a projection read its metadata and
-    attribute fields. A whole read of a partial entry has no deadlines: judged
-    as a plan to load the whole item.
+    A partial entry answers with its format, and for a projection read its
+    metadata and attribute fields. A whole read of a partial entry has no
+    deadlines: judged as a plan to load the whole item. A ``\\xffe`` field
+    is a format-2 whole entry: corrupt (whole entries are strings now).
     """
-    entry = raw[0]
-    if entry is not None:
-        return _snap_from_entry(entry)
+    if raw[0] is not None:
+        return _old_whole()
     if raw[1] is None:
         return None
     snap = _Snap()
@@ -193,6 +199,22 @@ def _snap_from_list(raw: list[bytes | None]) -> _Snap | None:
         snap.soft, snap.hard, snap.absent, snap.version, snap.delta = raw[2:7]
         snap.data = raw[7:]
     return snap
+
+
+def _snap_from_item(raw: Any) -> _Snap | None:
+    """An item read's snapshot (``_store.Store.read_entry``): the string, no key, or a hash's fields.
+
+    A string (bytes) is a whole entry; ``None`` no entry; a list an HMGET of
+    a hash (a partial entry, or a format-2 one); a dict a signed projection's
+    HGETALL of a hash.
+    """
+    if type(raw) is bytes:
+        return _snap_from_entry(raw)
+    if raw is None:
+        return None
+    if type(raw) is dict:
+        return _snap_from_hash(raw)
+    return _snap_from_list(raw)
 
 
 def _snap_from_result(raw: list[bytes | None]) -> _Snap | None:
@@ -232,7 +254,7 @@ def _decode_whole(snap: _Snap) -> dict[str, Any]:
 def fresh_items(
     replies: list[Any], now: float, beta: float
 ) -> tuple[list[Any], list[int], list[tuple[int, bytes]]]:
-    """The items of whole entries fresh at ``now``, from read replies of ``WHOLE_FIELDS``.
+    """The items of whole entries fresh at ``now``, from whole reads' replies (GET, MGET).
 
     Returns each reply's item (``None`` where there is none), the indices of
     the replies that are not a fresh whole item (absent, stale, negative,
@@ -246,8 +268,8 @@ def fresh_items(
     rest: list[int] = []
     early: list[tuple[int, bytes]] = []
     for i, raw in enumerate(replies):
-        if type(raw) is list and raw[0] is not None:
-            parts = raw[0].split(b"|", 7)
+        if type(raw) is bytes:
+            parts = raw.split(b"|", 7)
             if len(parts) == 8 and parts[0] == FORMAT and parts[5] == _WHOLE:
                 try:
                     soft = float(parts[1])
@@ -347,21 +369,22 @@ def _copiers(decoded: dict[str, Any]) -> tuple[tuple[str, Callable[[Any], Any]],
     return tuple(copies)
 
 
-def expand(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """A field-per-attribute view of an HGETALL reply, for tools (CLI, checkers).
+def expand(raw: dict[bytes, bytes] | bytes) -> dict[bytes, bytes]:
+    """A field-per-attribute view of an entry, for tools (CLI, checkers).
 
-    A format-2 whole entry becomes its header as metadata fields (``M_WHOLE``
-    or ``M_NONE`` marks what it holds) and one field per attribute, each
-    msgpack on its own. A partial entry, a result or an unreadable header is
-    returned as it is. Raises ``CodecError`` for a blob that is not a map.
+    ``raw`` is a string entry (bytes, GET; without its signature) or a hash's
+    HGETALL reply. A whole entry (a string) becomes its header as metadata
+    fields (``M_WHOLE`` or ``M_NONE`` marks what it holds) and one field per
+    attribute, each msgpack on its own. A partial entry, a result or an
+    unreadable header is returned as it is (a string as ``M_ENTRY``). Raises
+    ``CodecError`` for a blob that is not a map.
     """
-    entry = raw.get(M_ENTRY)
-    if entry is None:
-        return dict(raw)
-    snap = _snap_from_entry(entry)
+    if type(raw) is not bytes:
+        return dict(raw)  # type: ignore[arg-type]
+    snap = _snap_from_entry(raw)
     if snap.blob is None:
-        return dict(raw)
-    out = {k: v for k, v in raw.items() if k != M_ENTRY}
+        return {M_ENTRY: raw}
+    out: dict[bytes, bytes] = {}
     for name, field in (
         (M_FORMAT, snap.format),
         (M_SOFT, snap.soft),

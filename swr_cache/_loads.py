@@ -441,9 +441,9 @@ class Loads:
                 names = await self.store.field_names(req.entry)
         except (RedisError, OSError):
             return attrs
-        cached = {n.decode("utf-8", "replace") for n in names if not n.startswith(b"\xff")}
-        if M_ENTRY in names:  # a whole (or negative) entry by now
+        if names is None or M_ENTRY in names:  # a whole (or negative) entry by now
             return None
+        cached = {n.decode("utf-8", "replace") for n in names if not n.startswith(b"\xff")}
         return tuple(sorted(cached.union(attrs)))
 
     async def back_off(self, req: EntryRequest, lease: str, token: str) -> None:

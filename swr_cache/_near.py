@@ -153,7 +153,7 @@ class NearCache:
         if not self.usable:
             return None
         # (A whole read's fixed field list is keyed by the entry alone, as the engine does.)
-        rkey: Any = entry if fields is None or fields is WHOLE_FIELDS else (entry, fields)
+        rkey: Any = entry if fields is WHOLE_FIELDS else (entry, fields)
         items = self._items
         held = items.get(rkey)
         if held is None:
@@ -389,7 +389,7 @@ class NearCache:
         until = min(self._now_ms() + self.max_age * 1000.0, hard)
         snap.held = True  # served many times: a flat item is decoded once (see _entry)
         items = self._items
-        if fields is None or fields is WHOLE_FIELDS:
+        if fields is WHOLE_FIELDS:
             rkey: Any = entry
         else:
             rkey = (entry, fields)

@@ -1,10 +1,13 @@
 """Optional HMAC signing of entries, so a shared Redis cannot feed us forged data.
 
 With ``Cache(..., signing_key=...)`` every entry this package writes (fills,
-stream refreshes, write-throughs) carries one more hash field, ``\\xffg``: an
-HMAC-SHA256 over the entry's key and all of its other fields, sorted by name.
-A read verifies it before decoding anything; an entry without a valid
-signature is a counted miss (``bad_signatures``), reloaded and overwritten.
+stream refreshes, write-throughs) is signed with HMAC-SHA256 over the entry's
+key and its content: a whole entry (a string, format 3) ends with the 32
+bytes of its signature (``signed_string``); a hash entry (a partial item, a
+result) carries one more field, ``\\xffg``, signing all of its other fields,
+sorted by name. A read verifies it before decoding anything; an entry without
+a valid signature is a counted miss (``bad_signatures``), reloaded and
+overwritten.
 
 What it protects: anyone who can write to the Redis (another tenant, a
 compromised service) but does not hold the key cannot make us serve a value
@@ -14,13 +17,14 @@ entries (a miss), and can put back an older entry that was validly signed for
 the same key, which is served at most until that entry's own signed hard
 deadline. Keep Redis private (ACLs, TLS, a namespace per tenant) regardless.
 
-Cost: one HMAC per entry read and per fill. In format 2 a whole item is one
-field (header and msgpack blob, see ``_store``), so its signature covers the
-deadlines and every attribute at once. Signed entries are always read
-whole (HGETALL, also for a projection), since a signature over all fields can
-only be checked with all of them; for the same reason a missing attribute is
-loaded together with the cached ones and replaces the entry rather than being
-merged into it. Without a key, nothing here runs.
+Cost: one HMAC per entry read and per fill. A whole item is one string
+(header and msgpack blob, see ``_store``), so its signature covers the
+deadlines and every attribute at once; it is read with GET as unsigned ones
+are. A hash entry is always read whole (HGETALL, also for a projection),
+since a signature over all fields can only be checked with all of them; for
+the same reason a missing attribute is loaded together with the cached ones
+and replaces the entry rather than being merged into it. Without a key,
+nothing here runs.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Final
 
 from ._errors import ConfigError
 
-__all__ = ["MIN_KEY_BYTES", "M_SIG", "Signer"]
+__all__ = ["MAC_BYTES", "MIN_KEY_BYTES", "M_SIG", "Signer"]
 
 #: The hash field holding an entry's signature (a metadata name: starts with 0xFF).
 M_SIG: Final = b"\xffg"
@@ -39,6 +43,10 @@ M_SIG: Final = b"\xffg"
 MIN_KEY_BYTES: Final = 16
 # Bumped if the signed message's layout ever changes, so old signatures fail.
 _DOMAIN: Final = b"swr_cache/entry/1\x00"
+# A whole entry's string: another message layout, so another domain.
+_STRING_DOMAIN: Final = b"swr_cache/string-entry/1\x00"
+#: The length of the signature a signed string entry ends with.
+MAC_BYTES: Final = 32
 
 
 def _as_bytes(key: bytes | str) -> bytes:
@@ -56,6 +64,12 @@ def _message(entry_key: str, pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     for name, value in sorted(pairs):
         parts += (len(name).to_bytes(4, "big"), name, len(value).to_bytes(4, "big"), value)
     return b"".join(parts)
+
+
+def _string_message(entry_key: str, value: bytes) -> bytes:
+    """The signed bytes of a string entry: the key (length-prefixed), then the string."""
+    key = entry_key.encode()
+    return b"".join((_STRING_DOMAIN, len(key).to_bytes(4, "big"), key, value))
 
 
 class Signer:
@@ -93,6 +107,19 @@ class Signer:
         out.pop(M_SIG, None)
         out[M_SIG] = self.sign(entry_key, out)
         return out
+
+    def signed_string(self, entry_key: str, value: bytes) -> bytes:
+        """A whole entry's string with its signature appended (``MAC_BYTES`` long)."""
+        return value + hmac.digest(self._keys[0], _string_message(entry_key, value), "sha256")
+
+    def check_string(self, entry_key: str, raw: bytes) -> bytes | None:
+        """A signed string entry without its signature, or ``None`` when the signature is not ours."""
+        if len(raw) < MAC_BYTES:
+            return None
+        value = raw[:-MAC_BYTES]
+        if self._valid(raw[-MAC_BYTES:], _string_message(entry_key, value)):
+            return value
+        return None
 
     def _valid(self, signature: bytes | None, message: bytes) -> bool:
         if signature is None:

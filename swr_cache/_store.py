@@ -13,14 +13,14 @@ those into commands, normalises replies and decides what is cluster-safe:
   members (entry keys) live anywhere: purges delete them key by key through a
   pipeline, which redis-py groups by node on a cluster.
 
-Entry layout (format 2; one Redis hash per item or result).
+Entry layout (format 3): a Redis string for a whole item, a hash for the rest.
 
-A *whole* item (or a not-found item) is one field, ``\\xffe``, holding a small
-text header and the item as **one msgpack map**::
+A *whole* item (or a not-found item) is a **string** at the entry key: a
+small text header and the item as **one msgpack map**::
 
-    \\xffe  b"2|<soft>|<hard>|<version>|<delta>|<kind>|<item version>|" + blob
+    b"3|<soft>|<hard>|<version>|<delta>|<kind>|<item version>|" + blob
 
-    2              the codec format version (``_codec.FORMAT_VERSION``)
+    3              the codec format version (``_codec.FORMAT_VERSION``)
     soft, hard     deadlines, ms of Redis server time
     version        entry version (random), so a merge only lands on what it read
     delta          how long the load took, ms (empty when unknown; for XFetch)
@@ -31,18 +31,27 @@ text header and the item as **one msgpack map**::
                    writer that knows the attribute writes it: an entry
                    written without one (a stream refresh, an accessor with no
                    ``version_attribute``) has none, and a write-through over
-                   it invalidates instead (always safe; format 1 found the
-                   attribute's own field whoever wrote the entry)
+                   it invalidates instead (always safe)
     blob           msgpack of the attributes map, zlib-compressed (codec
                    extension 9) above ``compress_threshold``
 
-A whole read is a fixed ``HMGET key \\xffe \\xfff`` (``WHOLE_FIELDS``): an
-array reply in RESP2 and RESP3 alike, so no map is parsed, and one msgpack
-call decodes every attribute. ``\\xfff`` comes back only for a partial entry
-(or an entry of an older format): no blob, so the whole item is loaded.
+With a signing key the string ends with a 32-byte HMAC (``_signing``). Above
+this module, fills hand a whole entry over as the one field ``M_ENTRY``
+(``\\xffe``) of their field mapping; ``_with_entry`` turns it into the string
+the scripts ``SET`` (``write_entry``: ``SET key value PX ms``, which replaces a
+key of any type).
 
-A *partial* entry (a projection) keeps one field per attribute, since merges
-add attributes to it::
+A whole read is ``GET key`` (``WHOLE_FIELDS`` marks it): one bulk reply and
+one msgpack call. A hash at the key answers WRONGTYPE; the store then asks
+it ``HMGET key \\xffe \\xfff``, a second round trip on that (miss) path
+only: ``\\xfff`` answers for a partial entry (a whole read of it is a
+*partial miss*: the whole item is loaded and its string replaces the hash),
+``\\xffe`` for a whole entry left by format 2 (a one-field hash: a counted
+``decode_errors`` miss, reloaded and overwritten). A key of any other type is
+a counted miss as well.
+
+A *partial* entry (a projection) is a hash with one field per attribute,
+since merges add attributes to it::
 
     \\xffs  soft deadline, ms of Redis server time
     \\xffh  hard deadline, ms of Redis server time
@@ -52,25 +61,30 @@ add attributes to it::
     \\xffd  how long the load took, ms
     <name> one field per attribute, msgpack-encoded
 
-A projection read is ``HMGET key`` of ``ALL_META`` (which begins with
-``\\xffe``) and the attribute names: one round trip answers it from a whole
-entry (decoded from the blob) or a partial one. A ``@cached`` result is one
-blob already: ``\\xffr`` plus ``\\xffs \\xffh \\xfff \\xffv \\xffd``.
-With a signing key every entry also carries ``\\xffg``, an HMAC of all of its
-other fields (see ``_signing``), and is read with HGETALL.
+A projection read sends ``GET key`` and ``HMGET key`` of ``ALL_META`` and the
+attribute names together (one pipeline: one round trip; ``_autobatch`` packs
+both into the same batch): a string answers the GET (the projection is picked
+from its blob) and the HMGET fails WRONGTYPE; a hash answers the HMGET and the
+GET fails; no key answers nil to both. ``ALL_META`` still begins with
+``\\xffe`` so a format-2 hash is recognised. A merge (the projection fill of
+a fresh partial entry) that finds a string where its hash was leaves it
+alone: a whole entry already holds every attribute. A ``@cached`` result is a
+hash: ``\\xffr`` plus ``\\xffs \\xffh \\xfff \\xffv \\xffd``, read with HMGET.
+With a signing key a hash also carries ``\\xffg``, an HMAC of all of its other
+fields (see ``_signing``), and a projection reads it with HGETALL (paired
+with GET).
 
-Why one field in a hash, not a plain string (GET), for whole entries: both
-keep a hit to one small array or bulk reply and one msgpack call, but only a
-hash lets a projection read take either kind of entry with one HMGET; a
-string would need a script or a second round trip whenever the key might
-hold a partial entry. Measured with ``MEMORY USAGE`` on redis-server 7.0
-(``benchmarks/memory.py``, 1,000 ~1 KB items): with the default
-``hash-max-listpack-value`` (64 bytes) the one-field hash is a hashtable and
-costs 1.12x the same blob as a string (a constant ~120 bytes); raised above
-the entry's size it is a listpack and costs 1.00x. Format 1's field per
-attribute cost 1.78x (1.13x as a listpack). On the hit path HMGET of two
-fields and GET cost the same to parse (an array of two against one bulk
-string, ~0.3 µs with hiredis).
+Why a string, not a one-field hash (format 2), for whole entries: measured
+with ``MEMORY USAGE`` on redis-server 7.0 (``benchmarks/memory.py``, 1,000
+~1 KB items), with the default ``hash-max-listpack-value`` (64 bytes) a
+one-field hash whose value is longer is a hashtable and costs 1.12x the same
+blob stored with ``SET`` (a constant ~120 bytes); the string costs 1.00x
+(its header fits the blob's allocation class), whatever that setting. A
+projection read then needs two commands (GET and HMGET) instead of one HMGET,
+in the same round trip; the whole hit, the common one, parses one bulk reply
+instead of an array of two. A read-only script (``EVALSHA_RO``) could answer
+from either type in one command, but costs a script call on every projection
+hit and needs Redis 7 on replicas; the pair needs nothing.
 
 Metadata field names start with byte 0xFF, which never occurs in UTF-8, so no
 DynamoDB attribute name (always valid UTF-8) can collide with them.
@@ -84,7 +98,15 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from redis.exceptions import NoScriptError, ResponseError
 
-from ._autobatch import RawPipeline, ReadBatcher, is_redirect, read_via_client
+from ._autobatch import (
+    WHOLE,
+    RawPipeline,
+    ReadBatcher,
+    combine,
+    is_pair,
+    is_redirect,
+    read_via_client,
+)
 
 __all__ = [
     "ALL_META",
@@ -116,11 +138,17 @@ M_NONE: Final = b"\xffn"
 M_VERSION: Final = b"\xffv"
 M_DELTA: Final = b"\xffd"
 M_RESULT: Final = b"\xffr"
-#: A whole (or not-found) item: header and msgpack blob in one field (format 2).
+#: Format 2 kept a whole item's header and blob in this hash field; format 3
+#: keeps them as a string. Still asked for, so an old entry is recognised (and
+#: counted as undecodable), and still the name a whole entry's text goes by in
+#: the field mappings fills hand to this module (``Store.fill`` writes it as
+#: the string).
 M_ENTRY: Final = b"\xffe"
 
-#: A whole-item read: the entry field, and the format of a partial (or older) entry.
-WHOLE_FIELDS: Final = (M_ENTRY, M_FORMAT)
+#: A whole-item read: GET of the string entry. On WRONGTYPE (a hash is there)
+#: these two fields are read from it: ``\xffe`` of a format-2 entry, or
+#: ``\xfff`` of a partial one. The tuple itself is the marker (``is``).
+WHOLE_FIELDS: Final = WHOLE
 #: The fields a projection read asks for, in this order, before the attributes.
 ALL_META: Final = (M_ENTRY, M_FORMAT, M_SOFT, M_HARD, M_ABSENT, M_VERSION, M_DELTA)
 
@@ -133,6 +161,20 @@ local function hset_all(key, first)
     local j = math.min(i + 999, n)
     redis.call('HSET', key, unpack(ARGV, i, j))
     i = j + 1
+  end
+end
+"""
+
+# ARGV[first] is 's' (the entry is the string ARGV[first + 1]) or 'h' (a hash
+# of the field, value pairs after it). SET replaces a key of any type.
+_WRITE_ENTRY = """
+local function write_entry(key, first, ms)
+  if ARGV[first] == 's' then
+    redis.call('SET', key, ARGV[first + 1], 'PX', ms)
+  else
+    redis.call('DEL', key)
+    hset_all(key, first + 1)
+    redis.call('PEXPIRE', key, ms)
   end
 end
 """
@@ -154,11 +196,13 @@ end
 """
 
 # KEYS: entry, lease, fence[, refresh back-off mark]. ARGV: token, pexpire ms,
-# check fence (1/0), field, value, ... A stored fill ends the back-off. 1 stored; 0 lease lost (invalidated or taken over); -1 fenced by a recent invalidation.
+# check fence (1/0), then the entry ('s', string or 'h', field, value, ...:
+# see write_entry). A stored fill ends the back-off. 1 stored; 0 lease lost (invalidated or taken over); -1 fenced by a recent invalidation.
 # A load that read consistently after taking its lease may skip the fence: the
 # lease itself proves it began after any invalidation (which deletes leases).
 _FILL = (
     _HSET_CHUNKED
+    + _WRITE_ENTRY
     + _FENCE_CHECK
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -166,9 +210,7 @@ if ARGV[3] == '1' and fenced(KEYS[3]) then
   redis.call('DEL', KEYS[2])
   return -1
 end
-redis.call('DEL', KEYS[1])
-hset_all(KEYS[1], 4)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+write_entry(KEYS[1], 4, ARGV[2])
 redis.call('DEL', KEYS[2])
 if KEYS[4] then redis.call('DEL', KEYS[4]) end
 return 1 + fence_repaired
@@ -178,7 +220,9 @@ return 1 + fence_repaired
 # KEYS: entry, lease, fence[, back-off mark]. ARGV: token, expected version, check fence (1/0),
 # item version attribute and its loaded value (both '' when unchecked), field, value, ...
 # Adds fields to the hash it read, keeping its deadlines. 1 merged; 0 lease lost;
-# -1 fenced; -2 the entry changed or vanished since it was read; -3 the entry
+# -1 fenced; -2 the entry changed or vanished since it was read (a whole
+# entry, a string, now stands there: it holds every attribute and is left
+# alone); -3 the entry
 # holds another version of the item than the load read (entry and lease deleted:
 # it is older than the table, or the load is; either way not to be mixed).
 _MERGE = (
@@ -190,7 +234,8 @@ if ARGV[3] == '1' and fenced(KEYS[3]) then
   redis.call('DEL', KEYS[2])
   return -1
 end
-if redis.call('HGET', KEYS[1], '\\255v') ~= ARGV[2] then
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash'
+    or redis.call('HGET', KEYS[1], '\\255v') ~= ARGV[2] then
   redis.call('DEL', KEYS[2])
   return -2
 end
@@ -341,6 +386,25 @@ def _with_fields(args: list[Any], fields: Mapping[bytes, bytes]) -> list[Any]:
     return args
 
 
+def _with_entry(
+    args: list[Any], entry_key: str, fields: Mapping[bytes, bytes], signer: Any
+) -> list[Any]:
+    """A script's leading arguments, then the entry as ``write_entry`` reads it.
+
+    A whole entry (``M_ENTRY`` in ``fields``) is ``'s'`` and the string (its
+    signature appended with a signer); any other entry ``'h'`` and its
+    fields (with a signature field with a signer).
+    """
+    whole = fields.get(M_ENTRY)
+    if whole is not None:
+        args += (b"s", whole if signer is None else signer.signed_string(entry_key, whole))
+        return args
+    if signer is not None:
+        fields = signer.signed(entry_key, fields)
+    args.append(b"h")
+    return _with_fields(args, fields)
+
+
 def queue_acquire(pipe: Any, lease_key: str, token: str, lease_ms: int, sha: str | None) -> None:
     """Queue the lease script on a pipeline (EVAL when ``sha`` is ``None``).
 
@@ -363,24 +427,91 @@ def _reads_like_redis_py(connection_class: Any) -> bool:
     )
 
 
-def queue_read(pipe: Any, key: str, fields: Sequence[bytes] | None) -> None:
-    """Queue an entry read on a pipeline: HGETALL (whole) or HMGET of ``fields``."""
-    if fields is None:
-        pipe.hgetall(key)
-    else:
-        pipe.hmget(key, fields)
+class EntryPipeline:
+    """A pipeline of entry reads and lease scripts, one reply per queued operation.
 
+    An entry read queues one command (``GET`` for a whole item, HMGET for a
+    result) or two (``GET`` and the hash read of an item projection, see
+    ``_autobatch.is_pair``) and answers with one ``combine``d reply. A whole
+    read that found a hash (WRONGTYPE) is answered by HMGET of
+    ``WHOLE_FIELDS`` from it, in one more pipeline for all such reads.
+    """
 
-def queue_reads(pipe: Any, keys: Sequence[str], fields: tuple[bytes, ...]) -> None:
-    """Queue HMGET of the same ``fields`` from each key (packed in one go where it can)."""
-    if isinstance(pipe, RawPipeline):
-        pipe.hmget_many(keys, fields)
-    else:
-        for key in keys:
+    __slots__ = ("client", "ops", "pipe")
+
+    def __init__(self, client: Any, pipe: Any) -> None:
+        self.client = client
+        self.pipe = pipe
+        self.ops: list[tuple[str | None, Any, int]] = []
+
+    def read(self, key: str, fields: Sequence[bytes] | None) -> None:
+        """Queue an entry read (see ``Store.read_entry`` for its reply)."""
+        pipe = self.pipe
+        if fields is WHOLE_FIELDS:
+            pipe.get(key)
+            self.ops.append((key, fields, 1))
+            return
+        if not is_pair(fields):
             pipe.hmget(key, fields)
+            self.ops.append((key, fields, 1))
+            return
+        pipe.get(key)
+        if fields is None:
+            pipe.hgetall(key)
+        else:
+            pipe.hmget(key, fields)
+        self.ops.append((key, fields, 2))
+
+    def read_wholes(self, keys: Sequence[str], one_node: bool) -> None:
+        """Queue whole reads of many keys: one reply per key (see ``read``).
+
+        ``one_node`` (a standalone server): one MGET, so a key holding a hash
+        (a partial or older entry) reads as absent; its loader's lease
+        re-read (``read``) sees what it is. Else a GET per key.
+        """
+        if one_node and keys:
+            self.pipe.execute_command("MGET", *keys)
+            self.ops.append((None, keys, 0))
+            return
+        for key in keys:
+            self.read(key, WHOLE_FIELDS)
+
+    def acquire(self, lease_key: str, token: str, lease_ms: int, sha: str | None = None) -> None:
+        """Queue the lease script (EVAL when ``sha`` is ``None``)."""
+        queue_acquire(self.pipe, lease_key, token, lease_ms, sha)
+        self.ops.append((None, None, 1))
+
+    def pttl(self, key: str) -> None:
+        self.pipe.pttl(key)
+        self.ops.append((None, None, 1))
+
+    async def execute(self, raise_on_error: bool = False) -> list[Any]:
+        """Replies in order, error replies as exceptions in place (``raise_on_error`` is ignored)."""
+        replies: list[Any] = await self.pipe.execute(raise_on_error=False)
+        out: list[Any] = []
+        probes: list[int] = []
+        i = 0
+        for key, fields, n in self.ops:
+            if n == 0:  # MGET: its reply (or its error) for each key
+                reply = replies[i]
+                out.extend(reply if type(reply) is list else [reply] * len(fields))
+                i += 1
+                continue
+            reply = replies[i] if n == 1 else combine(fields, replies[i], replies[i + 1])
+            i += n
+            if key is not None and fields is WHOLE_FIELDS and is_wrongtype(reply):
+                probes.append(len(out))
+            out.append(reply)
+        if probes:
+            pipe = self.client.pipeline(transaction=False)
+            for j in probes:
+                pipe.hmget(self.ops[j][0], WHOLE_FIELDS)
+            for j, reply in zip(probes, await pipe.execute(raise_on_error=False), strict=True):
+                out[j] = reply
+        return out
 
 
-def is_wrongtype(exc: BaseException) -> bool:
+def is_wrongtype(exc: Any) -> bool:
     """True for Redis' WRONGTYPE reply: a key of ours holds another type."""
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
@@ -526,13 +657,19 @@ class Store(_TagCommands):
     # -- reads ---------------------------------------------------------------
 
     async def read_entry(self, key: str, fields: Sequence[bytes] | None) -> Any:
-        """One entry: HGETALL as a dict (``fields is None``: signed items) or HMGET as a list.
+        """One entry's raw reply, for ``_entry``'s parsers.
 
-        An HMGET reply is an array in RESP2 and RESP3 alike; HGETALL's is a
-        map in RESP3, which costs hiredis several times as much to parse.
+        ``WHOLE_FIELDS`` (a whole item): GET, so the string entry (bytes) or
+        ``None``; where a hash is (WRONGTYPE: a partial entry, or a format-2
+        one) the HMGET of ``WHOLE_FIELDS`` from it, a list. An item projection
+        (``ALL_META`` + names, or ``None`` for HGETALL of a signed one): GET and
+        the hash read in one round trip, so the string entry (bytes) or the
+        hash read's reply (a list, or a dict for HGETALL; all ``None`` or empty
+        for no key). A result: HMGET of ``fields``, a list. HMGET's reply is an
+        array in RESP2 and RESP3 alike.
 
-        A missing key is an empty dict / a list of ``None``. Raises redis-py's
-        errors (``ResponseError`` for WRONGTYPE, ``ConnectionError``,
+        Raises redis-py's errors (``ResponseError`` for WRONGTYPE where no
+        reading of the type is possible, ``ConnectionError``,
         ``TimeoutError``) and ``_autobatch.ReadAgain`` (the pipeline this read
         joined lost its reader: read again); a connection that failed
         mid-command is disconnected before it returns to the pool.
@@ -542,26 +679,31 @@ class Store(_TagCommands):
             raw = await batcher.read(key, fields)
             if isinstance(raw, ResponseError):
                 if is_redirect(raw):  # a cluster resharding: the client follows it
-                    return await self._client_read(key, fields)
-                raise raw
-            if fields is None and type(raw) is list:  # RESP2 gives pairs, RESP3 a map
-                it = iter(raw)
-                return dict(zip(it, it, strict=True))
+                    raw = await read_via_client(self.client, key, fields)
+                    if not isinstance(raw, ResponseError):
+                        return raw
+                return await self._read_failed(key, fields, raw)
             return raw
         pool = self._direct_pool
-        if pool is None:
-            return await self._client_read(key, fields)
+        if pool is None or (fields is not WHOLE_FIELDS and is_pair(fields)):
+            raw = await read_via_client(self.client, key, fields)
+            if isinstance(raw, ResponseError):
+                return await self._read_failed(key, fields, raw)
+            return raw
         try:
             conn = await pool.get_connection()
         except TypeError:  # redis-py < 5.3 wants a command name: use the normal path
             self._direct_pool = None
             return await self.read_entry(key, fields)
         try:
-            if fields is None:
-                await conn.send_command("HGETALL", key)
+            if fields is WHOLE_FIELDS:
+                await conn.send_command("GET", key)
             else:
-                await conn.send_command("HMGET", key, *fields)
+                await conn.send_command("HMGET", key, *fields)  # type: ignore[misc]
             raw = await conn.read_response()
+        except ResponseError as exc:  # an error reply, read whole: the connection is in step
+            await pool.release(conn)
+            return await self._read_failed(key, fields, exc)
         except BaseException:
             # (redis-py closed the connection if a reply may be left unread.)
             # Shielded: a cancel scope that re-raises at every await must not
@@ -570,23 +712,23 @@ class Store(_TagCommands):
                 await pool.release(conn)
             raise
         await pool.release(conn)
-        if fields is None and type(raw) is list:  # RESP2 gives pairs, RESP3 a map
-            it = iter(raw)
-            return dict(zip(it, it, strict=True))
         return raw
 
-    async def _client_read(self, key: str, fields: Sequence[bytes] | None) -> Any:
-        return await read_via_client(self.client, key, fields)
+    async def _read_failed(
+        self, key: str, fields: Sequence[bytes] | None, exc: ResponseError
+    ) -> Any:
+        """An error reply to an entry read: a whole read that hit a hash asks the hash; else raise."""
+        if fields is WHOLE_FIELDS and is_wrongtype(exc):
+            return await self.client.hmget(key, WHOLE_FIELDS)
+        raise exc
 
-    async def read_all(self, key: str) -> dict[bytes, bytes]:
-        """HGETALL of one entry (a missing key is an empty dict)."""
-        reply: dict[bytes, bytes] = await self.read_entry(key, None)
-        return reply
+    async def read_all(self, key: str) -> Any:
+        """A signed item projection's read: the string entry (bytes) or the hash (a dict)."""
+        return await self.read_entry(key, None)
 
-    async def read_fields(self, key: str, fields: Sequence[bytes]) -> list[bytes | None]:
-        """HMGET of one entry's metadata and the given fields."""
-        reply: list[bytes | None] = await self.read_entry(key, fields)
-        return reply
+    async def read_fields(self, key: str, fields: Sequence[bytes]) -> Any:
+        """HMGET of one entry's metadata and the given fields (or the string entry, bytes)."""
+        return await self.read_entry(key, fields)
 
     async def server_time_ms(self) -> float:
         """Redis server time in milliseconds (TIME)."""
@@ -606,12 +748,13 @@ class Store(_TagCommands):
         entry_key: str,
         fields: Sequence[bytes] | None,
         backoff_key: str | None = None,
-    ) -> tuple[int, dict[bytes, bytes] | list[bytes | None] | None, int]:
+    ) -> tuple[int, Any, int]:
         """Try to take the lease (a :class:`LeaseOutcome`) and re-read the entry in one round trip.
 
         The re-read closes the race where another process filled the entry
         between our miss and our lease attempt. Every key shares a slot, so the
-        pipeline goes to one node. A WRONGTYPE entry reads as ``None``. With
+        pipeline goes to one node. The entry's reply is ``read_entry``'s; a
+        WRONGTYPE entry (a key of a type no read can take) reads as ``None``. With
         ``backoff_key`` (background refreshes), the third value is the ms left
         of the item's refresh back-off (0: none).
         """
@@ -645,16 +788,12 @@ class Store(_TagCommands):
         backoff_key: str | None,
         sha: str | None,
     ) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = EntryPipeline(self.client, self.client.pipeline(transaction=False))
         if backoff_key is not None:
             pipe.pttl(backoff_key)
-        queue_acquire(pipe, lease_key, token, lease_ms, sha)
-        if fields is None:
-            pipe.hgetall(entry_key)
-        else:
-            pipe.hmget(entry_key, fields)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+        pipe.acquire(lease_key, token, lease_ms, sha)
+        pipe.read(entry_key, fields)
+        return await pipe.execute()
 
     async def acquire(self, lease_key: str, token: str, lease_ms: int) -> int:
         """Take a lease (a :class:`LeaseOutcome` code)."""
@@ -692,9 +831,9 @@ class Store(_TagCommands):
 
         A stored fill also ends the item's refresh back-off (``backoff_key``).
         """
-        if self.signer is not None:
-            mapping = self.signer.signed(entry_key, mapping)
-        args = _with_fields([token, expire_ms, b"1" if check_fence else b"0"], mapping)
+        args = _with_entry(
+            [token, expire_ms, b"1" if check_fence else b"0"], entry_key, mapping, self.signer
+        )
         keys = (entry_key, lease_key, fence_key) + (() if backoff_key is None else (backoff_key,))
         return int(await _fill(self.client, keys, args))
 
@@ -774,9 +913,10 @@ class Store(_TagCommands):
         """
         calls: list[tuple[Sequence[str], Sequence[Any]]] = []
         for keys, sequence, seq_ttl_ms, expire_ms, op, fields in puts:
-            if self.signer is not None and op == b"w":
-                fields = self.signer.signed(keys[0], fields)
-            calls.append((keys, _with_fields([sequence, seq_ttl_ms, expire_ms, op], fields)))
+            args: list[Any] = [sequence, seq_ttl_ms, expire_ms, op]
+            if op == b"w":
+                args = _with_entry(args, keys[0], fields, self.signer)
+            calls.append((keys, args))
         replies = await _run_script_many(self.client, _stream_put, calls)
         return [r if isinstance(r, BaseException) else int(r) for r in replies]
 
@@ -810,14 +950,22 @@ class Store(_TagCommands):
         await self.client.set(key, value, px=expire_ms)
 
     async def describe(self, entry: str, lease: str, fence: str) -> list[Any]:
-        """For the CLI: an entry's fields, its lease's and fence's PTTL, and its type."""
+        """For the CLI: an entry (the string, bytes, or the hash's fields, a dict), its lease's and fence's PTTL, and its type."""
         pipe = self.client.pipeline(transaction=False)
+        pipe.get(entry)
         pipe.hgetall(entry)
         pipe.pttl(lease)
         pipe.pttl(fence)
         pipe.type(entry)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+        got, fields = replies[:2]
+        if isinstance(got, ResponseError) and isinstance(fields, ResponseError):
+            raw: Any = fields  # neither a string nor a hash
+        else:
+            raw = combine(None, got, fields)
+            if raw is None:
+                raw = {}
+        return [raw, *replies[2:]]
 
     async def scan(self, cursor: int, match: str, count: int) -> tuple[int, list[bytes]]:
         """One SCAN step (on a cluster, redis-py walks every node)."""
@@ -825,34 +973,40 @@ class Store(_TagCommands):
         return int(cursor_out), list(keys)
 
     async def read_field_lists(self, keys: Sequence[str], fields: Sequence[bytes]) -> list[Any]:
-        """HMGET of the same ``fields`` from many keys, in one pipeline (errors as replies)."""
+        """Per key, the string entry (bytes) or HMGET of ``fields`` from its hash, in one pipeline (errors as replies)."""
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
+            pipe.get(key)
             pipe.hmget(key, fields)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+        return [combine(fields, replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     def pipeline(self) -> Any:
         """A non-transactional pipeline (grouped by node on a cluster)."""
         return self.client.pipeline(transaction=False)
 
-    def read_pipeline(self) -> Any:
-        """A pipeline for entry reads and the lease script (``queue_read``, ``queue_acquire``).
+    def read_pipeline(self) -> EntryPipeline:
+        """A pipeline of entry reads and lease scripts (``EntryPipeline``).
 
         Packed by hand and sent on one connection per node (``_autobatch.RawPipeline``)
         where reads are batched; else redis-py's pipeline.
         """
         if self.batcher is not None:
-            return RawPipeline(self.batcher)
-        return self.pipeline()
+            return EntryPipeline(self.client, RawPipeline(self.batcher))
+        return EntryPipeline(self.client, self.pipeline())
 
     async def pttl(self, key: str) -> int:
         """Milliseconds ``key`` has left (-2: absent, -1: no TTL)."""
         return int(await self.client.pttl(key))
 
-    async def field_names(self, key: str) -> list[bytes]:
-        """The field names of the hash at ``key`` (HKEYS)."""
-        return list(await self.client.hkeys(key))
+    async def field_names(self, key: str) -> list[bytes] | None:
+        """The field names of the hash at ``key`` (HKEYS); ``None`` when a whole entry (a string) is there."""
+        try:
+            return list(await self.client.hkeys(key))
+        except ResponseError as exc:
+            if is_wrongtype(exc):
+                return None
+            raise
 
     async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """GET of each key (checkpoints, tag purge stamps), in one pipeline."""
@@ -883,9 +1037,7 @@ class Store(_TagCommands):
         in flight cannot fill over the new item. ``False`` means nothing was
         written: the caller invalidates instead.
         """
-        if self.signer is not None:
-            mapping = self.signer.signed(entry_key, mapping)
-        args = _with_fields([version_field, version, expire_ms], mapping)
+        args = _with_entry([version_field, version, expire_ms], entry_key, mapping, self.signer)
         return bool(await _write_through(self.client, (entry_key, lease_key), args))
 
     async def fill_many(
@@ -900,9 +1052,9 @@ class Store(_TagCommands):
         """
         calls: list[tuple[Sequence[str], Sequence[Any]]] = []
         for entry_key, lease_key, fence_key, token, expire_ms, mapping, check_fence in fills:
-            if self.signer is not None:
-                mapping = self.signer.signed(entry_key, mapping)
-            args = _with_fields([token, expire_ms, b"1" if check_fence else b"0"], mapping)
+            args = _with_entry(
+                [token, expire_ms, b"1" if check_fence else b"0"], entry_key, mapping, self.signer
+            )
             calls.append(((entry_key, lease_key, fence_key), args))
         replies = await _run_script_many(self.client, _fill, calls)
         return [r if isinstance(r, BaseException) else int(r) for r in replies]
@@ -924,8 +1076,8 @@ end
 """
 
 # KEYS: entry, lease, fence, sequence high-water. ARGV: sequence number,
-# high-water pexpire ms, entry pexpire ms, op ('w' write the fields, 'd'
-# delete the entry), field, value, ...
+# high-water pexpire ms, entry pexpire ms, op ('w' write the entry, 'd'
+# delete it), then the entry as write_entry reads it.
 # 0 the record is not newer than the high-water (nothing changed); 1 written;
 # 2 a fence stands (an invalidation just happened, and this record may predate
 # its write): the entry was deleted instead; 3 deleted (op 'd').
@@ -933,6 +1085,7 @@ end
 # the record.
 _STREAM_PUT = (
     _HSET_CHUNKED
+    + _WRITE_ENTRY
     + _SEQ_NEWER
     + _FENCE_CHECK
     + """
@@ -943,8 +1096,7 @@ redis.call('DEL', KEYS[2])
 redis.call('DEL', KEYS[1])
 if ARGV[4] ~= 'w' then return 3 end
 if fenced(KEYS[3]) then return 2 end
-hset_all(KEYS[1], 5)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+write_entry(KEYS[1], 5, ARGV[3])
 return 1
 """
 )
@@ -1039,16 +1191,17 @@ async def _run_script_many(
 # -- DynamoTable write-through ------------------------------------------------------
 
 # KEYS: entry, lease. ARGV: version attribute (field name), new version
-# (canonical digits), pexpire ms, field, value, ...
+# (canonical digits), pexpire ms, then the entry as write_entry reads it.
 # 1 replaced; 0 untouched: no entry, a negative or partial entry without the
 # version, a version that is not a plain non-negative integer, or one not
-# smaller than the new one. A whole entry carries the version as digits in
-# its header (\xffe: format|soft|hard|version|delta|kind|item version|blob);
-# a partial one (or one of format 1) in the attribute's field, as a msgpack
-# Decimal (extension type 1 holding its text). Compared as big integers
-# (length, then digits), never through Lua's doubles.
+# smaller than the new one. A whole entry (a string) carries the version as
+# digits in its header (format|soft|hard|version|delta|kind|item version|blob);
+# a partial one (a hash) in the attribute's field, as a msgpack Decimal
+# (extension type 1 holding its text). Compared as big integers (length,
+# then digits), never through Lua's doubles.
 _WRITE_THROUGH = (
     _HSET_CHUNKED
+    + _WRITE_ENTRY
     + """
 local function cached_version(raw)
   if not raw then return nil end
@@ -1076,23 +1229,21 @@ local function cached_version(raw)
   return text
 end
 local cur
-local whole = redis.call('HGET', KEYS[1], '\\255e')
-if whole then
-  cur = string.match(whole, '^2|[^|]*|[^|]*|[^|]*|[^|]*|w|(%d+)|')
+local ty = redis.call('TYPE', KEYS[1])['ok']
+if ty == 'string' then
+  cur = string.match(redis.call('GET', KEYS[1]), '^3|[^|]*|[^|]*|[^|]*|[^|]*|w|(%d+)|')
   if cur then
     cur = string.gsub(cur, '^0+', '')
     if cur == '' then cur = '0' end
   end
-else
+elseif ty == 'hash' and not redis.call('HGET', KEYS[1], '\\255e') then
   cur = cached_version(redis.call('HGET', KEYS[1], ARGV[1]))
 end
 if not cur then return 0 end
 local new = ARGV[2]
 if #new < #cur or (#new == #cur and new <= cur) then return 0 end
 redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[1])
-hset_all(KEYS[1], 4)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+write_entry(KEYS[1], 4, ARGV[3])
 return 1
 """
 )

@@ -32,15 +32,32 @@ async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+#: How ``entry_hash`` and ``entry_field`` name a whole entry's string (format 3).
+WHOLE = b"\xffe"
+
+
+async def entry_type(client: Any, key: str) -> str:
+    """TYPE of an entry key: ``string`` (a whole entry), ``hash`` (partial, result) or ``none``."""
+    kind = await client.type(key)
+    return kind.decode() if isinstance(kind, bytes) else str(kind)
+
+
 async def entry_field(client: Any, key: str, field: bytes) -> bytes | None:
-    """One raw field of an entry hash (HGET), as bytes."""
-    value = await client.hget(key, field)
+    """One raw field of an entry hash (HGET), as bytes; ``WHOLE`` of a whole entry is its string."""
+    if await entry_type(client, key) == "string":
+        value = await client.get(key) if field == WHOLE else None
+    else:
+        value = await client.hget(key, field)
     assert value is None or isinstance(value, bytes)
     return value
 
 
 async def entry_hash(client: Any, key: str) -> dict[bytes, bytes]:
-    """An entry hash as stored (HGETALL), field names and values as bytes."""
+    """An entry as stored: a hash's fields (HGETALL), or a whole entry's string as ``{WHOLE: string}``."""
+    if await entry_type(client, key) == "string":
+        value = await client.get(key)
+        assert isinstance(value, bytes)
+        return {WHOLE: value}
     return dict(await client.hgetall(key))
 
 

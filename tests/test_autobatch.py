@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,8 +43,15 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
     real = _autobatch._write
 
     def counting(conn: Any, data: bytes) -> None:
-        # Entry reads: HGETALL (signed entries) or HMGET (format 2).
-        reads = data.count(b"\r\n$7\r\nHGETALL\r\n") + data.count(b"\r\n$5\r\nHMGET\r\n")
+        # Entry reads: GET (whole entries, format 3), HGETALL (signed projections)
+        # or HMGET (projections and results; a projection pairs its HMGET with a GET).
+        # A batch of whole reads on one node is one MGET: a read per key.
+        reads = (
+            data.count(b"\r\n$3\r\nGET\r\n")
+            + data.count(b"\r\n$7\r\nHGETALL\r\n")
+            + data.count(b"\r\n$5\r\nHMGET\r\n")
+            + sum(int(n) - 1 for n in re.findall(rb"\*(\d+)\r\n\$4\r\nMGET\r\n", data))
+        )
         seen.log.append((id(conn), reads))
         real(conn, data)
 

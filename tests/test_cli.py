@@ -163,9 +163,14 @@ async def test_inspect_format_1_entry_and_a_broken_blob(
     data = json.loads((await cli(capsys, *args))[1])
     assert data["state"] == "unreadable" and "format b'1'" in data["problem"]
     await redis_client.delete(entry)
-    await redis_client.hset(entry, b"\xffe", raw[:-3])  # a truncated blob
+    await redis_client.set(entry, raw[:-3])  # a truncated blob
     data = json.loads((await cli(capsys, *args))[1])
     assert data["state"] == "unreadable" and "does not decode" in data["problem"]
+    # A whole entry of format 2 (a hash of one field) is unreadable to this version.
+    await redis_client.delete(entry)
+    await redis_client.hset(entry, b"\xffe", b"2" + raw[1:])
+    data = json.loads((await cli(capsys, *args))[1])
+    assert data["state"] == "unreadable" and "format 2" in data["problem"]
 
 
 async def test_inspect_shows_lease_and_fence(

@@ -446,6 +446,6 @@ async def test_reads_from_replicas_lag_only_until_replicated() -> None:
             role = node.command("ROLE")
             if isinstance(role, list) and role[0] == b"slave" and isinstance(info, bytes):
                 for line in info.decode().splitlines():
-                    if line.startswith(("cmdstat_hgetall:", "cmdstat_hmget:")):
+                    if line.startswith(("cmdstat_get:", "cmdstat_hgetall:", "cmdstat_hmget:")):
                         replica_reads += int(line.split("calls=")[1].split(",")[0])
         assert replica_reads >= len(keys)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from swr_cache import _codec
-from swr_cache._store import M_ABSENT, M_ENTRY, M_NONE, M_SOFT, M_WHOLE
+from swr_cache._store import M_ABSENT, M_NONE, M_SOFT, M_WHOLE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,11 +129,11 @@ def test_entry_comparison_with_the_table() -> None:
     absent = _hash({"v": 3})
     absent[M_ABSENT] = _codec.encode(["p"])
     assert problem(absent, truth) is not None  # p is not absent
-    # Format 2 as stored: a whole entry's attributes are one blob in \xffe.
-    head = b"2|1|2|v||"
-    assert problem({M_ENTRY: head + b"w||" + _codec.encode(truth)}, truth) is None
-    assert problem({M_ENTRY: head + b"w||" + _codec.encode({"pk": "a"})}, truth) is not None
-    assert problem({M_ENTRY: head + b"n||"}, None) is None
+    # Format 3 as stored: a whole entry's attributes are one blob in a string.
+    head = b"3|1|2|v||"
+    assert problem(head + b"w||" + _codec.encode(truth), truth) is None
+    assert problem(head + b"w||" + _codec.encode({"pk": "a"}), truth) is not None
+    assert problem(head + b"n||", None) is None
 
 
 # --- the checker on the real parts -------------------------------------------------------

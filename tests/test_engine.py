@@ -311,7 +311,7 @@ async def test_corrupt_field_is_a_counted_miss(
     raw = await entry_field(redis_client, entry, M_ENTRY)
     assert raw is not None
     header = raw.split(b"|", 7)[:7]
-    await redis_client.hset(entry, M_ENTRY, b"|".join([*header, b"\xc1\xc1garbage"]))
+    await redis_client.set(entry, b"|".join([*header, b"\xc1\xc1garbage"]))
     assert (await get_user("u1"))["name"] == "Ada"
     assert cache.stats()[get_user.name]["decode_errors"] == 1
     assert origin.count == 2
@@ -325,11 +325,17 @@ async def test_wrongtype_key_is_a_counted_miss(
     """A key of ours holding another Redis type is a counted miss, then overwritten."""
     get_user = users(cache, origin)
     entry = cache._keys.entry("Users|pk=S:u1")
-    await redis_client.set(entry, b"not a hash")
+    await redis_client.rpush(entry, b"not a string or a hash")
     assert (await get_user("u1"))["name"] == "Ada"
     assert (await get_user("u1", attributes=["name"])) == {"name": "Ada"}
-    assert await redis_client.type(entry) == b"hash"
+    assert await redis_client.type(entry) == b"string"  # a whole entry replaced it
     assert cache.stats()[get_user.name]["decode_errors"] >= 1
+    # A string that is no entry (no header) is a counted miss too (unsigned, where signed).
+    await redis_client.set(entry, b"not an entry")
+    assert (await get_user("u1"))["name"] == "Ada"
+    stats = cache.stats()[get_user.name]
+    assert stats["decode_errors"] + stats["bad_signatures"] >= 2
+    assert (await redis_client.get(entry) or b"").startswith(b"3|")
 
 
 async def test_other_format_version_is_a_miss(
@@ -340,8 +346,8 @@ async def test_other_format_version_is_a_miss(
     await get_user("u1")
     entry = cache._keys.entry("Users|pk=S:u1")
     raw = await entry_field(redis_client, entry, M_ENTRY)
-    assert raw is not None and raw.startswith(b"2|")
-    await redis_client.hset(entry, M_ENTRY, b"999" + raw[1:])
+    assert raw is not None and raw.startswith(b"3|")
+    await redis_client.set(entry, b"999" + raw[1:])
     await get_user("u1")
     assert origin.count == 2
 
@@ -902,7 +908,7 @@ async def test_compression_above_threshold_round_trips(redis_client: aioredis.Re
         entry = c._keys.entry("T|pk=S:a")
         stored = await entry_field(redis_client, entry, M_ENTRY)  # header, compressed blob
         assert stored is not None and len(stored) < 200
-        await redis_client.hset(entry, M_ENTRY, stored[:-5])  # truncated compressed bytes
+        await redis_client.set(entry, stored[:-5])  # truncated compressed bytes
         assert (await get("a"))["text"] == "abc" * 1000
         assert c.stats()[get.name]["decode_errors"] == 1
         assert calls == 2

@@ -429,9 +429,12 @@ async def test_signed_entries_carry_a_signature_and_hit(
     """A fill stores an HMAC over the entry; reads verify it and hit."""
     get_user = users(signed, origin)
     await get_user("u1")
-    raw = await redis_client.hgetall(signed._keys.entry("Users|pk=S:u1"))
-    assert len(raw[M_SIG]) == 32
-    assert Signer(KEY).check_hash(signed._keys.entry("Users|pk=S:u1"), dict(raw))
+    entry = signed._keys.entry("Users|pk=S:u1")
+    assert await redis_client.type(entry) == b"string"  # a whole entry: header, blob, signature
+    raw = await entry_field(redis_client, entry, M_ENTRY)
+    assert raw is not None and raw.startswith(b"3|")
+    body = Signer(KEY).check_string(entry, raw)
+    assert body is not None and len(raw) == len(body) + 32
     assert await get_user("u1") == origin.items["u1"]
     assert await get_user("u1", attributes=["name", "nope"]) == {"name": "Ada"}
     assert await get_user.peek("u1") == (origin.items["u1"], "fresh")
@@ -446,8 +449,7 @@ async def forge(redis_client: aioredis.Redis, source: str, attrs: dict[str, Any]
     real = await entry_field(redis_client, source, M_ENTRY)
     assert real is not None
     header = real.split(b"|", 7)[:7]
-    await redis_client.delete(source)
-    await redis_client.hset(source, M_ENTRY, b"|".join([*header, encode(attrs)]))
+    await redis_client.set(source, b"|".join([*header, encode(attrs)]))  # no signature
 
 
 async def test_unsigned_entry_is_a_counted_miss(
@@ -464,9 +466,10 @@ async def test_unsigned_entry_is_a_counted_miss(
     assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
     stats = signed.stats()[get_user.name]
     assert stats["bad_signatures"] == 1 and origin.count == 2
-    stored = await redis_client.hgetall(entry)
-    assert Signer(KEY).check_hash(entry, stored)  # overwritten, signed again
-    assert expand(stored)[b"name"] == encode("Ada")
+    stored = await entry_field(redis_client, entry, M_ENTRY)
+    assert stored is not None
+    body = Signer(KEY).check_string(entry, stored)  # overwritten, signed again
+    assert body is not None and expand(body)[b"name"] == encode("Ada")
 
 
 async def test_entry_signed_with_another_key_is_a_counted_miss(
@@ -492,14 +495,31 @@ async def test_tampered_field_and_moved_entry_are_refused(
     await get_user("u1")
     await get_user("u2")
     e1, e2 = signed._keys.entry("Users|pk=S:u1"), signed._keys.entry("Users|pk=S:u2")
-    await redis_client.hset(e1, "name", encode("Adb"))
+    real = await entry_field(redis_client, e1, M_ENTRY)
+    assert real is not None
+    await redis_client.set(e1, real.replace(encode("Ada"), encode("Adb")))  # one byte changed
     assert (await get_user("u1"))["name"] == "Ada"
     await redis_client.copy(e1, e2, replace=True)  # u1's valid, signed entry under u2's key
     assert (await get_user("u2"))["name"] == "Bob"
-    await redis_client.hset(e1, "extra", encode("spliced in"))
+    real = await entry_field(redis_client, e1, M_ENTRY)
+    assert real is not None
+    spliced = encode({"pk": "u1", "name": "Ada", "extra": "spliced in"})
+    head, mac = real.split(b"|", 7)[:7], real[-32:]
+    await redis_client.set(e1, b"|".join([*head, spliced]) + mac)  # another blob, the old signature
     assert "extra" not in await get_user("u1")
     assert signed.stats()[get_user.name]["bad_signatures"] == 3
     assert origin.count == 5
+    # A partial entry (a hash) with a field changed or added is refused too.
+    assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
+    await redis_client.delete(e1)
+    assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
+    assert await redis_client.type(e1) == b"hash"
+    assert len((await redis_client.hgetall(e1))[M_SIG]) == 32
+    await redis_client.hset(e1, "name", encode("Adb"))
+    assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
+    await redis_client.hset(e1, "extra", encode("spliced in"))
+    assert await get_user("u1", attributes=["name"]) == {"name": "Ada"}
+    assert signed.stats()[get_user.name]["bad_signatures"] == 5
 
 
 async def test_signed_result_entries(signed: Cache, redis_client: aioredis.Redis) -> None:

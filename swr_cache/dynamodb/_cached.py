@@ -102,7 +102,7 @@ class CachedTable(_CachedWrites):
 
         Args:
             key: the primary key, e.g. ``{"pk": "u1"}``.
-            attributes: only these top-level attributes (one HMGET; missing
+            attributes: only these top-level attributes (one round trip; missing
                 ones are loaded with a ProjectionExpression and merged).
                 Document paths (``address.city``) load their top-level attribute.
             consistent_read: bypass the cache: always read DynamoDB with

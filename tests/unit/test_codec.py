@@ -105,9 +105,9 @@ def test_scalar_round_trip(value: object) -> None:
     assert canon(out) == canon(value)
 
 
-def test_format_version_is_two() -> None:
-    """The format version lives in entry metadata: 2 since whole items became one blob."""
-    assert FORMAT_VERSION == 2
+def test_format_version_is_three() -> None:
+    """The format version lives in entry metadata: 3 since whole items became Redis strings."""
+    assert FORMAT_VERSION == 3
     assert isinstance(FORMAT_VERSION, int)
 
 

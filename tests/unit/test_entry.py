@@ -16,6 +16,7 @@ from swr_cache._entry import (
     _Corrupt,
     _Plan,
     _snap_from_hash,
+    _snap_from_item,
     _snap_from_list,
     _snap_from_result,
     encode_fields,
@@ -59,7 +60,7 @@ def entry(
     negative: bool = False,
     **attrs: Any,
 ) -> dict[bytes, bytes]:
-    """The hash of an entry (format 2): whole or negative as one field, partial as fields."""
+    """The fields of an entry (format 3): whole or negative as its string (``M_ENTRY``), partial as fields."""
     head = b"%s|%d|%d|v1||" % (FORMAT, soft, hard)
     if negative:
         return {M_ENTRY: head + b"n||"}
@@ -71,8 +72,17 @@ def entry(
     return fields
 
 
-def projection(fields: dict[bytes, bytes], attrs: tuple[str, ...]) -> list[bytes | None]:
-    """What HMGET of the metadata and ``attrs`` returns for ``fields``."""
+def stored(raw: dict[bytes, bytes]) -> Any:
+    """A read of ``raw`` as Redis keeps it: a whole entry (``M_ENTRY``) is its string, else a hash (HGETALL)."""
+    if M_ENTRY in raw:
+        return _snap_from_item(raw[M_ENTRY])
+    return _snap_from_hash(raw)
+
+
+def projection(fields: dict[bytes, bytes], attrs: tuple[str, ...]) -> list[bytes | None] | bytes:
+    """What a projection read returns for ``fields``: a whole entry's string (GET), else HMGET of the metadata and ``attrs``."""
+    if M_ENTRY in fields:
+        return fields[M_ENTRY]
     return [fields.get(f) for f in (*ALL_META, *(a.encode() for a in attrs))]
 
 
@@ -94,7 +104,7 @@ def test_empty_replies_are_absent() -> None:
 )
 def test_deadlines_decide_the_state(soft: float, hard: float, state: str | None) -> None:
     """Fresh before the soft deadline, stale until the hard one, unusable from it on."""
-    snap = _snap_from_hash(entry(soft=soft, hard=hard, name="Ada"))
+    snap = stored(entry(soft=soft, hard=hard, name="Ada"))
     assert snap is not None
     verdict = judge(request(), snap, NOW)
     if state is None:
@@ -105,7 +115,7 @@ def test_deadlines_decide_the_state(soft: float, hard: float, state: str | None)
 
 def test_whole_entry_decodes_every_attribute() -> None:
     """A whole entry answers a whole read with every attribute, exact types kept."""
-    snap = _snap_from_hash(entry(pk="u1", n=Decimal("1.5"), tags={"a", "b"}))
+    snap = stored(entry(pk="u1", n=Decimal("1.5"), tags={"a", "b"}))
     assert snap is not None
     assert judge(request(), snap, NOW) == (
         FRESH,
@@ -116,17 +126,17 @@ def test_whole_entry_decodes_every_attribute() -> None:
 def test_negative_entry_answers_none() -> None:
     """A not-found mark answers None, for whole reads and projections alike."""
     fields = entry(negative=True)
-    snap = _snap_from_hash(dict(fields))
+    snap = stored(dict(fields))
     assert snap is not None
     assert judge(request(), snap, NOW) == (FRESH, None)
-    listed = _snap_from_list(projection(fields, ("name",)))
+    listed = _snap_from_item(projection(fields, ("name",)))
     assert listed is not None
     assert judge(request(("name",)), listed, NOW) == (FRESH, None)
 
 
 def test_partial_entry_cannot_answer_a_whole_read() -> None:
     """An entry holding some attributes plans a load of the whole item."""
-    snap = _snap_from_hash(entry(whole=False, name="Ada"))
+    snap = stored(entry(whole=False, name="Ada"))
     assert snap is not None
     verdict = judge(request(), snap, NOW)
     assert isinstance(verdict, _Plan)
@@ -136,7 +146,7 @@ def test_partial_entry_cannot_answer_a_whole_read() -> None:
 def test_projection_of_whole_entry_returns_what_exists() -> None:
     """A projection of a whole entry returns only the requested attributes that exist."""
     fields = entry(name="Ada", age=36)
-    snap = _snap_from_list(projection(fields, ("age", "missing")))
+    snap = _snap_from_item(projection(fields, ("age", "missing")))
     assert snap is not None
     assert judge(request(("age", "missing")), snap, NOW) == (FRESH, {"age": 36})
 
@@ -145,7 +155,7 @@ def test_fresh_partial_entry_plans_a_merge_of_the_missing() -> None:
     """With a version attribute, a fresh partial entry loads just the missing names and merges them into its version."""
     fields = entry(whole=False, name="Ada")
     fields[M_ABSENT] = _codec.encode(["gone"])
-    snap = _snap_from_list(projection(fields, ("age", "gone", "name")))
+    snap = _snap_from_item(projection(fields, ("age", "gone", "name")))
     assert snap is not None
     plan = judge(request(("age", "gone", "name"), version_attr="ver"), snap, NOW)
     assert isinstance(plan, _Plan)
@@ -159,7 +169,7 @@ def test_fresh_partial_entry_plans_a_merge_of_the_missing() -> None:
 def test_stale_signed_or_unversioned_partial_entry_plans_a_replacement(why: str) -> None:
     """A stale partial entry, a signed one, or one without a version attribute to compare reloads the union instead of merging."""
     fields = entry(whole=False, soft=NOW - 1 if why == "stale" else NOW + 10, name="Ada")
-    snap = _snap_from_list(projection(fields, ("age", "name")))
+    snap = _snap_from_item(projection(fields, ("age", "name")))
     assert snap is not None
     version_attr = None if why == "unversioned" else "ver"
     plan = judge(
@@ -192,17 +202,17 @@ def test_damaged_entries_are_corrupt(damage: dict[bytes, bytes]) -> None:
     "value",
     [
         b"999|1|2|v||w||\x80",  # another format
-        b"2|soon|2|v||w||\x80",  # unreadable deadline
-        b"2|1000010|1000100|v||x||\x80",  # an unknown kind
-        b"2|1000010|1000100|v||w||\xc1",  # never valid msgpack
-        b"2|1000010|1000100|v||w||\x92\x01\x02",  # an array, not a map
-        b"2|1000010|1000100|v||w||\x81\xa1a",  # a truncated map
-        b"2|1000010|1000100",  # a header cut short
+        b"3|soon|2|v||w||\x80",  # unreadable deadline
+        b"3|1000010|1000100|v||x||\x80",  # an unknown kind
+        b"3|1000010|1000100|v||w||\xc1",  # never valid msgpack
+        b"3|1000010|1000100|v||w||\x92\x01\x02",  # an array, not a map
+        b"3|1000010|1000100|v||w||\x81\xa1a",  # a truncated map
+        b"3|1000010|1000100",  # a header cut short
     ],
 )
 def test_damaged_whole_entries_are_corrupt(value: bytes) -> None:
     """A whole entry with a bad header or a blob that is not one msgpack map is corrupt."""
-    snap = _snap_from_hash({M_ENTRY: value})
+    snap = _snap_from_item(value)  # the string
     assert snap is not None
     with pytest.raises(_Corrupt):
         judge(request(), snap, NOW)

@@ -1,9 +1,11 @@
-"""Entry format 2 without a server: what a fill writes, what each read gets back, and the verdict.
+"""Entry format 3 without a server: what a fill writes, what each read gets back, and the verdict.
 
 Each case goes the way a real entry does: ``encode_fields`` and ``stamp_entry``
-build the hash a fill writes, the test answers a read of it as Redis would
-(HMGET of ``WHOLE_FIELDS`` or of ``ALL_META`` and the attributes, or HGETALL
-for signed entries) and ``judge`` decides.
+build the fields a fill hands the store (a whole entry's string as
+``M_ENTRY``, which the store writes as a Redis string; a partial entry's
+hash), the test answers a read of it as Redis would (GET of the string; for
+a hash, HMGET of ``WHOLE_FIELDS`` or of ``ALL_META`` and the attributes, or
+HGETALL for signed entries) and ``judge`` decides.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from swr_cache._entry import (
     _Plan,
     _Snap,
     _snap_from_hash,
+    _snap_from_item,
     _snap_from_list,
     due_early,
     encode_fields,
@@ -78,9 +81,13 @@ def hmget(raw: dict[bytes, bytes], names: Sequence[bytes]) -> list[bytes | None]
 
 
 def read(raw: dict[bytes, bytes], attrs: tuple[str, ...] | None) -> _Snap:
-    """Read ``raw`` as the engine does unsigned: a fixed HMGET, whole or projection."""
-    names = WHOLE_FIELDS if attrs is None else (*ALL_META, *(a.encode() for a in attrs))
-    snap = _snap_from_list(hmget(raw, names))
+    """Read ``raw`` as the engine does unsigned: a whole entry is a string (GET answers
+    either read), a hash answers a fixed HMGET, whole or projection."""
+    if M_ENTRY in raw:  # stored as a string: GET answers whole reads and projections
+        snap = _snap_from_item(raw[M_ENTRY])
+    else:
+        names = WHOLE_FIELDS if attrs is None else (*ALL_META, *(a.encode() for a in attrs))
+        snap = _snap_from_item(hmget(raw, names))
     assert snap is not None
     return snap
 
@@ -95,8 +102,8 @@ FORMAT_1_WHOLE = {
 }
 
 
-def test_a_whole_item_is_one_field_of_header_and_one_msgpack_map() -> None:
-    """A whole fill writes only \\xffe: format, deadlines, version, delta, kind, item version, blob."""
+def test_a_whole_item_is_one_string_of_header_and_one_msgpack_map() -> None:
+    """A whole fill writes one string (handed to the store as \\xffe): format, deadlines, version, delta, kind, item version, blob."""
     raw = filled(ITEM, version_attr="v")
     assert list(raw) == [M_ENTRY]
     fmt, soft, hard, version, delta, kind, digits, blob = raw[M_ENTRY].split(b"|", 7)
@@ -159,7 +166,7 @@ def test_whole_read_of_a_partial_entry_plans_a_whole_load() -> None:
 
 @pytest.mark.parametrize("attrs", [None, ("name",)])
 def test_format_1_entry_is_corrupt(attrs: tuple[str, ...] | None) -> None:
-    """An entry of format 1 (a field per attribute and \\xffw) is corrupt to format 2: a counted miss."""
+    """An entry of format 1 (a field per attribute and \\xffw) is corrupt to format 3: a counted miss."""
     with pytest.raises(_Corrupt):
         judge(request(attrs), read(dict(FORMAT_1_WHOLE), attrs), NOW)
     signed_read = _snap_from_hash(dict(FORMAT_1_WHOLE))
@@ -168,7 +175,24 @@ def test_format_1_entry_is_corrupt(attrs: tuple[str, ...] | None) -> None:
         judge(request(attrs, signed=True), signed_read, NOW)
 
 
+@pytest.mark.parametrize("attrs", [None, ("name",)])
+def test_format_2_whole_entry_is_corrupt(attrs: tuple[str, ...] | None) -> None:
+    """A hash holding \\xffe (format 2's whole entry) is corrupt, whatever its header says."""
+    for head in (b"2", FORMAT):
+        old = {M_ENTRY: head + filled(ITEM)[M_ENTRY][1:]}
+        names = WHOLE_FIELDS if attrs is None else (*ALL_META, *(a.encode() for a in attrs))
+        snap = _snap_from_item(hmget(old, names))
+        assert snap is not None
+        with pytest.raises(_Corrupt):
+            judge(request(attrs), snap, NOW)
+        signed_read = _snap_from_hash(dict(old))
+        assert signed_read is not None
+        with pytest.raises(_Corrupt):
+            judge(request(attrs, signed=True), signed_read, NOW)
+
+
 def test_no_entry_reads_as_absent() -> None:
+    assert _snap_from_item(None) is None
     assert _snap_from_list([None, None]) is None
     assert _snap_from_list([None] * (len(ALL_META) + 2)) is None
     assert _snap_from_hash({}) is None
@@ -181,26 +205,37 @@ def test_compression_compresses_the_blob() -> None:
     assert len(packed[M_ENTRY]) < 200 < len(plain[M_ENTRY])
     assert judge(request(), read(packed, None), NOW) == (FRESH, big)
     assert judge(request(("bio",)), read(packed, ("bio",)), NOW) == (FRESH, {"bio": "abc" * 1000})
-    broken = {M_ENTRY: packed[M_ENTRY][:-5]}
+    broken = {M_ENTRY: packed[M_ENTRY][:-5]}  # (the string, truncated)
     with pytest.raises(_Corrupt):
         judge(request(), read(broken, None), NOW)
 
 
 def test_signed_entries_cover_the_blob_and_read_whole() -> None:
-    """A signature covers \\xffe; a changed blob or an added field fails; a valid one decodes."""
+    """A whole entry's signature ends its string; a changed blob, another key or a cut fails; a valid one decodes."""
     signer = Signer(b"k" * 32)
-    raw = signer.signed("e", filled(ITEM))
-    got = dict(raw)
-    assert signer.check_hash("e", got)  # (removes the signature field)
+    whole = filled(ITEM)[M_ENTRY]
+    raw = signer.signed_string("e", whole)
+    assert len(raw) == len(whole) + 32 and raw.startswith(whole)
+    got = signer.check_string("e", raw)
+    assert got == whole
     for attrs, expected in ((None, ITEM), (("name",), {"name": "Ada"})):
-        snap = _snap_from_hash(dict(got))
+        snap = _snap_from_item(got)
         assert snap is not None
         assert judge(request(attrs, signed=True), snap, NOW) == (FRESH, expected)
-    forged = dict(raw)
-    forged[M_ENTRY] = forged[M_ENTRY].replace(b"Ada", b"Eve")
-    assert not signer.check_hash("e", forged)
-    assert not signer.check_hash("e", {**raw, b"name": _codec.encode("Eve")})
-    assert not signer.check_hash("other", dict(raw))
+    assert signer.check_string("e", raw.replace(b"Ada", b"Eve")) is None
+    assert signer.check_string("other", raw) is None
+    assert signer.check_string("e", whole) is None  # unsigned
+    assert signer.check_string("e", raw[:20]) is None
+    assert signer.check_string("e", b"") is None
+    # A partial entry (a hash) carries a signature field over all of its fields.
+    partial = signer.signed("e", filled({"name": "Ada"}, ("name",)))
+    fields = dict(partial)
+    assert signer.check_hash("e", fields)  # (removes the signature field)
+    snap = _snap_from_hash(fields)
+    assert snap is not None
+    assert judge(request(("name",), signed=True), snap, NOW) == (FRESH, {"name": "Ada"})
+    assert not signer.check_hash("e", {**partial, b"name": _codec.encode("Eve")})
+    assert not signer.check_hash("other", dict(partial))
 
 
 @pytest.mark.parametrize(
@@ -225,13 +260,14 @@ def test_item_version_in_the_header(version: Any, digits: bytes) -> None:
 
 def test_expand_gives_tools_a_field_per_attribute() -> None:
     """The CLI and the consistency checker see a whole entry as format 1 laid it out."""
-    view = expand(filled(ITEM))
+    view = expand(filled(ITEM)[M_ENTRY])  # the string a whole entry is
     assert view[M_WHOLE] == b"1" and view[M_FORMAT] == FORMAT
     assert {k: _codec.decode(v) for k, v in view.items() if not k.startswith(b"\xff")} == {
         k.encode(): v for k, v in ITEM.items()
     }
     partial = filled({"name": "Ada"}, ("name",))
     assert expand(partial) == partial
+    assert expand(b"not an entry") == {M_ENTRY: b"not an entry"}
 
 
 def test_a_held_flat_item_is_decoded_once_and_copied_per_caller() -> None:
@@ -293,28 +329,18 @@ def test_a_held_item_of_a_type_it_cannot_copy_is_decoded_for_each_caller() -> No
 
 
 def test_fresh_items_answer_fresh_whole_entries_and_leave_the_rest_to_judge() -> None:
-    """A batch's fresh whole entries are decoded from their replies; every other reply is left to judge."""
-    fresh = hmget(filled(ITEM), WHOLE_FIELDS)
-    negative = hmget(filled(None), WHOLE_FIELDS)
-    partial = hmget(filled({"name": "Ada"}, ("name",)), WHOLE_FIELDS)
-    assert fresh[0] is not None
-    header = fresh[0].split(b"|", 7)
+    """A batch's fresh whole entries are decoded from their GET/MGET replies; every other reply is left to judge."""
+    fresh = filled(ITEM)[M_ENTRY]
+    negative = filled(None)[M_ENTRY]
+    partial = hmget(filled({"name": "Ada"}, ("name",)), WHOLE_FIELDS)  # a hash, probed
+    header = fresh.split(b"|", 7)
     stale_soft = b"|".join([header[0], b"%d" % (NOW - 1), *header[2:]])
     garbage = b"|".join([*header[:7], b"\xc1"])  # a blob msgpack rejects
-    replies = [
-        fresh,
-        None,
-        [None, None],
-        negative,
-        partial,
-        [stale_soft, None],
-        [garbage, None],
-        ResponseError("WRONGTYPE"),
-        [b"1|old", None],
-    ]
+    old = b"|".join([b"2", *header[1:]])  # another format
+    replies = [fresh, None, negative, partial, stale_soft, garbage, ResponseError("WRONGTYPE"), old]
     values, rest, early = fresh_items(replies, NOW, 0.0)
-    assert values[0] == ITEM and values[1:] == [None] * 8
-    assert rest == [1, 2, 3, 4, 5, 6, 7, 8] and early == []
+    assert values[0] == ITEM and values[1:] == [None] * 7
+    assert rest == [1, 2, 3, 4, 5, 6, 7] and early == []
     # Each caller gets objects of its own.
     again, _, _ = fresh_items([fresh], NOW, 0.0)
     assert again[0] == ITEM and again[0] is not values[0]
@@ -331,10 +357,8 @@ def test_xfetch_draws_only_near_the_soft_deadline() -> None:
         draw.return_value = 0.0
         assert not due_early(1.0, b"100", soft, NOW)  # a zero gap: not yet
         assert draw.call_count == 2
-    fresh = hmget(filled(ITEM), WHOLE_FIELDS)
-    assert fresh[0] is not None
-    header = fresh[0].split(b"|", 7)
+    header = filled(ITEM)[M_ENTRY].split(b"|", 7)
     header[1] = b"%d" % (NOW + 5)  # soft in 5 ms
     header[4] = b"1000"  # a load of 1 s
-    _, _, early = fresh_items([[b"|".join(header), None]], NOW, 1e6)
+    _, _, early = fresh_items([b"|".join(header)], NOW, 1e6)
     assert early == [(0, header[3])]
