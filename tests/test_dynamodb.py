@@ -316,6 +316,22 @@ async def test_key_must_match_the_schema(view: CachedTable) -> None:
         await view.get_item({"id": "u1"})
 
 
+async def test_batch_keys_are_checked_when_remembered_too(view: CachedTable, calls: Calls) -> None:
+    """Batches remember text keys' identities; a key that does not match the schema is still refused."""
+    first = await view.batch_get_item([{"pk": "u1"}, {"pk": "u2"}])
+    again = await view.batch_get_item([{"pk": "u1"}, {"pk": "u2"}])
+    assert again == first and calls["BatchGetItem"] == 1
+    assert view._idents  # remembered
+    with pytest.raises(KeyEncodingError, match="exactly the attributes"):
+        await view.batch_get_item([{"pk": "u1"}, {"pk": "u1", "extra": "x"}])
+    with pytest.raises(KeyEncodingError):
+        await view.batch_get_item([{"id": "u1"}])
+    with pytest.raises(KeyEncodingError):
+        await view.batch_get_item([{"pk": ["u1"]}])
+    # Numbers are not remembered, and read as single reads would.
+    assert await view.batch_get_item([{"pk": 7}]) == [await view.get_item({"pk": 7})]
+
+
 async def test_unentered_cache_raises_clearly(
     users: DynamoTable, redis_client: aioredis.Redis
 ) -> None:

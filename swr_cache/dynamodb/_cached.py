@@ -22,6 +22,8 @@ from ._common import Item, Key, _keyable, _one_each
 from ._table import DynamoTable, _Search, _TableOps
 from ._writes import _CachedWrites
 
+_IDENTS_KEPT = 4096  # remembered key identities per cached table (see CachedTable._identity)
+
 
 class CachedTable(_CachedWrites):
     """A cached view of a :class:`DynamoTable`; made by :meth:`DynamoTable.cached`.
@@ -60,11 +62,38 @@ class CachedTable(_CachedWrites):
         self._query_metrics: Metrics = cache.metrics.get(f"{self.name}.query", table.name)
         self._scan_metrics: Metrics = cache.metrics.get(f"{self.name}.scan", table.name)
         self._others: dict[str, DynamoTable] = {}
+        # Key values (all text) -> identity and entry key, for batches (see _identity).
+        self._idents: dict[tuple[Any, ...], tuple[str, str]] = {}
 
     def __repr__(self) -> str:
         return f"<CachedTable {self.table.name!r} on {self.cache.namespace!r}>"
 
     # -- requests ------------------------------------------------------------------
+
+    def _identity(self, key: Key, names: tuple[str, ...]) -> tuple[str, str, dict[str, Any]]:
+        """A key's identity, entry key and the key reduced to the table's attributes.
+
+        Keys of text values only are remembered (bounded): a batch of keys
+        read before costs a dict lookup each, not the key's validation and
+        canonical encoding again.
+        """
+        values: tuple[Any, ...] | None = None
+        if type(key) is dict and len(key) == len(names):
+            values = tuple([key.get(n) for n in names])
+            if all(type(v) is str for v in values):
+                known = self._idents.get(values)
+                if known is not None:
+                    return known[0], known[1], dict(zip(names, values, strict=True))
+            else:
+                values = None
+        clean = self._ops.check_key(key, names)
+        ident = item_identity(self.table.name, clean)
+        entry = self.engine.keys.entry(ident)
+        if values is not None:
+            if len(self._idents) >= _IDENTS_KEPT:
+                self._idents.clear()
+            self._idents[values] = (ident, entry)
+        return ident, entry, clean
 
     def _request(
         self,
@@ -178,16 +207,15 @@ class CachedTable(_CachedWrites):
         self.engine.require_entered()
         names = await self.table.key_names()
         attrs = normalize_attributes(attributes)
-        check_key = self._ops.check_key
-        clean = [check_key(k, names) for k in keys]
         keymap: dict[str, dict[str, Any]] = {}
         idents = []
-        table = self.table.name
-        for key in clean:
-            ident = item_identity(table, key)
+        entry_of: dict[str, str] = {}
+        for key in keys:
+            ident, entry, clean = self._identity(key, names)
             idents.append(ident)
             if ident not in keymap:
-                keymap[ident] = key
+                keymap[ident] = clean
+                entry_of[ident] = entry
         batch_get = self._ops.batch_get
         consistent = self.consistent_fills
         counts = self.metrics.counts
@@ -203,7 +231,7 @@ class CachedTable(_CachedWrites):
         engine = self.engine
         if attrs is None:  # whole items: a request only where a fresh hit does not answer
             values, loaded = await engine.get_items(
-                [engine.keys.entry(ident) for ident in firsts],
+                [entry_of[ident] for ident in firsts],
                 lambda i: self._request(keymap[firsts[i]], None, consistent, firsts[i]),
                 load_many,
                 self.metrics,
