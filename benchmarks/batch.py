@@ -8,13 +8,14 @@ gives the cost of decoding swr_cache's replies alone (no I/O), per item, and
 its Python calls per item.
 Contenders read the same 100 items, all cached beforehand:
 
-* swr_cache ``DynamoTable.cached(...).batch_get_item`` (one pipeline of 100
-  GET; filled once from moto's DynamoDB server), when ``swr_cache.dynamodb``
-  exists;
+* swr_cache ``DynamoTable.cached(...).batch_get_item`` (one MGET of the 100
+  whole entries on a single node; filled once from moto's DynamoDB server),
+  when ``swr_cache.dynamodb`` exists;
 * swr_cache: 100 concurrent ``@cached_item`` hits (``asyncio.gather``), which
   auto-batching sends as one pipeline;
 * swr_cache ``get_user.many(keys, load=...)``, the batch accessor of the same
-  ``@cached_item`` function;
+  ``@cached_item`` function (one MGET; a request object only for what a fresh
+  hit does not answer);
 * aiocache ``multi_cached`` (one MGET, msgpack serializer on the same codec);
 * cashews ``get_many`` (one MGET; cashews has no batch decorator) and 100
   concurrent ``@cache`` hits (pickle, its default).
@@ -60,9 +61,9 @@ N = 100
 CONFIG = {
     "floor (MGET + unpackb)": "one MGET of 100 msgpack blobs, then msgpack.unpackb with the codec's ext hook",
     "floor (pipeline of HGETALL)": "a redis-py pipeline of 100 HGETALL (format 1's field per attribute), msgpack.unpackb per field",
-    "swr_cache DynamoTable.batch_get_item": "DynamoTable(...).cached(cache).batch_get_item(100 keys): one pipeline",
+    "swr_cache DynamoTable.batch_get_item": "DynamoTable(...).cached(cache).batch_get_item(100 keys): one MGET of the whole entries",
     "swr_cache 100x @cached_item": "asyncio.gather of 100 @cached_item hits (Cache.from_url defaults; auto-batched into one pipeline)",
-    "swr_cache get_user.many": "@cached_item's get_user.many(100 keys, load=...): one hand-packed pipeline of 100 GET",
+    "swr_cache get_user.many": "@cached_item's get_user.many(100 keys, load=...): one MGET of the whole entries",
     "aiocache multi_cached": "aiocache.multi_cached(keys_from_attr='keys', RedisCache), msgpack serializer",
     "cashews get_many": "cashews Cache.get_many(100 keys) (raw API), pickle",
     "cashews 100x @cache": "asyncio.gather of 100 @cache(ttl='1h') hits, pickle",
