@@ -49,6 +49,7 @@ from _common import (
 from hit_path import Fn, timed_sequential
 
 from swr_cache import Cache, NearCache, _codec, cached_item
+from swr_cache._store import WHOLE_FIELDS
 
 KEY = "user#000123"
 NS = "nearbench"
@@ -99,11 +100,11 @@ async def invalidation_delays(
     try:
         await client.blpop([DONE], timeout=30)  # the peer is up
         for _ in range(rounds):
-            while near.lookup(entry, None) is None:  # fill (no fence here), then install
+            while near.lookup(entry, WHOLE_FIELDS) is None:  # fill (no fence here), then install
                 await get_user(KEY)
             await client.rpush(GO, b"1")
             # Spinning on the loop is the measurement: the tracker runs between spins.
-            while near.lookup(entry, None) is not None:  # noqa: ASYNC110
+            while near.lookup(entry, WHOLE_FIELDS) is not None:  # noqa: ASYNC110
                 await asyncio.sleep(0)
             gone = time.monotonic_ns()
             reply = await client.blpop([DONE], timeout=30)
