@@ -62,8 +62,8 @@ class CachedTable(_CachedWrites):
         self._query_metrics: Metrics = cache.metrics.get(f"{self.name}.query", table.name)
         self._scan_metrics: Metrics = cache.metrics.get(f"{self.name}.scan", table.name)
         self._others: dict[str, DynamoTable] = {}
-        # Key values (all text) -> identity and entry key, for batches (see _identity).
-        self._idents: dict[tuple[Any, ...], tuple[str, str]] = {}
+        # Key values (all text) -> identity, entry key and key, for batches (see _identity).
+        self._idents: dict[Any, tuple[str, str, dict[str, Any]]] = {}
 
     def __repr__(self) -> str:
         return f"<CachedTable {self.table.name!r} on {self.cache.namespace!r}>"
@@ -75,24 +75,28 @@ class CachedTable(_CachedWrites):
 
         Keys of text values only are remembered (bounded): a batch of keys
         read before costs a dict lookup each, not the key's validation and
-        canonical encoding again.
+        canonical encoding again. (The reduced key is shared: it is only read.)
         """
-        values: tuple[Any, ...] | None = None
+        memo_key: Any = None
         if type(key) is dict and len(key) == len(names):
-            values = tuple([key.get(n) for n in names])
-            if all(type(v) is str for v in values):
-                known = self._idents.get(values)
-                if known is not None:
-                    return known[0], known[1], dict(zip(names, values, strict=True))
+            if len(names) == 1:
+                value = key.get(names[0])
+                memo_key = value if type(value) is str else None
             else:
-                values = None
+                first, second = key.get(names[0]), key.get(names[1])
+                if type(first) is str and type(second) is str:
+                    memo_key = (first, second)
+            if memo_key is not None:
+                known = self._idents.get(memo_key)
+                if known is not None:
+                    return known
         clean = self._ops.check_key(key, names)
         ident = item_identity(self.table.name, clean)
         entry = self.engine.keys.entry(ident)
-        if values is not None:
+        if memo_key is not None:
             if len(self._idents) >= _IDENTS_KEPT:
                 self._idents.clear()
-            self._idents[values] = (ident, entry)
+            self._idents[memo_key] = (ident, entry, clean)
         return ident, entry, clean
 
     def _request(
