@@ -557,9 +557,9 @@ class RedisEngine:
                 from_near = True
             else:
                 snap = await near.read(self.read, req)
-        except _Bypass:
+        except _Bypass as failure:
             req.outcome = "bypass"
-            return await self.bypass(req)
+            return await self.bypass(req, failure)
         except _Corrupt:
             snap = None
         verdict: tuple[str, Any] | _Plan | None = None
@@ -584,40 +584,56 @@ class RedisEngine:
         result = await self.flight(req)
         return result.take()
 
-    async def bypass(self, req: EntryRequest) -> Any:
-        """Redis is unusable: answer from the origin, still coalesced in this process."""
-        result = await self.flight(req, bypass=True)
+    async def bypass(self, req: EntryRequest, failure: _Bypass | None = None) -> Any:
+        """Redis is unusable: answer from the origin, still coalesced in this process.
+
+        ``failure``: the failed read's, shared by every caller of that read,
+        so they share one origin load however late each gets to it.
+        """
+        result = await self.flight(req, bypass=True, shared=failure)
         return result.take()
 
-    async def flight(self, req: EntryRequest, *, bypass: bool = False) -> LoadResult:
+    async def flight(
+        self, req: EntryRequest, *, bypass: bool = False, shared: _Bypass | None = None
+    ) -> LoadResult:
         """Join this process's load of the entry (or start it in the cache's task group).
 
         The load runs in its own task, so a caller that is cancelled leaves it
         running for the others; each caller awaits it through a shield.
+        ``shared``: the failure of a read this caller shared with others; they
+        all join the first one's origin load, even one that has finished.
         """
         fkey = (req.entry, req.attrs, bypass)
         flight = self.flights.get(fkey)
+        fut: asyncio.Future[LoadResult]
         # A flight whose fill already landed, yet our read found no usable
         # entry: the entry was invalidated since, so its value may predate a
         # completed write. Start a new flight rather than join it.
-        if flight is None or flight[1].landed:
+        if shared is not None and shared.load is not None:
+            fut = shared.load
+            joined = True
+        elif flight is None or flight[1].landed:
             tg = self.require_entered()
-            fut: asyncio.Future[LoadResult] = asyncio.get_running_loop().create_future()
+            fut = asyncio.get_running_loop().create_future()
             fut.add_done_callback(_consume)
             self.flights[fkey] = (fut, req)
             tg.start_soon(self.run_flight, fkey, fut, req, bypass)
+            joined = False
         else:
             fut = flight[0]
-            if req.wait_timeout is not None:
-                # Only a wait for another call's load is bounded (never a hit).
-                bound = asyncio.timeout(req.wait_timeout)
-                try:
-                    async with bound:
-                        return await asyncio.shield(fut)
-                except TimeoutError:
-                    if bound.expired():
-                        req.outcome = "wait-timeout"
-                    raise
+            joined = True
+        if shared is not None:
+            shared.load = fut
+        if joined and req.wait_timeout is not None:
+            # Only a wait for another call's load is bounded (never a hit).
+            bound = asyncio.timeout(req.wait_timeout)
+            try:
+                async with bound:
+                    return await asyncio.shield(fut)
+            except TimeoutError:
+                if bound.expired():
+                    req.outcome = "wait-timeout"
+                raise
         return await asyncio.shield(fut)
 
     async def run_flight(

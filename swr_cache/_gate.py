@@ -23,7 +23,16 @@ log = logging.getLogger("swr_cache")
 
 
 class _Bypass(Exception):
-    """Redis could not be used for this call; answer from the origin."""
+    """Redis could not be used for this call; answer from the origin.
+
+    Every caller that shared the failed read gets this one object; ``load``
+    is the origin load the first of them started, which the others join even
+    if it has finished by the time they get to it (see ``RedisEngine.flight``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.load: Any = None
 
 
 class _Limiter:
